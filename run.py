@@ -1,0 +1,33 @@
+"""Transfer learning for image classification: python run.py --flagfile=configs/cifar100.flags"""
+
+import os
+import sys
+
+# Hide TensorFlow's C++ start-up notices (CPU features, CUDA probing); its
+# warnings and errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app  # noqa: E402
+
+from tl_keras import flags  # noqa: E402
+from tl_keras import job  # noqa: E402
+from tl_keras.errors import UsageError  # noqa: E402
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        job.run_training(
+            flags.to_config(),
+            flagfile_text=flags.to_flagfile(),
+            # A progress bar in a terminal; one line per epoch in a log file.
+            verbose="auto" if sys.stdout.isatty() else 2,
+        )
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=flags.parse)

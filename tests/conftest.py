@@ -1,0 +1,54 @@
+"""Shared test setup: two logical CPU devices, mock TFDS data, configs from flags."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import flags as absl_flags
+from absl.testing import flagsaver
+
+# Two logical CPUs, so MirroredStrategy can run two replicas on one machine.
+# This must happen before TensorFlow initialises its devices.
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from tl_keras import flags  # noqa: E402  (after the device setup above)
+
+SMOKE_FLAGS = os.path.join(REPO_ROOT, "configs", "smoke.flags")
+
+
+def parse_config(*args, flagfile=SMOKE_FLAGS):
+    """Parses a command line as run.py would and returns (Config, flags.txt text).
+
+    Flags are restored afterwards, so tests never leak flag values.
+    """
+    with flagsaver.flagsaver():
+        absl_flags.FLAGS.unparse_flags()
+        argv = ["run.py"] + ([f"--flagfile={flagfile}"] if flagfile else []) + list(args)
+        absl_flags.FLAGS(argv)
+        return flags.to_config(), flags.to_flagfile()
+
+
+@pytest.fixture
+def mock_tfds():
+    """Mocks every TFDS dataset with random examples: 64 in each split."""
+    with tfds.testing.mock_data(num_examples=64):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _float32_policy():
+    """Each test starts from the default dtype policy, whatever a run set."""
+    import keras
+
+    yield
+    keras.config.set_dtype_policy("float32")

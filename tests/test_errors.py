@@ -1,0 +1,123 @@
+"""Bad input stops before any work, with a message that names the fix."""
+
+import os
+import subprocess
+import sys
+import urllib.error
+
+import pytest
+import tensorflow_datasets as tfds
+from absl import flags as absl_flags
+
+from conftest import REPO_ROOT, SMOKE_FLAGS, parse_config
+from tl_keras import job
+from tl_keras import model as model_lib
+from tl_keras.errors import UsageError
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--head_learning_rate=0", "flag --head_learning_rate=0.0: must be greater than 0"),
+        ("--finetune_learning_rate=-1e-4", "flag --finetune_learning_rate=-0.0001: must be greater than 0"),
+        ("--batch_size=0", "flag --batch_size=0: must be at least 1"),
+        ("--backbone=resnet5", "Closest: resnet50"),
+        ("--backbone=ConvNextTinny", "Closest: convnexttiny"),
+        ("--weights=/no/such/file.h5", "not imagenet or none, and no such file"),
+        ("--val_fraction=1.5", "must be between 0 and 1"),
+        ("--unfreeze=-3", "pass all, a positive number of top layers, or a layer name"),
+        ("--image_size=8", "must be at least 32"),
+        ("--warmup_epochs=2", "leaves no fine-tuning epoch after warmup"),
+        ("--optimizer=adagrad", "value should be one of"),
+    ],
+)
+def test_flag_validation_names_the_fix(flag, expected):
+    with pytest.raises(absl_flags.Error) as raised:
+        parse_config(flag)
+    assert expected in str(raised.value)
+
+
+def test_no_epochs_at_all_is_refused():
+    with pytest.raises(absl_flags.Error, match="nothing to train"):
+        parse_config("--head_epochs=0", "--finetune_epochs=0")
+
+
+def test_backbone_names_are_case_insensitive():
+    config, _ = parse_config("--backbone=EfficientNetV2S", flagfile=None)
+    assert config.backbone == "efficientnetv2s"
+    assert config.image_size == 384  # its native size
+
+
+def test_batch_that_replicas_cannot_split_fails_before_any_work(tmp_path, mock_tfds):
+    config, _ = parse_config(
+        "--strategy=mirrored", "--batch_size=33", f"--model_dir={tmp_path / 'run'}"
+    )
+    with pytest.raises(UsageError, match="doesn't split evenly across 2 replicas.*32 or 34"):
+        job.run_training(config)
+    assert not os.path.exists(config.model_dir)
+
+
+def test_unknown_unfreeze_layer_fails_before_training(tmp_path, mock_tfds):
+    config, _ = parse_config("--unfreeze=conv9_block1_out", f"--model_dir={tmp_path / 'run'}")
+    with pytest.raises(UsageError, match="has no layer of that name"):
+        job.run_training(config)
+    assert not os.path.exists(os.path.join(config.model_dir, "history.csv"))
+
+
+def test_failed_dataset_download_says_how_to_go_on_offline(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise ConnectionError("simulated: no route to host")
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", no_network)
+    monkeypatch.setattr(tfds.download.DownloadManager, "download", no_network)
+    config, _ = parse_config(
+        f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={tmp_path / 'run'}"
+    )
+    with pytest.raises(UsageError) as raised:
+        job.run_training(config)
+    message = str(raised.value)
+    assert "Couldn't download or prepare the TFDS dataset 'cifar10'" in message
+    assert "simulated: no route to host" in message
+    assert "--data_dir=DIR" in message
+    assert not os.path.exists(config.model_dir)
+
+
+def test_failed_weights_download_says_how_to_go_on_offline(tmp_path, monkeypatch):
+    from keras.src.utils import file_utils
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("simulated: no route to host")
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # an empty weights cache
+    monkeypatch.setattr(file_utils, "urlretrieve", no_network)
+    with pytest.raises(UsageError) as raised:
+        model_lib.build_backbone("resnet50", 32, "imagenet")
+    message = str(raised.value)
+    assert "Couldn't download the ImageNet weights for resnet50" in message
+    assert "--weights=PATH" in message and "--weights=none" in message
+
+
+def _run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "run.py", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_cli_reports_a_missing_flagfile_without_a_traceback():
+    result = _run_cli("--flagfile=configs/no_such.flags")
+    assert result.returncode == 2
+    assert "configs/no_such.flags" in result.stderr
+    assert "configs/smoke.flags" in result.stderr  # lists what exists
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_reports_a_usage_error_without_a_traceback(tmp_path):
+    # An unknown TFDS name is found after parsing, in the data stage.
+    result = _run_cli(
+        f"--flagfile={SMOKE_FLAGS}", "--dataset=cifar1000", f"--model_dir={tmp_path}/run"
+    )
+    assert result.returncode == 2
+    assert "error: --dataset=cifar1000: TFDS has no dataset of that name." in result.stderr
+    assert "Closest: cifar100" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,186 @@
+"""Which weights each phase changes, and that BatchNormalization never moves."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+from tl_keras import model as model_lib
+from tl_keras import pipeline
+from tl_keras import train
+from tl_keras.errors import UsageError
+
+NUM_CLASSES = 3
+IMAGE_SIZE = 32
+
+
+def _batches(num_examples=16, batch_size=8):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (num_examples, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    labels = rng.integers(0, NUM_CLASSES, num_examples)
+    return pipeline.training_batches(
+        tf.data.Dataset.from_tensor_slices((images, labels)),
+        num_examples=num_examples, image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+        image_size=IMAGE_SIZE, num_classes=NUM_CLASSES, batch_size=batch_size,
+        seed=0, repeat=False,
+    )
+
+
+def _build(weights_path):
+    keras.utils.set_random_seed(1)
+    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, weights_path)
+    classifier = model_lib.build_classifier(
+        backbone, "resnet50", NUM_CLASSES, IMAGE_SIZE, dropout=0.0
+    )
+    return classifier, backbone
+
+
+@pytest.fixture(scope="module")
+def pretrained_weights(tmp_path_factory):
+    """A backbone weights file, standing in for downloaded ImageNet weights.
+
+    Its BatchNormalization statistics are set away from their initial values
+    (mean 0, variance 1), so a test can tell whether training moved them.
+    """
+    keras.utils.set_random_seed(0)
+    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
+    rng = np.random.default_rng(0)
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2, layer.moving_variance.shape))
+    path = str(tmp_path_factory.mktemp("weights") / "backbone.weights.h5")
+    backbone.save_weights(path)
+    return path
+
+
+def _snapshot(model):
+    return {weight.path: np.array(weight) for weight in model.weights}
+
+
+def _changed(before, model):
+    after = _snapshot(model)
+    return {path for path in before if not np.array_equal(before[path], after[path])}
+
+
+def _train(model, backbone, tmp_path, *, head_epochs, finetune_epochs, unfreeze="all"):
+    train.train_two_phases(
+        model, backbone,
+        train_batches=_batches(), validation_batches=_batches(),
+        steps_per_epoch=2,
+        phases=train.plan_phases(
+            head_epochs=head_epochs, head_learning_rate=1e-2,
+            finetune_epochs=finetune_epochs, finetune_learning_rate=1e-2,
+            warmup_epochs=0,
+        ),
+        unfreeze=unfreeze, optimizer="adam", weight_decay=0.0, label_smoothing=0.0,
+        num_classes=NUM_CLASSES, jit_compile=False,
+        scope=tf.distribute.get_strategy().scope,
+        paths=train.RunPaths(str(tmp_path)), verbose=0,
+    )
+
+
+def _weights_of(model, layer_filter):
+    return {
+        weight.path
+        for layer in model.layers
+        if layer_filter(layer)
+        for weight in layer.weights
+    }
+
+
+def _batchnorm_weights(backbone):
+    return _weights_of(backbone, lambda l: isinstance(l, keras.layers.BatchNormalization))
+
+
+def test_head_phase_changes_only_the_head(tmp_path, pretrained_weights):
+    classifier, backbone = _build(pretrained_weights)
+    before = _snapshot(classifier)
+
+    _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=0)
+
+    head = {w.path for w in classifier.get_layer("head").weights}
+    assert _changed(before, classifier) == head
+
+
+def test_finetune_changes_every_unfrozen_weight_but_no_batchnorm(tmp_path, pretrained_weights):
+    classifier, backbone = _build(pretrained_weights)
+    before = _snapshot(classifier)
+
+    _train(classifier, backbone, tmp_path, head_epochs=0, finetune_epochs=1)
+
+    changed = _changed(before, classifier)
+    batchnorm = _batchnorm_weights(backbone)
+    assert batchnorm, "the backbone should have BatchNormalization layers"
+    assert not changed & batchnorm, "BatchNormalization weights or statistics moved"
+    convolutions = _weights_of(backbone, lambda l: isinstance(l, keras.layers.Conv2D))
+    assert convolutions <= changed, "every convolution should train with --unfreeze=all"
+
+
+def test_finetune_from_a_layer_name_leaves_earlier_layers_alone(tmp_path, pretrained_weights):
+    classifier, backbone = _build(pretrained_weights)
+    names = [layer.name for layer in backbone.layers]
+    first = "conv5_block1_1_conv"
+    before = _snapshot(classifier)
+
+    _train(classifier, backbone, tmp_path, head_epochs=0, finetune_epochs=1, unfreeze=first)
+
+    changed = _changed(before, classifier)
+    earlier = _weights_of(backbone, lambda l: names.index(l.name) < names.index(first))
+    later_convolutions = _weights_of(
+        backbone,
+        lambda l: names.index(l.name) >= names.index(first)
+        and isinstance(l, keras.layers.Conv2D),
+    )
+    assert not changed & earlier
+    assert not changed & _batchnorm_weights(backbone)
+    assert later_convolutions <= changed
+    assert {w.path for w in classifier.get_layer("head").weights} <= changed
+
+
+@pytest.mark.parametrize(
+    "unfreeze, expected_first",
+    [("all", 0), ("10", -10), ("conv5_block3_out", "conv5_block3_out")],
+)
+def test_each_form_of_unfreeze(unfreeze, expected_first):
+    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
+    layers = backbone.layers
+    first = (
+        [l.name for l in layers].index(expected_first)
+        if isinstance(expected_first, str)
+        else expected_first % len(layers)
+    )
+
+    unfrozen = model_lib.unfreeze_backbone(backbone, unfreeze)
+
+    for index, layer in enumerate(layers):
+        should_train = index >= first and not isinstance(layer, keras.layers.BatchNormalization)
+        assert layer.trainable == should_train, layer.name
+    assert set(unfrozen) == {l.name for l in layers[first:] if l.trainable and l.weights}
+
+
+def test_unfreeze_unknown_layer_names_the_closest():
+    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
+    with pytest.raises(UsageError, match="conv5_block1_1_conv"):
+        model_lib.first_unfrozen_layer_index(backbone, "conv5_blok1_1_conv")
+
+
+def test_backbone_weights_from_one_run_seed_another_with_a_new_head(tmp_path):
+    source = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
+    model_lib.build_classifier(source, "resnet50", 5, IMAGE_SIZE, 0.0)
+    path = str(tmp_path / "backbone.weights.h5")
+    source.save_weights(path)
+
+    target = model_lib.build_backbone("resnet50", IMAGE_SIZE, path)
+    classifier = model_lib.build_classifier(target, "resnet50", 7, IMAGE_SIZE, 0.0)
+
+    assert classifier.output_shape == (None, 7)
+    for mine, theirs in zip(target.weights, source.weights):
+        np.testing.assert_array_equal(np.array(mine), np.array(theirs))
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    path = str(tmp_path / "mobilenet.weights.h5")
+    model_lib.build_backbone("mobilenetv3small", IMAGE_SIZE, "none").save_weights(path)
+    with pytest.raises(UsageError, match="doesn't fit the resnet50 backbone"):
+        model_lib.build_backbone("resnet50", IMAGE_SIZE, path)

@@ -1,0 +1,117 @@
+"""End to end: flags -> data -> two phases -> evaluation -> every output."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import keras
+
+from conftest import parse_config
+from tl_keras import job
+
+
+def _run(tmp_path, *args):
+    config, flagfile_text = parse_config(f"--model_dir={tmp_path / 'run'}", *args)
+    metrics = job.run_training(config, flagfile_text=flagfile_text, verbose=0)
+    return config, metrics
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One smoke run on mock CIFAR-10: one head epoch, two fine-tuning epochs."""
+    tmp_path = tmp_path_factory.mktemp("smoke")
+    with tfds.testing.mock_data(num_examples=64):
+        return _run(tmp_path, "--head_epochs=1", "--finetune_epochs=2")
+
+
+def test_writes_every_output(finished_run):
+    config, _ = finished_run
+    listing = set(os.listdir(config.model_dir))
+    assert {
+        "flags.txt", "tensorboard", "checkpoints", "saved_model", "model.keras",
+        "metrics.json", "history.csv", "backbone.weights.h5", "class_names.json",
+    } <= listing
+    assert os.path.isfile(os.path.join(config.model_dir, "checkpoints", "best.weights.h5"))
+    assert not [name for name in listing if name.startswith(".export-")]
+
+
+def test_metrics_json_holds_validation_per_phase_and_test(finished_run):
+    config, metrics = finished_run
+    with open(os.path.join(config.model_dir, "metrics.json")) as file:
+        written = json.load(file)
+    assert written == metrics
+    assert set(written["validation"]) == {"head", "finetune"}
+    assert set(written["test"]) == {"top1", "top5", "loss"}
+    # Mock CIFAR-10 has 64 random test images: top-1 is a multiple of 1/64.
+    assert written["test"]["top1"] * 64 == pytest.approx(round(written["test"]["top1"] * 64))
+
+
+def test_history_numbers_epochs_across_both_phases(finished_run):
+    config, _ = finished_run
+    with open(os.path.join(config.model_dir, "history.csv")) as file:
+        rows = list(csv.DictReader(file))
+    assert [(int(r["epoch"]), r["phase"]) for r in rows] == [
+        (0, "head"), (1, "finetune"), (2, "finetune")
+    ]
+    for row in rows:
+        assert {"loss", "top1", "val_loss", "val_top1", "learning_rate"} <= set(row)
+
+
+def test_tensorboard_has_train_and_validation_scalars_on_one_timeline(finished_run):
+    config, _ = finished_run
+    steps = {}
+    for split in ("train", "validation"):
+        directory = os.path.join(config.model_dir, "tensorboard", split)
+        for name in os.listdir(directory):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(directory, name)):
+                for value in event.summary.value:
+                    steps.setdefault((split, value.tag), set()).add(event.step)
+    assert steps[("train", "epoch_loss")] == {0, 1, 2}
+    assert steps[("validation", "epoch_loss")] == {0, 1, 2}
+    assert steps[("train", "epoch_learning_rate")] == {0, 1, 2}
+
+
+def test_head_size_comes_from_dataset_metadata(finished_run):
+    config, _ = finished_run
+    model = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"))
+    assert model.output_shape == (None, 10)  # cifar10, not a constant
+    with open(os.path.join(config.model_dir, "class_names.json")) as file:
+        assert len(json.load(file)) == 10
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (45, 60)])
+def test_saved_model_matches_the_keras_model(finished_run, height, width):
+    config, _ = finished_run
+    model = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"))
+    serving = tf.saved_model.load(os.path.join(config.model_dir, "saved_model"))
+    images = np.random.default_rng(0).integers(0, 256, (4, height, width, 3), dtype=np.uint8)
+
+    served = serving.signatures["serving_default"](images=tf.constant(images))
+    expected = model.predict(images, verbose=0)
+
+    assert served["probabilities"].shape == (4, 10)
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+
+
+def test_flags_txt_reruns_the_same_configuration(finished_run):
+    config, _ = finished_run
+    rerun, _ = parse_config(flagfile=os.path.join(config.model_dir, "flags.txt"))
+    assert rerun == config
+
+
+def test_a_flag_after_the_flagfile_wins(tmp_path):
+    config, _ = parse_config("--batch_size=8")
+    assert config.batch_size == 8
+
+
+def test_mirrored_strategy_trains_on_two_replicas(tmp_path, mock_tfds, capsys):
+    config, metrics = _run(
+        tmp_path, "--strategy=mirrored", "--head_epochs=1", "--finetune_epochs=1"
+    )
+    assert "MirroredStrategy with 2 replica(s)" in capsys.readouterr().out
+    assert 0 <= metrics["test"]["top1"] <= 1
+    assert os.path.isdir(os.path.join(config.model_dir, "saved_model"))

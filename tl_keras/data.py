@@ -1,0 +1,189 @@
+"""The data source: a TFDS dataset, as (uint8 image, int label) splits.
+
+This stage decides which examples belong to train, validation and test, and
+what the classes are. `tl_keras.pipeline` then turns the splits into batches.
+"""
+
+import dataclasses
+import difflib
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tl_keras.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """The examples of a run, unbatched: each element is (image uint8 HxWx3, label).
+
+    Attributes:
+        train: the training examples, in a fixed order (the pipeline shuffles).
+        validation: the examples checked after each epoch.
+        test: the examples only the final evaluation reads.
+        class_names: the label names, index by index, from the dataset's metadata.
+        sizes: the number of examples in each split, by name.
+        image_shape: the static (height, width, 3) when every image has it, or
+            None when sizes vary.
+        validation_source: how the validation split was chosen, for the log.
+    """
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    class_names: tuple
+    sizes: dict
+    image_shape: tuple | None
+    validation_source: str
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+
+def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction):
+    """Loads a TFDS dataset by name, downloading and preparing it if needed.
+
+    Args:
+        name: a TFDS name, e.g. `cifar100` (optionally `name:version`).
+        data_dir: where TFDS keeps prepared datasets; None for its default.
+        train_split: the TFDS split (or slice, e.g. `train[:50%]`) to train on.
+        val_split: the validation split; empty to use the dataset's `validation`
+            split if it has one, else to hold out `val_fraction` of `train_split`.
+        test_split: the split the final evaluation reads.
+        val_fraction: the fraction of `train_split` held out when carving.
+
+    Returns:
+        `Splits`.
+
+    Raises:
+        UsageError: for an unknown dataset or split, a dataset without
+            (image, label) supervision, or a download that failed.
+    """
+    builder = _builder(name, data_dir)
+    _check_supervision(builder)
+    _download_and_prepare(builder)
+
+    available = set(builder.info.splits.keys())
+    if not val_split:
+        if "validation" in available:
+            val_split = "validation"
+        else:
+            val_split = None
+    for flag, split in (("train", train_split), ("val", val_split), ("test", test_split)):
+        if split is not None:
+            _check_split(builder, flag, split, available)
+
+    def read(split):
+        # A fixed file order: shuffling is the pipeline's job, and carving a
+        # validation split out of train must pick the same examples every run.
+        return builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+
+    train = read(train_split)
+    if val_split is None:
+        train, validation = _carve(train, val_fraction)
+        validation_source = f"the last {val_fraction:.0%} of {train_split}"
+    else:
+        validation = read(val_split)
+        validation_source = val_split
+    test = read(test_split)
+
+    label_feature = builder.info.features[builder.info.supervised_keys[1]]
+    image_feature = builder.info.features[builder.info.supervised_keys[0]]
+    image_shape = tuple(image_feature.shape)
+    return Splits(
+        train=train,
+        validation=validation,
+        test=test,
+        class_names=tuple(label_feature.names),
+        sizes={
+            "train": _count(train),
+            "validation": _count(validation),
+            "test": _count(test),
+        },
+        image_shape=image_shape if None not in image_shape else None,
+        validation_source=validation_source,
+    )
+
+
+def _builder(name, data_dir):
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        known = tfds.list_builders(with_community_datasets=False)
+        closest = difflib.get_close_matches(name.split(":")[0], known, n=5)
+        hint = f" Closest: {', '.join(closest)}." if closest else ""
+        raise UsageError(
+            f"--dataset={name}: TFDS has no dataset of that name.{hint} "
+            f"See https://www.tensorflow.org/datasets/catalog for the catalog."
+        ) from error
+
+
+def _check_supervision(builder):
+    keys = builder.info.supervised_keys
+    if not keys or len(keys) != 2:
+        raise UsageError(
+            f"--dataset={builder.name} has no (image, label) supervised keys, "
+            f"so tl_keras can't tell which feature is the label."
+        )
+    image, label = builder.info.features[keys[0]], builder.info.features[keys[1]]
+    if not isinstance(image, tfds.features.Image) or not isinstance(
+        label, tfds.features.ClassLabel
+    ):
+        raise UsageError(
+            f"--dataset={builder.name} is not an image classification dataset: "
+            f"its supervised keys are {keys[0]} ({type(image).__name__}) and "
+            f"{keys[1]} ({type(label).__name__})."
+        )
+    if image.shape[-1] not in (1, 3, None):
+        raise UsageError(
+            f"--dataset={builder.name} has images of {image.shape[-1]} channels; "
+            f"tl_keras reads grayscale or RGB."
+        )
+
+
+def _download_and_prepare(builder):
+    """Prepares the dataset; a no-op when it is already in `data_dir`."""
+    try:
+        builder.download_and_prepare()
+    except Exception as error:  # Download failures come in many types.
+        raise UsageError(
+            f"Couldn't download or prepare the TFDS dataset {builder.name!r} "
+            f"into {builder.data_dir}: {type(error).__name__}: {error}\n"
+            f"To go on offline, prepare it on a machine with network access "
+            f"(python -c \"import tensorflow_datasets as tfds; "
+            f"tfds.builder('{builder.name}', data_dir='DIR').download_and_prepare()\"), "
+            f"copy DIR here and pass --data_dir=DIR."
+        ) from error
+
+
+def _check_split(builder, flag, split, available):
+    # A split may be a slice such as `train[:10%]` or a sum `train+test`.
+    names = {part.split("[")[0].strip() for part in split.split("+")}
+    # A mocked dataset (in tests) has no split metadata; accept what TFDS accepts.
+    missing = sorted(names - available) if available else []
+    if missing:
+        raise UsageError(
+            f"--{flag}_split={split}: {builder.name} has no split "
+            f"{', '.join(missing)}. Its splits are {', '.join(sorted(available))}; "
+            f"a slice such as train[:90%] also works."
+        )
+
+
+def _carve(dataset, val_fraction):
+    """Holds out the last `val_fraction` of a dataset, the same examples each run."""
+    total = _count(dataset)
+    held_out = max(1, round(total * val_fraction))
+    if held_out >= total:
+        raise UsageError(
+            f"--val_fraction={val_fraction} leaves no training examples out of "
+            f"{total}; pass a smaller fraction or a --val_split."
+        )
+    return dataset.take(total - held_out), dataset.skip(total - held_out)
+
+
+def _count(dataset):
+    count = int(dataset.cardinality())
+    if count < 0:  # Unknown cardinality: count once.
+        count = int(dataset.reduce(0, lambda n, _: n + 1))
+    return count

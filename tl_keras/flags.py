@@ -1,0 +1,231 @@
+"""The command line: every flag, its validation, and the conversion to `Config`.
+
+This is the only module that reads flags. Validators run when the command line
+is parsed, before any data or model work, and say how to fix what they reject.
+"""
+
+import glob
+import os
+import re
+import sys
+
+from absl import flags
+
+from tl_keras import model as model_lib
+from tl_keras.config import Config
+from tl_keras.errors import UsageError
+
+# Data.
+_DATASET = flags.DEFINE_string(
+    "dataset", "cifar100", "TFDS dataset name, e.g. cifar100 or cifar10.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None,
+    "Where TFDS keeps prepared datasets (default: TFDS's own, ~/tensorflow_datasets). "
+    "Point it at a prepared copy to run offline.")
+_TRAIN_SPLIT = flags.DEFINE_string(
+    "train_split", "train", "TFDS split to train on; slices such as train[:50%] work.")
+_VAL_SPLIT = flags.DEFINE_string(
+    "val_split", "",
+    "Validation split. Empty: the dataset's `validation` split if it has one, else "
+    "the last --val_fraction of --train_split, the same examples every run.")
+_TEST_SPLIT = flags.DEFINE_string(
+    "test_split", "test", "Split read once, by the final evaluation.")
+_VAL_FRACTION = flags.DEFINE_float(
+    "val_fraction", 0.1, "Fraction of --train_split held out when carving validation.")
+
+# Model.
+_BACKBONE = flags.DEFINE_string(
+    "backbone", "resnet50",
+    "Keras Applications model, case-insensitive: resnet50, efficientnetv2s, "
+    "convnexttiny, mobilenetv3large, ...")
+_WEIGHTS = flags.DEFINE_string(
+    "weights", "imagenet",
+    "Backbone weights: imagenet, none (random), or the path of a weights file, "
+    "such as a previous run's backbone.weights.h5.")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None,
+    "Square size images are resized to inside the model (default: the "
+    "backbone's native size, e.g. 224 for resnet50).")
+_DROPOUT = flags.DEFINE_float("dropout", 0.2, "Dropout rate before the head.")
+
+# Training.
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 64, "Global batch size, split across all replicas.")
+_HEAD_EPOCHS = flags.DEFINE_integer(
+    "head_epochs", 3, "Phase 1: epochs training the head on the frozen backbone.")
+_HEAD_LEARNING_RATE = flags.DEFINE_float(
+    "head_learning_rate", 1e-3, "Phase 1 learning rate (constant).")
+_FINETUNE_EPOCHS = flags.DEFINE_integer(
+    "finetune_epochs", 10, "Phase 2: epochs fine-tuning the unfrozen layers.")
+_FINETUNE_LEARNING_RATE = flags.DEFINE_float(
+    "finetune_learning_rate", 1e-4,
+    "Phase 2 peak learning rate, reached after warmup, then cosine decay to 0.")
+_UNFREEZE = flags.DEFINE_string(
+    "unfreeze", "all",
+    "Phase 2 unfreezes: all; a number N of top backbone layers; or the name of "
+    "the first layer to unfreeze. BatchNormalization layers always stay frozen.")
+_OPTIMIZER = flags.DEFINE_enum(
+    "optimizer", "adamw", ["adamw", "adam", "sgd", "rmsprop"],
+    "Optimizer for both phases (sgd uses Nesterov momentum 0.9).")
+_WEIGHT_DECAY = flags.DEFINE_float(
+    "weight_decay", 0.05,
+    "Decoupled weight decay; biases and normalisation parameters are exempt.")
+_WARMUP_EPOCHS = flags.DEFINE_integer(
+    "warmup_epochs", 1, "Phase 2 epochs of linear learning-rate warmup.")
+_LABEL_SMOOTHING = flags.DEFINE_float(
+    "label_smoothing", 0.1, "Label smoothing of the cross-entropy loss.")
+
+# Runtime.
+_MIXED_PRECISION = flags.DEFINE_enum(
+    "mixed_precision", "auto", ["auto", "off", "bfloat16", "float16"],
+    "Compute dtype. auto: bfloat16 on GPUs of compute capability 8.0+ and TPUs, "
+    "float16 with loss scaling on older GPUs, float32 on CPUs.")
+_JIT_COMPILE = flags.DEFINE_enum(
+    "jit_compile", "auto", ["auto", "true", "false"],
+    "XLA-compile the train step. auto: Keras decides per model and backend.")
+_STRATEGY = flags.DEFINE_enum(
+    "strategy", "auto", ["auto", "one_device", "mirrored"],
+    "tf.distribute strategy. auto: MirroredStrategy over the GPUs if there are "
+    "any, else the CPU.")
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None,
+    "Where the run writes its outputs (default: runs/DATASET-BACKBONE).")
+_SEED = flags.DEFINE_integer("seed", 42, "Seed for weights, shuffling and dropout.")
+_STEPS_PER_EPOCH = flags.DEFINE_integer(
+    "steps_per_epoch", None,
+    "Cap on training steps per epoch, for quick runs (default: the whole split).")
+
+
+def _check(flag, condition, fix):
+    def validator(value):
+        if value is not None and not condition(value):
+            # absl puts "flag --name=value: " before the message.
+            raise flags.ValidationError(fix)
+        return True
+
+    flags.register_validator(flag, validator)
+
+
+_check("val_fraction", lambda v: 0 < v < 1, "must be between 0 and 1, e.g. 0.1.")
+_check("image_size", lambda v: v >= 32,
+       "must be at least 32 (pixels), or left out for the backbone's native size.")
+_check("dropout", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.2.")
+_check("batch_size", lambda v: v >= 1, "must be at least 1, e.g. 64.")
+_check("head_epochs", lambda v: v >= 0, "must be 0 or more.")
+_check("finetune_epochs", lambda v: v >= 0, "must be 0 or more.")
+_check("head_learning_rate", lambda v: v > 0, "must be greater than 0, e.g. 1e-3.")
+_check("finetune_learning_rate", lambda v: v > 0, "must be greater than 0, e.g. 1e-4.")
+_check("weight_decay", lambda v: v >= 0, "must be 0 or more, e.g. 0.05.")
+_check("warmup_epochs", lambda v: v >= 0, "must be 0 or more.")
+_check("label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.1.")
+_check("steps_per_epoch", lambda v: v >= 1, "must be at least 1, or left out for no cap.")
+_check("dataset", lambda v: bool(v.strip()), "must name a TFDS dataset, e.g. cifar100.")
+_check("unfreeze", lambda v: v == "all" or (v.isdigit() and int(v) > 0) or
+       (bool(v) and not v.lstrip("-").isdigit()),
+       "pass all, a positive number of top layers, or a layer name.")
+
+
+@flags.validator("backbone")
+def _validate_backbone(name):
+    try:
+        model_lib.backbone_spec(name)
+    except UsageError as error:
+        raise flags.ValidationError(str(error)) from error
+    return True
+
+
+@flags.validator("weights")
+def _validate_weights(weights):
+    if weights in ("imagenet", "none") or os.path.isfile(weights):
+        return True
+    raise flags.ValidationError(
+        "not imagenet or none, and no such file. Pass imagenet, none, or the "
+        "path of a weights file.")
+
+
+@flags.multi_flags_validator(["head_epochs", "finetune_epochs"])
+def _validate_epochs(values):
+    if values["head_epochs"] + values["finetune_epochs"] == 0:
+        raise flags.ValidationError(
+            "--head_epochs and --finetune_epochs are both 0, so there is nothing "
+            "to train; give at least one of them a positive number of epochs.")
+    return True
+
+
+@flags.multi_flags_validator(["warmup_epochs", "finetune_epochs"])
+def _validate_warmup(values):
+    warmup, finetune = values["warmup_epochs"], values["finetune_epochs"]
+    if finetune and warmup >= finetune:
+        raise flags.ValidationError(
+            f"--warmup_epochs={warmup} leaves no fine-tuning epoch after warmup "
+            f"(--finetune_epochs={finetune}); pass a --warmup_epochs below "
+            f"{finetune}.")
+    return True
+
+
+def parse(argv):
+    """Parses the command line; the `flags_parser` for `absl.app.run`.
+
+    A bad flag or a missing flagfile ends the program with a one-line message
+    and exit status 2, before any work starts.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        message = str(error)
+        if "flagfile" in message:
+            configs = sorted(glob.glob(os.path.join("configs", "*.flags")))
+            if configs:
+                message += f" (available: {', '.join(configs)})"
+        print(f"error: {message}\nSee --helpshort for the flags.", file=sys.stderr)
+        sys.exit(2)
+
+
+def to_config():
+    """Converts the parsed flags into a `Config`."""
+    spec = model_lib.backbone_spec(_BACKBONE.value)
+    return Config(
+        dataset=_DATASET.value.strip(),
+        data_dir=_DATA_DIR.value,
+        train_split=_TRAIN_SPLIT.value,
+        val_split=_VAL_SPLIT.value,
+        test_split=_TEST_SPLIT.value,
+        val_fraction=_VAL_FRACTION.value,
+        backbone=spec.name,
+        weights=_WEIGHTS.value,
+        image_size=_IMAGE_SIZE.value or spec.native_image_size,
+        dropout=_DROPOUT.value,
+        batch_size=_BATCH_SIZE.value,
+        head_epochs=_HEAD_EPOCHS.value,
+        head_learning_rate=_HEAD_LEARNING_RATE.value,
+        finetune_epochs=_FINETUNE_EPOCHS.value,
+        finetune_learning_rate=_FINETUNE_LEARNING_RATE.value,
+        unfreeze=_UNFREEZE.value,
+        optimizer=_OPTIMIZER.value,
+        weight_decay=_WEIGHT_DECAY.value,
+        warmup_epochs=_WARMUP_EPOCHS.value,
+        label_smoothing=_LABEL_SMOOTHING.value,
+        mixed_precision=_MIXED_PRECISION.value,
+        jit_compile=_JIT_COMPILE.value,
+        strategy=_STRATEGY.value,
+        model_dir=_MODEL_DIR.value or _default_model_dir(_DATASET.value, spec.name),
+        seed=_SEED.value,
+        steps_per_epoch=_STEPS_PER_EPOCH.value,
+    )
+
+
+def to_flagfile():
+    """The effective flags as flagfile text: `--flagfile=` it to rerun the run.
+
+    Every tl_keras flag is written, defaults included, so a later change of a
+    default doesn't change what the rerun does.
+    """
+    lines = ["# The effective flags of this run; rerun with --flagfile=THIS_FILE."]
+    for flag in sorted(flags.FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
+        if flag.value is not None:
+            lines.append(flag.serialize())
+    return "\n".join(lines) + "\n"
+
+
+def _default_model_dir(dataset, backbone):
+    return os.path.join("runs", re.sub(r"[^\w.-]+", "_", f"{dataset}-{backbone}"))
