@@ -16,11 +16,18 @@ class Config:
     val_split: str
     test_split: str
     val_fraction: float
+    classes: tuple
+    train_examples_per_class: int | None
+    strict_data: bool
+    augment: str
+    mixup: float
+    cutmix: float
     # Model.
     backbone: str
     weights: str
     image_size: int
     dropout: float
+    resize: str
     # Training.
     batch_size: int
     head_epochs: int

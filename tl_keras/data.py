@@ -7,9 +7,11 @@ what the classes are. `tl_keras.pipeline` then turns the splits into batches.
 import dataclasses
 import difflib
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tl_keras import subsets
 from tl_keras.errors import UsageError
 
 
@@ -41,7 +43,8 @@ class Splits:
         return len(self.class_names)
 
 
-def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction):
+def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, *,
+              classes=(), train_examples_per_class=None, seed=0):
     """Loads a TFDS dataset by name, downloading and preparing it if needed.
 
     Args:
@@ -52,6 +55,10 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction):
             split if it has one, else to hold out `val_fraction` of `train_split`.
         test_split: the split the final evaluation reads.
         val_fraction: the fraction of `train_split` held out when carving.
+        classes: class names to keep, in their new label order; empty keeps all.
+        train_examples_per_class: keep this many training examples per class,
+            chosen by `seed`; None keeps all.
+        seed: picks the per-class examples.
 
     Returns:
         `Splits`.
@@ -91,18 +98,56 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction):
     label_feature = builder.info.features[builder.info.supervised_keys[1]]
     image_feature = builder.info.features[builder.info.supervised_keys[0]]
     image_shape = tuple(image_feature.shape)
+    datasets = {"train": train, "validation": validation, "test": test}
+    class_names, datasets, sizes = _select(
+        list(label_feature.names), datasets, classes, train_examples_per_class, seed
+    )
     return Splits(
-        train=train,
-        validation=validation,
-        test=test,
-        class_names=tuple(label_feature.names),
-        sizes={
-            "train": _count(train),
-            "validation": _count(validation),
-            "test": _count(test),
-        },
+        **datasets,
+        class_names=tuple(class_names),
+        sizes=sizes,
         image_shape=image_shape if None not in image_shape else None,
         validation_source=validation_source,
+    )
+
+
+def _select(class_names, datasets, classes, train_examples_per_class, seed):
+    """Applies `--classes` to every split and the per-class cap to train.
+
+    Returns:
+        (class names, datasets by split, sizes by split).
+    """
+    if not classes and not train_examples_per_class:
+        return class_names, datasets, {s: _count(d) for s, d in datasets.items()}
+    names, old_to_new = subsets.class_mapping(class_names, classes)
+    selected, sizes = {}, {}
+    for split, dataset in datasets.items():
+        # One pass over the labels decides which examples stay.
+        labels = old_to_new[np.fromiter(
+            dataset.map(lambda image, label: label).as_numpy_iterator(), np.int64
+        )]
+        keep = labels >= 0
+        if split == "train" and train_examples_per_class:
+            indices, short = subsets.per_class_indices(
+                labels[keep], train_examples_per_class, seed
+            )
+            note = subsets.describe_short_classes(short, names, train_examples_per_class)
+            if note:
+                print(note, flush=True)
+            kept_positions = np.flatnonzero(keep)[indices]
+            keep = np.zeros_like(keep)
+            keep[kept_positions] = True
+        selected[split] = _filter(dataset, keep, old_to_new)
+        sizes[split] = int(keep.sum())
+    return names, selected, sizes
+
+
+def _filter(dataset, keep, old_to_new):
+    keep, old_to_new = tf.constant(keep), tf.constant(old_to_new)
+    return (
+        dataset.enumerate()
+        .filter(lambda index, example: keep[index])
+        .map(lambda index, example: (example[0], tf.gather(old_to_new, example[1])))
     )
 
 

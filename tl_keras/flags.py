@@ -17,7 +17,9 @@ from tl_keras.errors import UsageError
 
 # Data.
 _DATASET = flags.DEFINE_string(
-    "dataset", "cifar100", "TFDS dataset name, e.g. cifar100 or cifar10.")
+    "dataset", "cifar100",
+    "TFDS dataset name, e.g. cifar100; or folder:PATH for your own images in "
+    "PATH/<class>/* or PATH/<split>/<class>/*.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None,
     "Where TFDS keeps prepared datasets (default: TFDS's own, ~/tensorflow_datasets). "
@@ -31,7 +33,26 @@ _VAL_SPLIT = flags.DEFINE_string(
 _TEST_SPLIT = flags.DEFINE_string(
     "test_split", "test", "Split read once, by the final evaluation.")
 _VAL_FRACTION = flags.DEFINE_float(
-    "val_fraction", 0.1, "Fraction of --train_split held out when carving validation.")
+    "val_fraction", 0.1,
+    "Fraction held out when carving validation from train (and, for a folder "
+    "without split folders, test too; stratified by class).")
+_CLASSES = flags.DEFINE_list(
+    "classes", [],
+    "Keep only these classes (comma-separated names), renumbered in this order.")
+_TRAIN_EXAMPLES_PER_CLASS = flags.DEFINE_integer(
+    "train_examples_per_class", None,
+    "Keep this many training images per class, chosen by --seed (few-shot runs).")
+_STRICT_DATA = flags.DEFINE_boolean(
+    "strict_data", False,
+    "Make any unreadable image file an error instead of skipping it.")
+_AUGMENT = flags.DEFINE_enum(
+    "augment", "none", ["none", "basic", "randaugment"],
+    "Training augmentation: basic is a random resized crop and horizontal flip; "
+    "randaugment adds Keras' RandAugment. Never applied at evaluation or serving.")
+_MIXUP = flags.DEFINE_float("mixup", 0.0, "MixUp Beta alpha (e.g. 0.2); 0 is off.")
+_CUTMIX = flags.DEFINE_float(
+    "cutmix", 0.0, "CutMix Beta alpha (e.g. 1.0); 0 is off. With --mixup, each "
+    "batch uses one of the two.")
 
 # Model.
 _BACKBONE = flags.DEFINE_string(
@@ -47,6 +68,11 @@ _IMAGE_SIZE = flags.DEFINE_integer(
     "Square size images are resized to inside the model (default: the "
     "backbone's native size, e.g. 224 for resnet50).")
 _DROPOUT = flags.DEFINE_float("dropout", 0.2, "Dropout rate before the head.")
+_RESIZE = flags.DEFINE_enum(
+    "resize", "stretch", ["stretch", "crop"],
+    "How images become square --image_size: stretch resizes as they are; crop "
+    "takes the centre square first, keeping the aspect ratio. Training, "
+    "evaluation and the exported model all do the same.")
 
 # Training.
 _BATCH_SIZE = flags.DEFINE_integer(
@@ -118,6 +144,10 @@ _check("finetune_learning_rate", lambda v: v > 0, "must be greater than 0, e.g. 
 _check("weight_decay", lambda v: v >= 0, "must be 0 or more, e.g. 0.05.")
 _check("warmup_epochs", lambda v: v >= 0, "must be 0 or more.")
 _check("label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.1.")
+_check("train_examples_per_class", lambda v: v >= 1,
+       "must be at least 1, or left out to keep every training image.")
+_check("mixup", lambda v: v >= 0, "must be 0 (off) or a positive alpha, e.g. 0.2.")
+_check("cutmix", lambda v: v >= 0, "must be 0 (off) or a positive alpha, e.g. 1.0.")
 _check("steps_per_epoch", lambda v: v >= 1, "must be at least 1, or left out for no cap.")
 _check("dataset", lambda v: bool(v.strip()), "must name a TFDS dataset, e.g. cifar100.")
 _check("unfreeze", lambda v: v == "all" or (v.isdigit() and int(v) > 0) or
@@ -191,10 +221,17 @@ def to_config():
         val_split=_VAL_SPLIT.value,
         test_split=_TEST_SPLIT.value,
         val_fraction=_VAL_FRACTION.value,
+        classes=tuple(name.strip() for name in _CLASSES.value),
+        train_examples_per_class=_TRAIN_EXAMPLES_PER_CLASS.value,
+        strict_data=_STRICT_DATA.value,
+        augment=_AUGMENT.value,
+        mixup=_MIXUP.value,
+        cutmix=_CUTMIX.value,
         backbone=spec.name,
         weights=_WEIGHTS.value,
         image_size=_IMAGE_SIZE.value or spec.native_image_size,
         dropout=_DROPOUT.value,
+        resize=_RESIZE.value,
         batch_size=_BATCH_SIZE.value,
         head_epochs=_HEAD_EPOCHS.value,
         head_learning_rate=_HEAD_LEARNING_RATE.value,
@@ -228,4 +265,5 @@ def to_flagfile():
 
 
 def _default_model_dir(dataset, backbone):
-    return os.path.join("runs", re.sub(r"[^\w.-]+", "_", f"{dataset}-{backbone}"))
+    name = os.path.basename(os.path.normpath(dataset)) if ":" in dataset else dataset
+    return os.path.join("runs", re.sub(r"[^\w.-]+", "_", f"{name}-{backbone}"))

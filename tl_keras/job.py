@@ -13,6 +13,7 @@ from tl_keras import data
 from tl_keras import distribute
 from tl_keras import evaluate
 from tl_keras import export
+from tl_keras import folder
 from tl_keras import model as model_lib
 from tl_keras import pipeline
 from tl_keras import train
@@ -43,10 +44,7 @@ def run_training(config, flagfile_text="", verbose="auto"):
         flush=True,
     )
 
-    splits = data.load_tfds(
-        config.dataset, config.data_dir, config.train_split, config.val_split,
-        config.test_split, config.val_fraction,
-    )
+    splits = _load_splits(config)
     print(
         f"Dataset {config.dataset}: {splits.num_classes} classes; "
         f"{splits.sizes['train']:,} train, {splits.sizes['validation']:,} validation "
@@ -59,10 +57,12 @@ def run_training(config, flagfile_text="", verbose="auto"):
     batching = dict(
         image_shape=splits.image_shape, image_size=config.image_size,
         num_classes=splits.num_classes, batch_size=config.batch_size,
+        resize=config.resize,
     )
     train_batches = pipeline.training_batches(
         splits.train, num_examples=splits.sizes["train"], seed=config.seed,
-        repeat=config.steps_per_epoch is not None, **batching,
+        repeat=config.steps_per_epoch is not None, augment=config.augment,
+        mixup=config.mixup, cutmix=config.cutmix, **batching,
     )
     validation_batches = pipeline.evaluation_batches(
         splits.validation, num_examples=splits.sizes["validation"], **batching
@@ -74,7 +74,7 @@ def run_training(config, flagfile_text="", verbose="auto"):
         )
         classifier = model_lib.build_classifier(
             backbone, config.backbone, splits.num_classes, config.image_size,
-            config.dropout,
+            config.dropout, config.resize,
         )
     if config.finetune_epochs:
         # Resolve --unfreeze now, so a bad layer name fails before phase 1.
@@ -129,6 +129,20 @@ def run_training(config, flagfile_text="", verbose="auto"):
     backbone.save_weights(os.path.join(config.model_dir, "backbone.weights.h5"))
     print(f"Wrote saved_model/, model.keras and backbone.weights.h5 to {config.model_dir}.")
     return {"validation": validation_by_phase, "test": test_metrics}
+
+
+def _load_splits(config):
+    if folder.is_folder_dataset(config.dataset):
+        return folder.load_folder(
+            config.dataset, val_fraction=config.val_fraction, seed=config.seed,
+            strict=config.strict_data, classes=config.classes,
+            train_examples_per_class=config.train_examples_per_class,
+        )
+    return data.load_tfds(
+        config.dataset, config.data_dir, config.train_split, config.val_split,
+        config.test_split, config.val_fraction, classes=config.classes,
+        train_examples_per_class=config.train_examples_per_class, seed=config.seed,
+    )
 
 
 def _jit_compile(setting):

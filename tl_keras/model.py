@@ -125,13 +125,16 @@ class ImagePreprocessing(keras.layers.Layer):
     Args:
         backbone: the backbone's name; selects its `preprocess_input`.
         image_size: the square size the backbone receives.
+        resize: `stretch` (plain resize) or `crop` (centre crop to a square
+            first, keeping the aspect ratio). Defaults to `stretch`.
     """
 
-    def __init__(self, backbone, image_size, **kwargs):
+    def __init__(self, backbone, image_size, resize="stretch", **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.backbone = backbone
         self.image_size = image_size
+        self.resize = resize
         self._preprocess_input = backbone_spec(backbone).preprocess_input
 
     def call(self, images):
@@ -143,6 +146,7 @@ class ImagePreprocessing(keras.layers.Layer):
             # Antialiasing matters only when shrinking, where it keeps thin
             # structures from aliasing; when enlarging it changes nothing.
             antialias=True,
+            crop_to_aspect_ratio=self.resize == "crop",
         )
         return self._preprocess_input(images)
 
@@ -151,7 +155,9 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(backbone=self.backbone, image_size=self.image_size)
+        config.update(
+            backbone=self.backbone, image_size=self.image_size, resize=self.resize
+        )
         return config
 
 
@@ -220,7 +226,8 @@ def _load_backbone_weights(backbone, path):
         ) from error
 
 
-def build_classifier(backbone, backbone_name, num_classes, image_size, dropout):
+def build_classifier(backbone, backbone_name, num_classes, image_size, dropout,
+                     resize="stretch"):
     """Puts preprocessing and a new classification head around a backbone.
 
     Args:
@@ -229,13 +236,14 @@ def build_classifier(backbone, backbone_name, num_classes, image_size, dropout):
         num_classes: the number of classes the head predicts.
         image_size: the size images are resized to before the backbone.
         dropout: the dropout rate before the head.
+        resize: how images are brought to `image_size`; see `ImagePreprocessing`.
 
     Returns:
         A `keras.Model` from uint8 images `[batch, height, width, 3]` of any
         height and width to float32 class probabilities `[batch, num_classes]`.
     """
     images = keras.Input(shape=(None, None, 3), dtype="uint8", name="images")
-    x = ImagePreprocessing(backbone_name, image_size, name="preprocessing")(images)
+    x = ImagePreprocessing(backbone_name, image_size, resize, name="preprocessing")(images)
     # training=False keeps BatchNormalization in inference mode in both phases:
     # its statistics stay the ones the weights were trained with, which small
     # fine-tuning batches would otherwise overwrite.

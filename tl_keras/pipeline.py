@@ -7,6 +7,8 @@ CPU ships a quarter of the bytes float32 would take, and small images (CIFAR's
 
 import tensorflow as tf
 
+from tl_keras import augment as augment_lib
+
 # Decoded training data up to this size stays in memory after the first epoch,
 # which saves re-reading and re-decoding it every epoch (CIFAR-100's 50,000
 # images take 150 MiB). Larger datasets stream from disk each epoch.
@@ -15,7 +17,8 @@ _SHUFFLE_BUFFER = 16_384
 
 
 def training_batches(examples, *, num_examples, image_shape, image_size,
-                     num_classes, batch_size, seed, repeat):
+                     num_classes, batch_size, seed, repeat, resize="stretch",
+                     augment="none", mixup=0.0, cutmix=0.0):
     """Batches training examples, shuffled the same way for the same seed.
 
     Args:
@@ -27,16 +30,19 @@ def training_batches(examples, *, num_examples, image_shape, image_size,
         num_classes: for one-hot labels, which label smoothing needs.
         batch_size: the global batch size; a last partial batch is dropped so
             every step has the same shape on every replica.
-        seed: the shuffle seed.
+        seed: seeds the shuffle and every augmentation draw.
         repeat: whether to repeat forever, for runs capped by steps per epoch.
+        resize: `stretch` or `crop` (centre crop to square first), for images
+            resized here.
+        augment: `none`, `basic` (random resized crop and horizontal flip) or
+            `randaugment` (basic, then Keras' RandAugment on each batch).
+        mixup, cutmix: Beta alphas for MixUp and CutMix of each batch; 0 is off.
 
     Returns:
         A `tf.data.Dataset` of (uint8 images [batch, h, w, 3], float32 one-hot
         labels [batch, num_classes]).
     """
-    examples = examples.map(
-        lambda image, label: (_as_rgb(image), label), num_parallel_calls=tf.data.AUTOTUNE
-    )
+    examples = _as_rgb(examples)
     # A run capped by steps per epoch may never finish a pass, and a cache that
     # is never completed is thrown away; such runs are short, so skip it.
     if _fits_in_memory(image_shape, num_examples) and not repeat:
@@ -46,56 +52,98 @@ def training_batches(examples, *, num_examples, image_shape, image_size,
     )
     if repeat:
         examples = examples.repeat()
-    return _batch(examples, image_shape, image_size, num_classes, batch_size,
-                  drop_remainder=True)
+    batches = _batch(examples, image_shape, image_size, batch_size,
+                     drop_remainder=True, resize=resize)
+    if augment != "none":
+        batches = tf.data.Dataset.zip(batches, _batch_seeds(seed)).map(
+            lambda batch, batch_seed: (
+                augment_lib.crop_and_flip(batch[0], batch_seed), batch[1]
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    if augment == "randaugment":
+        # Sequential: the layer draws from a stateful seed generator, and
+        # parallel calls would consume its states in a varying order.
+        batches = batches.map(augment_lib.rand_augment(seed))
+    batches = _one_hot(batches, num_classes)
+    if mixup or cutmix:
+        batches = tf.data.Dataset.zip(batches, _batch_seeds(seed + 1)).map(
+            lambda batch, batch_seed: augment_lib.mix_batch(
+                *batch, batch_seed, mixup_alpha=mixup, cutmix_alpha=cutmix
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 def evaluation_batches(examples, *, num_examples, image_shape, image_size,
-                       num_classes, batch_size):
+                       num_classes, batch_size, resize="stretch"):
     """Batches examples for evaluation: every example once, in order.
 
     The last batch may be partial, so that metrics count every example.
 
     Args:
-        examples, num_examples, image_shape, image_size, num_classes, batch_size:
-            as for `training_batches`.
+        examples, num_examples, image_shape, image_size, num_classes, batch_size,
+        resize: as for `training_batches`.
 
     Returns:
         A `tf.data.Dataset` like `training_batches`' but finite and in order.
     """
-    examples = examples.map(
-        lambda image, label: (_as_rgb(image), label), num_parallel_calls=tf.data.AUTOTUNE
-    )
+    examples = _as_rgb(examples)
     if _fits_in_memory(image_shape, num_examples):
         examples = examples.cache()
-    return _batch(examples, image_shape, image_size, num_classes, batch_size,
-                  drop_remainder=False)
+    batches = _batch(examples, image_shape, image_size, batch_size,
+                     drop_remainder=False, resize=resize)
+    return _one_hot(batches, num_classes).prefetch(tf.data.AUTOTUNE)
 
 
-def _batch(examples, image_shape, image_size, num_classes, batch_size, drop_remainder):
+def _batch(examples, image_shape, image_size, batch_size, drop_remainder, resize):
     if image_shape is None:
         examples = examples.map(
-            lambda image, label: (_resize_uint8(image, image_size), label),
+            lambda image, label: (resize_uint8(image, image_size, resize), label),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-    batches = examples.batch(batch_size, drop_remainder=drop_remainder)
-    # One-hot after batching: one vectorised op per batch instead of per image.
-    batches = batches.map(
+    return examples.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def _one_hot(batches, num_classes):
+    # After batching: one vectorised op per batch instead of one per image.
+    return batches.map(
         lambda images, labels: (images, tf.one_hot(labels, num_classes)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
-    return batches.prefetch(tf.data.AUTOTUNE)
 
 
-def _as_rgb(image):
-    if image.shape[-1] == 1:
-        return tf.image.grayscale_to_rgb(image)
-    return image
+def _as_rgb(examples):
+    """Grayscale datasets become RGB; others pass untouched, at no per-image cost."""
+    if examples.element_spec[0].shape[-1] != 1:
+        return examples
+    return examples.map(
+        lambda image, label: (tf.image.grayscale_to_rgb(image), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
 
 
-def _resize_uint8(image, size):
+def resize_uint8(image, size, method):
+    """Resizes one uint8 image to `size` x `size`, keeping uint8.
+
+    Args:
+        method: `stretch` (plain resize) or `crop` (centre crop to a square
+            first, which keeps the aspect ratio).
+    """
+    if method == "crop":
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        side = tf.minimum(height, width)
+        image = tf.image.crop_to_bounding_box(
+            image, (height - side) // 2, (width - side) // 2, side, side
+        )
     resized = tf.image.resize(image, (size, size), antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def _batch_seeds(seed):
+    """One stateless seed per batch: new ones each epoch, the same ones each run."""
+    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 
 
 def _fits_in_memory(image_shape, num_examples):

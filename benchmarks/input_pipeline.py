@@ -1,0 +1,127 @@
+"""Images per second the input pipeline delivers, against two baselines measured
+in the same run.
+
+    python benchmarks/input_pipeline.py --data=../shared/data/cifar10-jpg --image_size=224
+
+(a) naive: decode and resize to --image_size per example, serially, float32, no
+    prefetch (the seed example's pipeline);
+(b) the project's training pipeline at --image_size with --augment=basic, as
+    run.py builds it: uint8 batches at the size the images are stored at, since
+    the model resizes on the accelerator;
+(c) the ceiling: read and decode in parallel, nothing else.
+
+Prints each figure, then ratio_to_ceiling=X and, last, speedup_vs_naive=X, both
+for (b)'s later epochs, the steady state of a multi-epoch run; the first
+epoch's speedup is printed too.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from tl_keras import folder, pipeline  # noqa: E402
+
+_DATA = flags.DEFINE_string("data", None, "Image folder, e.g. ../shared/data/cifar10-jpg.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "The model's input size.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
+_IMAGES = flags.DEFINE_integer("images", 20_000, "Images timed per pipeline.")
+flags.mark_flag_as_required("data")
+
+
+def _images_per_second(batches, num_images, batch_size, warm_up=True):
+    """Times `num_images` worth of batches.
+
+    With `warm_up`, the first batch (graph building, filling the shuffle
+    buffer) is taken before the clock starts.
+    """
+    start = time.perf_counter()
+    iterator = iter(batches)
+    if warm_up:
+        next(iterator)
+        start = time.perf_counter()
+    steps = num_images // batch_size
+    for _ in range(steps):
+        next(iterator)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def _image_paths(root):
+    return sorted(
+        os.path.join(directory, name)
+        for directory, _, names in os.walk(root)
+        for name in names
+        if os.path.splitext(name)[1].lower() in folder.IMAGE_EXTENSIONS
+    )
+
+
+def _naive(paths, labels, image_size, batch_size):
+    def load(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return tf.image.resize(image, (image_size, image_size)), label
+
+    return tf.data.Dataset.from_tensor_slices((paths, labels)).map(load).batch(batch_size)
+
+
+def _decode_only(paths, batch_size):
+    def load(path):
+        return folder.decode_image(tf.io.read_file(path))
+
+    return (
+        tf.data.Dataset.from_tensor_slices(paths)
+        .map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        .ragged_batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def main(argv):
+    del argv
+    start = time.perf_counter()
+    splits = folder.load_folder(
+        f"folder:{_DATA.value}", val_fraction=0.1, seed=0, strict=False,
+        classes=(), train_examples_per_class=None,
+    )
+    print(f"listing and checking {sum(splits.sizes.values()):,} files: "
+          f"{time.perf_counter() - start:.1f} s")
+    batch, count = _BATCH_SIZE.value, _IMAGES.value
+    # The baselines read the first images in listing order (class by class).
+    paths = _image_paths(_DATA.value)[: count + batch]
+    labels = tf.zeros([len(paths)], tf.int64)
+    paths = tf.constant(paths)
+
+    naive = _images_per_second(_naive(paths, labels, _IMAGE_SIZE.value, batch), count, batch)
+    print(f"(a) naive decode+resize to {_IMAGE_SIZE.value}, serial: {naive:,.0f} images/s")
+
+    # As run.py builds it for full epochs. The first epoch decodes every file
+    # and fills the in-memory cache; later epochs read decoded images from it.
+    project = pipeline.training_batches(
+        splits.train, num_examples=splits.sizes["train"], image_shape=splits.image_shape,
+        image_size=_IMAGE_SIZE.value, num_classes=splits.num_classes, batch_size=batch,
+        seed=0, repeat=False, augment="basic",
+    )
+    shape = splits.image_shape or (_IMAGE_SIZE.value, _IMAGE_SIZE.value, 3)
+    epoch_steps = splits.sizes["train"] // batch
+    first_epoch = _images_per_second(project, epoch_steps * batch, batch, warm_up=False)
+    print(f"(b) tl_keras training pipeline, --augment=basic, uint8 {shape[0]}x{shape[1]} "
+          f"(the model resizes to {_IMAGE_SIZE.value}):")
+    print(f"    first epoch (decoding, filling the cache): {first_epoch:,.0f} images/s")
+    ours = _images_per_second(project, count, batch)
+    print(f"    later epochs (from the cache): {ours:,.0f} images/s")
+
+    ceiling = _images_per_second(_decode_only(paths, batch), count, batch)
+    print(f"(c) read and decode only, parallel: {ceiling:,.0f} images/s")
+
+    print(f"first_epoch_speedup_vs_naive={first_epoch / naive:.2f}")
+    # The steady state is what a run of many epochs sees.
+    print(f"ratio_to_ceiling={ours / ceiling:.2f}")
+    print(f"speedup_vs_naive={ours / naive:.2f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

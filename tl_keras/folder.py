@@ -1,0 +1,295 @@
+"""The data source for a user's own images: `--dataset=folder:PATH`.
+
+Reads `PATH/<split>/<class>/*` when split folders exist, else `PATH/<class>/*`,
+and produces the same `Splits` as a TFDS dataset. Files that can't be images are
+found before training, by a cheap look at their first and last bytes, and
+skipped with their names printed (or refused under `--strict_data`).
+"""
+
+import concurrent.futures
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tl_keras import subsets
+from tl_keras.data import Splits
+from tl_keras.errors import UsageError
+
+PREFIX = "folder:"
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
+
+# Folder names taken as splits, compared case-insensitively.
+SPLIT_FOLDER_NAMES = {
+    "train": ("train", "training"),
+    "validation": ("val", "validation", "valid", "dev"),
+    "test": ("test", "testing", "eval"),
+}
+
+# How many images are decoded to learn whether every image has one size.
+_SHAPE_PROBE_SIZE = 64
+_SKIPPED_FILES_SHOWN = 5
+
+
+def is_folder_dataset(dataset):
+    return dataset.startswith(PREFIX)
+
+
+def load_folder(dataset, *, val_fraction, seed, strict, classes,
+                train_examples_per_class):
+    """Lists an image folder and splits it into train, validation and test.
+
+    Without split folders, validation and test each take `val_fraction` of
+    every class (stratified), chosen by `seed`; with a `train` folder but no
+    validation folder, validation is carved from train the same way.
+
+    Args:
+        dataset: `folder:PATH`.
+        val_fraction: the fraction of each class held out when carving.
+        seed: picks the held-out and subset examples.
+        strict: make any unreadable file an error instead of skipping it.
+        classes: class names to keep, in their new label order; empty keeps all.
+        train_examples_per_class: keep this many training images per class;
+            None keeps all.
+
+    Returns:
+        `tl_keras.data.Splits`.
+
+    Raises:
+        UsageError: for a missing folder, an empty class folder, fewer than two
+            classes, an unknown class, or (with `strict`) an unreadable file.
+    """
+    root = dataset[len(PREFIX):]
+    if not os.path.isdir(root):
+        raise UsageError(f"--dataset={dataset}: no folder {root!r}.")
+    split_dirs = _find_split_dirs(root)
+    train_dir = split_dirs.get("train", root)
+    class_names = _class_names(train_dir)
+
+    listed = {"train": _list_files(train_dir, class_names)}
+    for split in ("validation", "test"):
+        if split in split_dirs:
+            listed[split] = _list_files(split_dirs[split], class_names)
+    listed = {split: _drop_unreadable(files, strict) for split, files in listed.items()}
+
+    carve_from = listed["train"]
+    rng = np.random.default_rng(seed)
+    sources = {"train": _describe(split_dirs.get("train"), root)}
+    for split in ("test", "validation"):
+        if split in listed:
+            sources[split] = _describe(split_dirs[split], root)
+            continue
+        held_out = subsets.stratified_indices(
+            carve_from.labels, val_fraction, rng, split_name=split
+        )
+        listed[split] = carve_from.take(held_out)
+        carve_from = carve_from.take(np.setdiff1d(np.arange(len(carve_from)), held_out))
+        sources[split] = f"{val_fraction:.0%} of each class of {sources['train']}"
+    listed["train"] = carve_from
+
+    class_names, listed = _select(
+        class_names, listed, classes, train_examples_per_class, seed
+    )
+    image_shape = _common_image_shape(listed["train"].paths[:_SHAPE_PROBE_SIZE])
+    return Splits(
+        train=_decoded(listed["train"], image_shape),
+        validation=_decoded(listed["validation"], image_shape),
+        test=_decoded(listed["test"], image_shape),
+        class_names=tuple(class_names),
+        sizes={split: len(files) for split, files in listed.items()},
+        image_shape=image_shape,
+        validation_source=sources["validation"],
+    )
+
+
+class FileList:
+    """Paths and labels of one split, as parallel arrays."""
+
+    def __init__(self, paths, labels):
+        self.paths = np.asarray(paths, dtype=object)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def take(self, indices):
+        indices = np.sort(np.asarray(indices, dtype=np.int64))
+        return FileList(self.paths[indices], self.labels[indices])
+
+
+def _select(class_names, listed, classes, train_examples_per_class, seed):
+    """Applies `--classes` to every split and the per-class cap to train."""
+    names, old_to_new = subsets.class_mapping(class_names, classes)
+    selected = {}
+    for split, files in listed.items():
+        kept = files.take(np.flatnonzero(old_to_new[files.labels] >= 0))
+        selected[split] = FileList(kept.paths, old_to_new[kept.labels])
+    if train_examples_per_class:
+        indices, short = subsets.per_class_indices(
+            selected["train"].labels, train_examples_per_class, seed
+        )
+        note = subsets.describe_short_classes(short, names, train_examples_per_class)
+        if note:
+            print(note, flush=True)
+        selected["train"] = selected["train"].take(indices)
+    return names, selected
+
+
+def _find_split_dirs(root):
+    found = {}
+    for entry in _visible_dirs(root):
+        for split, names in SPLIT_FOLDER_NAMES.items():
+            if entry.name.lower() in names and split not in found:
+                found[split] = entry.path
+    if found and "train" not in found:
+        raise UsageError(
+            f"{root} has split folders ({', '.join(sorted(found))}) but no train "
+            f"folder; name the training folder train, or put class folders "
+            f"directly in {root}."
+        )
+    return found
+
+
+def _class_names(train_dir):
+    names = sorted(entry.name for entry in _visible_dirs(train_dir))
+    if len(names) < 2:
+        raise UsageError(
+            f"{train_dir} holds {len(names)} class folder(s); a classifier needs "
+            f"at least two, as {train_dir}/<class>/<image files>."
+        )
+    return names
+
+
+def _list_files(split_dir, class_names):
+    present = {entry.name for entry in _visible_dirs(split_dir)}
+    unknown = sorted(present - set(class_names))
+    if unknown:
+        raise UsageError(
+            f"{split_dir} has class folders that the training folder lacks: "
+            f"{', '.join(unknown)}. Every class needs training images."
+        )
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(split_dir, name)
+        if not os.path.isdir(class_dir):
+            continue
+        images = sorted(
+            entry.path
+            for entry in os.scandir(class_dir)
+            if entry.is_file()
+            and not entry.name.startswith(".")
+            and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+        )
+        if not images:
+            raise UsageError(
+                f"Class folder {class_dir} has no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove it."
+            )
+        paths.extend(images)
+        labels.extend([label] * len(images))
+    return FileList(paths, labels)
+
+
+def _visible_dirs(path):
+    return [
+        entry for entry in os.scandir(path)
+        if entry.is_dir() and not entry.name.startswith(".")
+    ]
+
+
+def _describe(split_dir, root):
+    return os.path.relpath(split_dir, root) + "/" if split_dir else "the folder"
+
+
+def _drop_unreadable(files, strict):
+    """Finds files that can't be images, by their first and last bytes."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        problems = list(pool.map(image_file_problem, files.paths, chunksize=256))
+    bad = [i for i, problem in enumerate(problems) if problem]
+    if not bad:
+        return files
+    listing = "\n".join(
+        f"  {files.paths[i]}: {problems[i]}" for i in bad[:_SKIPPED_FILES_SHOWN]
+    )
+    more = len(bad) - _SKIPPED_FILES_SHOWN
+    listing += f"\n  ... and {more} more" if more > 0 else ""
+    if strict:
+        raise UsageError(
+            f"{len(bad)} file(s) can't be read as images (--strict_data):\n{listing}\n"
+            f"Remove or fix them, or drop --strict_data to skip them."
+        )
+    print(f"Skipping {len(bad)} file(s) that can't be read as images:\n{listing}",
+          flush=True)
+    return files.take(np.setdiff1d(np.arange(len(files)), bad))
+
+
+def image_file_problem(path):
+    """Says why a file can't be a whole image, or returns None if it can.
+
+    Reads only its first and last bytes: enough to catch empty files, files of
+    another kind under an image extension, and truncated JPEG, PNG and GIF files.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as file:
+            head = file.read(16)
+            file.seek(max(size - 16, 0))
+            tail = file.read(16)
+    except OSError as error:
+        return f"unreadable ({error.strerror})"
+    if head.startswith(b"\xff\xd8\xff"):
+        # A JPEG ends with the EOI marker; some writers pad after it.
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end marker)"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return None if tail.rstrip(b"\x00").endswith(b";") else "truncated GIF"
+    if head.startswith(b"BM"):
+        declared = int.from_bytes(head[2:6], "little")
+        # Some writers leave the size field 0; otherwise it must fit the file.
+        return None if declared <= size else "truncated BMP"
+    return "not a JPEG, PNG, GIF or BMP file"
+
+
+def _common_image_shape(paths):
+    """The one (height, width, 3) of the probed images, or None if they differ."""
+    shapes = {
+        tuple(decode_image(tf.io.read_file(path)).shape) for path in paths
+    }
+    return shapes.pop() if len(shapes) == 1 else None
+
+
+def decode_image(contents):
+    """Decodes JPEG, PNG, BMP or GIF (first frame) bytes to uint8 RGB.
+
+    Grayscale becomes RGB and an alpha channel is dropped.
+    """
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _decoded(files, image_shape):
+    """(image, label) pairs read and decoded in parallel, in listing order."""
+    labels = tf.constant(files.labels)
+    paths = tf.constant(files.paths.astype(str))
+
+    def read(path, label):
+        image = decode_image(tf.io.read_file(path))
+        if image_shape is not None:
+            # The probe saw one size; an odd image out is resized to it so
+            # batching never fails on it.
+            image = tf.cond(
+                tf.reduce_all(tf.shape(image)[:2] == image_shape[:2]),
+                lambda: image,
+                lambda: tf.cast(tf.image.resize(image, image_shape[:2]), tf.uint8),
+            )
+            image = tf.ensure_shape(image, image_shape)
+        return image, label
+
+    return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+        read, num_parallel_calls=tf.data.AUTOTUNE
+    )
