@@ -17,13 +17,20 @@ from tl_keras.errors import UsageError  # noqa: E402
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    settings = flags.mode()
     try:
-        job.run_training(
-            flags.to_config(),
-            flagfile_text=flags.to_flagfile(),
-            # A progress bar in a terminal; one line per epoch in a log file.
-            verbose="auto" if sys.stdout.isatty() else 2,
-        )
+        if settings["mode"] == "evaluate":
+            job.run_evaluation(flags.run_config(settings["model_dir"]), settings["split"])
+        elif settings["mode"] == "predict":
+            job.run_prediction(settings["model_dir"], settings["images"],
+                               settings["top_k"], settings["output"])
+        else:
+            job.run_training(
+                flags.to_config(),
+                flagfile_text=flags.to_flagfile(),
+                # A progress bar in a terminal; one line per epoch in a log file.
+                verbose="auto" if sys.stdout.isatty() else 2,
+            )
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

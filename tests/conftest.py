@@ -38,6 +38,23 @@ def parse_config(*args, flagfile=SMOKE_FLAGS):
         return flags.to_config(), flags.to_flagfile()
 
 
+def run_job(tmp_path, *args):
+    """Trains the smoke configuration (plus `args`) into `tmp_path/run`."""
+    from tl_keras import job
+
+    config, flagfile_text = parse_config(f"--model_dir={tmp_path / 'run'}", *args)
+    metrics = job.run_training(config, flagfile_text=flagfile_text, verbose=0)
+    return config, metrics
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """One smoke run on mock CIFAR-10: one head epoch, two fine-tuning epochs."""
+    tmp_path = tmp_path_factory.mktemp("smoke")
+    with tfds.testing.mock_data(num_examples=64):
+        return run_job(tmp_path, "--head_epochs=1", "--finetune_epochs=2")
+
+
 @pytest.fixture
 def mock_tfds():
     """Mocks every TFDS dataset with random examples: 64 in each split."""

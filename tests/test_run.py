@@ -10,22 +10,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import keras
 
-from conftest import parse_config
+from conftest import parse_config, run_job as _run
 from tl_keras import job
-
-
-def _run(tmp_path, *args):
-    config, flagfile_text = parse_config(f"--model_dir={tmp_path / 'run'}", *args)
-    metrics = job.run_training(config, flagfile_text=flagfile_text, verbose=0)
-    return config, metrics
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """One smoke run on mock CIFAR-10: one head epoch, two fine-tuning epochs."""
-    tmp_path = tmp_path_factory.mktemp("smoke")
-    with tfds.testing.mock_data(num_examples=64):
-        return _run(tmp_path, "--head_epochs=1", "--finetune_epochs=2")
 
 
 def test_writes_every_output(finished_run):

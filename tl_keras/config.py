@@ -46,3 +46,4 @@ class Config:
     model_dir: str
     seed: int
     steps_per_epoch: int | None
+    profile_batches: tuple | None

@@ -1,17 +1,111 @@
-"""The final evaluation on the test split, and the run's metrics file."""
+"""Evaluation: metrics from predictions, a per-class report, and their files.
 
+Metrics are computed here from the predicted probabilities, so the final
+evaluation of a training run and `--mode=evaluate` on its SavedModel report the
+same numbers the same way.
+"""
+
+import csv
 import json
 import os
 
+import numpy as np
 
-def evaluate(model, batches, verbose="auto"):
-    """Evaluates a compiled model on every batch once.
+from tl_keras import plots
+
+
+def classification_report(probabilities, labels, class_names, top_k=5):
+    """Top-1, top-k, cross-entropy, the confusion matrix and per-class scores.
+
+    Args:
+        probabilities: float `[examples, classes]`.
+        labels: int `[examples]`, the true classes.
+        class_names: the class names, by label.
+        top_k: k for the top-k accuracy (at most the number of classes).
 
     Returns:
-        `{"top1": ..., "top5": ..., "loss": ...}` as floats.
+        A dict: `top1`, `top5` (the top-k accuracy), `loss` (mean cross-entropy,
+        no label smoothing), `examples`, `confusion` (int `[true, predicted]`),
+        and `per_class`, a list of dicts with `class`, `precision`, `recall`,
+        `f1` and `support`, in label order.
     """
-    results = model.evaluate(batches, return_dict=True, verbose=verbose)
-    return {name: float(results[name]) for name in ("top1", "top5", "loss")}
+    probabilities = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels, np.int64)
+    num_classes = len(class_names)
+    predicted = probabilities.argmax(axis=1)
+    k = min(top_k, num_classes)
+    top = np.argsort(-probabilities, axis=1)[:, :k]
+    true_probability = probabilities[np.arange(len(labels)), labels]
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+
+    per_class = []
+    for label, name in enumerate(class_names):
+        hits = confusion[label, label]
+        predicted_count = confusion[:, label].sum()
+        support = confusion[label].sum()
+        precision = hits / predicted_count if predicted_count else 0.0
+        recall = hits / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append({"class": name, "precision": float(precision),
+                          "recall": float(recall), "f1": float(f1), "support": int(support)})
+    return {
+        "top1": float(np.mean(predicted == labels)),
+        "top5": float(np.mean((top == labels[:, None]).any(axis=1))),
+        "loss": float(np.mean(-np.log(np.clip(true_probability, 1e-7, 1.0)))),
+        "examples": int(len(labels)),
+        "confusion": confusion,
+        "per_class": per_class,
+    }
+
+
+def summary(report):
+    """The headline numbers of a report: `{"top1", "top5", "loss"}`."""
+    return {name: report[name] for name in ("top1", "top5", "loss")}
+
+
+def format_report(report, split, worst=20):
+    """A readable report: headline metrics, then per-class scores, worst first."""
+    lines = [
+        f"{split}: {report['examples']:,} examples, top-1 {report['top1']:.2%}, "
+        f"top-5 {report['top5']:.2%}, loss {report['loss']:.4f}",
+        "",
+        f"{'class':<24} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}",
+    ]
+    ranked = sorted(report["per_class"], key=lambda row: (row["f1"], row["class"]))
+    for row in ranked[:worst]:
+        lines.append(f"{row['class'][:24]:<24} {row['precision']:>9.3f} "
+                     f"{row['recall']:>9.3f} {row['f1']:>9.3f} {row['support']:>8,}")
+    if len(ranked) > worst:
+        lines.append(f"... {len(ranked) - worst} more classes in per_class.csv")
+    return "\n".join(lines)
+
+
+def write_evaluation(directory, report, split):
+    """Writes `metrics.json`, `per_class.csv` and `confusion_matrix.png`."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "metrics.json"), "w") as file:
+        json.dump({"split": split, "examples": report["examples"], **summary(report)},
+                  file, indent=2)
+        file.write("\n")
+    with open(os.path.join(directory, "per_class.csv"), "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["class", "precision", "recall", "f1",
+                                                  "support"])
+        writer.writeheader()
+        writer.writerows(sorted(report["per_class"], key=lambda row: row["f1"]))
+    with open(os.path.join(directory, "confusion_matrix.png"), "wb") as file:
+        file.write(plots.confusion_matrix(
+            report["confusion"], [row["class"] for row in report["per_class"]],
+            title=f"Confusion matrix ({split})"))
+
+
+def worst_mistakes(probabilities, labels, count=16):
+    """Indices of the most confident wrong predictions, most confident first."""
+    probabilities = np.asarray(probabilities)
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != np.asarray(labels))
+    confidence = probabilities[wrong, predicted[wrong]]
+    return wrong[np.argsort(-confidence)][:count]
 
 
 def write_metrics(path, validation_by_phase, test):

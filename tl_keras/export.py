@@ -11,34 +11,88 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from tl_keras import pipeline
+
 SERVING_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "serving_bytes"
+DEFAULT_TOP_K = 5
+
+# The first bytes of each image format tf.io.decode_image reads.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
 
 
-def export_saved_model(model, path):
-    """Exports a SavedModel whose `serving_default` takes images of any size.
+def export_saved_model(model, path, class_names, image_size, resize="stretch",
+                       top_k=DEFAULT_TOP_K):
+    """Exports a SavedModel with two serving signatures.
+
+    `serving_default`: input `images`, uint8 `[batch, height, width, 3]` of any
+    height and width.
+    `serving_bytes`: input `image_bytes`, string `[batch]` of encoded JPEG, PNG,
+    GIF or BMP images (what TF Serving's REST API receives as base64).
+
+    Both return `probabilities` float32 `[batch, classes]`, `top_k_indices`
+    int32 `[batch, k]` and `top_k_classes` string `[batch, k]`, best first.
 
     Args:
         model: the classifier from `tl_keras.model.build_classifier`.
         path: the SavedModel directory to write (replaced if it exists).
-
-    Signature `serving_default`:
-        input `images`: uint8 `[batch, height, width, 3]`, any height and width.
-        output `probabilities`: float32 `[batch, classes]`.
+        class_names: the class names, by label.
+        image_size: the model's input size; encoded images of different sizes
+            in one request are brought to it before batching.
+        resize: `stretch` or `crop`, as the model was trained.
+        top_k: how many classes the top-k outputs hold (at most all of them).
     """
     archive = keras.export.ExportArchive()
     archive.track(model)
+    names = tf.constant(list(class_names))
+    k = min(top_k, len(class_names))
 
-    def serve(images):
-        return {"probabilities": model(images, training=False)}
+    def classify(images):
+        probabilities = model(images, training=False)
+        top = tf.math.top_k(probabilities, k=k)
+        return {
+            "probabilities": probabilities,
+            "top_k_indices": top.indices,
+            "top_k_classes": tf.gather(names, top.indices),
+        }
+
+    def classify_encoded(image_bytes):
+        images = tf.map_fn(
+            lambda encoded: pipeline.resize_uint8(_decode(encoded), image_size, resize),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8),
+        )
+        return classify(images)
 
     archive.add_endpoint(
         name=SERVING_SIGNATURE,
-        fn=serve,
+        fn=classify,
         input_signature=[
             tf.TensorSpec(shape=(None, None, None, 3), dtype=tf.uint8, name="images")
         ],
     )
+    archive.add_endpoint(
+        name=BYTES_SIGNATURE,
+        fn=classify_encoded,
+        input_signature=[tf.TensorSpec(shape=(None,), dtype=tf.string, name="image_bytes")],
+    )
     _write_atomically(path, lambda temporary: archive.write_out(temporary, verbose=False))
+
+
+def _decode(encoded):
+    is_image = tf.reduce_any(
+        [tf.strings.substr(encoded, 0, len(magic)) == magic for magic in _IMAGE_MAGIC]
+    )
+    with tf.control_dependencies([
+        tf.debugging.Assert(
+            is_image,
+            ["image_bytes holds a string that is not a JPEG, PNG, GIF or BMP image; "
+             "it starts with:", tf.strings.substr(encoded, 0, 16)],
+        )
+    ]):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
 
 
 def save_keras_model(model, path):

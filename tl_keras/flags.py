@@ -4,16 +4,31 @@ This is the only module that reads flags. Validators run when the command line
 is parsed, before any data or model work, and say how to fix what they reject.
 """
 
+import dataclasses
 import glob
 import os
 import re
 import sys
 
 from absl import flags
+from absl.testing import flagsaver
 
 from tl_keras import model as model_lib
 from tl_keras.config import Config
 from tl_keras.errors import UsageError
+
+# What to do.
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "evaluate", "predict"],
+    "train: train, evaluate and export. evaluate: evaluate the finished run in "
+    "--model_dir on --split. predict: classify --images with that run's SavedModel.")
+_SPLIT = flags.DEFINE_enum(
+    "split", "test", ["train", "validation", "test"], "--mode=evaluate: the split.")
+_IMAGES = flags.DEFINE_string(
+    "images", None, "--mode=predict: an image file, a folder, or a glob.")
+_TOP_K = flags.DEFINE_integer("top_k", 5, "--mode=predict: classes shown per image.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "--mode=predict: also write the predictions to this CSV file.")
 
 # Data.
 _DATASET = flags.DEFINE_string(
@@ -117,6 +132,10 @@ _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None,
     "Where the run writes its outputs (default: runs/DATASET-BACKBONE).")
 _SEED = flags.DEFINE_integer("seed", 42, "Seed for weights, shuffling and dropout.")
+_PROFILE_BATCHES = flags.DEFINE_string(
+    "profile_batches", None,
+    "START,END: write a profiler trace of these batches of the first phase to "
+    "TensorBoard (e.g. 10,20).")
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
     "steps_per_epoch", None,
     "Cap on training steps per epoch, for quick runs (default: the whole split).")
@@ -148,11 +167,27 @@ _check("train_examples_per_class", lambda v: v >= 1,
        "must be at least 1, or left out to keep every training image.")
 _check("mixup", lambda v: v >= 0, "must be 0 (off) or a positive alpha, e.g. 0.2.")
 _check("cutmix", lambda v: v >= 0, "must be 0 (off) or a positive alpha, e.g. 1.0.")
+_check("top_k", lambda v: v >= 1, "must be at least 1.")
+_check("profile_batches",
+       lambda v: re.fullmatch(r"\d+,\d+", v) and 0 < int(v.split(",")[0]) <= int(v.split(",")[1]),
+       "pass START,END batch numbers, 1 <= START <= END, e.g. 10,20.")
 _check("steps_per_epoch", lambda v: v >= 1, "must be at least 1, or left out for no cap.")
 _check("dataset", lambda v: bool(v.strip()), "must name a TFDS dataset, e.g. cifar100.")
 _check("unfreeze", lambda v: v == "all" or (v.isdigit() and int(v) > 0) or
        (bool(v) and not v.lstrip("-").isdigit()),
        "pass all, a positive number of top layers, or a layer name.")
+
+
+@flags.multi_flags_validator(["mode", "model_dir", "images"])
+def _validate_mode(values):
+    mode = values["mode"]
+    if mode != "train" and not values["model_dir"]:
+        raise flags.ValidationError(
+            f"--mode={mode} needs --model_dir=RUN, the folder of a finished training run.")
+    if mode == "predict" and not values["images"]:
+        raise flags.ValidationError(
+            "--mode=predict needs --images=PATH: an image file, a folder or a glob.")
+    return True
 
 
 @flags.validator("backbone")
@@ -211,6 +246,34 @@ def parse(argv):
         sys.exit(2)
 
 
+def mode():
+    """The parsed `--mode` and its own settings, as a dict."""
+    return {
+        "mode": _MODE.value, "split": _SPLIT.value, "images": _IMAGES.value,
+        "top_k": _TOP_K.value, "output": _OUTPUT.value, "model_dir": _MODEL_DIR.value,
+    }
+
+
+def run_config(model_dir):
+    """The `Config` of a finished run, from its `flags.txt`.
+
+    The global flags are left as they were; the run's `model_dir` is the one
+    given here, wherever the run was first written.
+
+    Raises:
+        UsageError: when `model_dir` holds no `flags.txt`.
+    """
+    path = os.path.join(model_dir, "flags.txt")
+    if not os.path.isfile(path):
+        raise UsageError(
+            f"No flags.txt in {model_dir}: --model_dir must be a training run's folder.")
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["run.py", f"--flagfile={path}"])
+        config = to_config()
+    return dataclasses.replace(config, model_dir=model_dir)
+
+
 def to_config():
     """Converts the parsed flags into a `Config`."""
     spec = model_lib.backbone_spec(_BACKBONE.value)
@@ -248,6 +311,10 @@ def to_config():
         model_dir=_MODEL_DIR.value or _default_model_dir(_DATASET.value, spec.name),
         seed=_SEED.value,
         steps_per_epoch=_STEPS_PER_EPOCH.value,
+        profile_batches=(
+            tuple(int(b) for b in _PROFILE_BATCHES.value.split(","))
+            if _PROFILE_BATCHES.value else None
+        ),
     )
 
 
@@ -259,9 +326,13 @@ def to_flagfile():
     """
     lines = ["# The effective flags of this run; rerun with --flagfile=THIS_FILE."]
     for flag in sorted(flags.FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
-        if flag.value is not None:
+        if flag.value is not None and flag.name not in _MODE_FLAGS:
             lines.append(flag.serialize())
     return "\n".join(lines) + "\n"
+
+
+# Flags of --mode=evaluate and predict, not of the training run itself.
+_MODE_FLAGS = frozenset({"mode", "split", "images", "top_k", "output"})
 
 
 def _default_model_dir(dataset, backbone):

@@ -1,9 +1,11 @@
-"""One training run, start to finish: the stages joined in data-flow order.
+"""The run modes, start to finish: the stages joined in data-flow order.
 
-data -> pipeline -> model -> train -> evaluate -> export, each a plain function
-of the one before. `run.py` calls `run_training` with a `Config`.
+Training is data -> pipeline -> model -> train -> evaluate -> export, each a
+plain function of the one before. `run.py` calls one function per `--mode`.
 """
 
+import csv
+import dataclasses
 import json
 import os
 
@@ -15,8 +17,14 @@ from tl_keras import evaluate
 from tl_keras import export
 from tl_keras import folder
 from tl_keras import model as model_lib
+from tl_keras import monitor
 from tl_keras import pipeline
+from tl_keras import plots
+from tl_keras import predict
 from tl_keras import train
+from tl_keras.errors import UsageError
+
+CLASS_NAMES_FILE = "class_names.json"
 
 
 def run_training(config, flagfile_text="", verbose="auto"):
@@ -44,29 +52,16 @@ def run_training(config, flagfile_text="", verbose="auto"):
         flush=True,
     )
 
-    splits = _load_splits(config)
-    print(
-        f"Dataset {config.dataset}: {splits.num_classes} classes; "
-        f"{splits.sizes['train']:,} train, {splits.sizes['validation']:,} validation "
-        f"({splits.validation_source}), {splits.sizes['test']:,} test examples.",
-        flush=True,
-    )
+    splits = load_splits(config)
     steps = train.steps_per_epoch(
         splits.sizes["train"], config.batch_size, config.steps_per_epoch
-    )
-    batching = dict(
-        image_shape=splits.image_shape, image_size=config.image_size,
-        num_classes=splits.num_classes, batch_size=config.batch_size,
-        resize=config.resize,
     )
     train_batches = pipeline.training_batches(
         splits.train, num_examples=splits.sizes["train"], seed=config.seed,
         repeat=config.steps_per_epoch is not None, augment=config.augment,
-        mixup=config.mixup, cutmix=config.cutmix, **batching,
+        mixup=config.mixup, cutmix=config.cutmix, **_batching(config, splits),
     )
-    validation_batches = pipeline.evaluation_batches(
-        splits.validation, num_examples=splits.sizes["validation"], **batching
-    )
+    validation_batches = evaluation_batches(config, splits, "validation")
 
     with strategy.scope():
         backbone = model_lib.build_backbone(
@@ -84,23 +79,27 @@ def run_training(config, flagfile_text="", verbose="auto"):
     os.makedirs(config.model_dir, exist_ok=True)
     with open(os.path.join(config.model_dir, "flags.txt"), "w") as file:
         file.write(flagfile_text)
-    with open(os.path.join(config.model_dir, "class_names.json"), "w") as file:
+    with open(os.path.join(config.model_dir, CLASS_NAMES_FILE), "w") as file:
         json.dump(list(splits.class_names), file)
     if os.path.exists(paths.history):
         os.remove(paths.history)  # A fresh run starts a fresh timeline.
 
+    run_log = monitor.RunLog(paths.tensorboard)
+    run_log.hparams(_hparams(config))
+    run_log.training_inputs(train_batches, splits.class_names)
+    phases = train.plan_phases(
+        head_epochs=config.head_epochs,
+        head_learning_rate=config.head_learning_rate,
+        finetune_epochs=config.finetune_epochs,
+        finetune_learning_rate=config.finetune_learning_rate,
+        warmup_epochs=config.warmup_epochs,
+    )
     validation_by_phase = train.train_two_phases(
         classifier, backbone,
         train_batches=train_batches,
         validation_batches=validation_batches,
         steps_per_epoch=steps,
-        phases=train.plan_phases(
-            head_epochs=config.head_epochs,
-            head_learning_rate=config.head_learning_rate,
-            finetune_epochs=config.finetune_epochs,
-            finetune_learning_rate=config.finetune_learning_rate,
-            warmup_epochs=config.warmup_epochs,
-        ),
+        phases=phases,
         unfreeze=config.unfreeze,
         optimizer=config.optimizer,
         weight_decay=config.weight_decay,
@@ -109,40 +108,146 @@ def run_training(config, flagfile_text="", verbose="auto"):
         jit_compile=_jit_compile(config.jit_compile),
         scope=strategy.scope,
         paths=paths,
+        phase_callbacks=lambda phase: [monitor.PhaseMonitor(
+            run_log, phase, steps, validation_batches, splits.class_names)],
+        profile_batches=config.profile_batches,
         verbose=verbose,
     )
+    _write_training_curves(paths, config.head_epochs)
 
-    test_batches = pipeline.evaluation_batches(
-        splits.test, num_examples=splits.sizes["test"], **batching
+    test_batches = evaluation_batches(config, splits, "test")
+    probabilities, labels = monitor.predict_with_labels(classifier, test_batches)
+    report = evaluate.classification_report(probabilities, labels, splits.class_names)
+    test_metrics = evaluate.summary(report)
+    evaluate.write_metrics(
+        os.path.join(config.model_dir, "metrics.json"), validation_by_phase, test_metrics
     )
-    test_metrics = evaluate.evaluate(classifier, test_batches, verbose=verbose)
-    metrics_path = os.path.join(config.model_dir, "metrics.json")
-    evaluate.write_metrics(metrics_path, validation_by_phase, test_metrics)
+    last_epoch = config.head_epochs + config.finetune_epochs - 1
+    run_log.final_metrics({f"test_{k}": v for k, v in test_metrics.items()}, last_epoch)
+    _log_worst_mistakes(run_log, test_batches, probabilities, labels,
+                        splits.class_names, last_epoch)
     print(
         f"Test ({config.test_split}): top-1 {test_metrics['top1']:.2%}, "
         f"top-5 {test_metrics['top5']:.2%}, loss {test_metrics['loss']:.4f}.",
         flush=True,
     )
 
-    export.export_saved_model(classifier, os.path.join(config.model_dir, "saved_model"))
+    export.export_saved_model(
+        classifier, os.path.join(config.model_dir, "saved_model"),
+        class_names=splits.class_names, image_size=config.image_size, resize=config.resize,
+    )
     export.save_keras_model(classifier, os.path.join(config.model_dir, "model.keras"))
     backbone.save_weights(os.path.join(config.model_dir, "backbone.weights.h5"))
     print(f"Wrote saved_model/, model.keras and backbone.weights.h5 to {config.model_dir}.")
     return {"validation": validation_by_phase, "test": test_metrics}
 
 
-def _load_splits(config):
+def run_evaluation(config, split):
+    """Evaluates a finished run's SavedModel on one split and writes the report.
+
+    Args:
+        config: the run's own configuration (from its `flags.txt`).
+        split: `train`, `validation` or `test`.
+
+    Returns:
+        The report from `tl_keras.evaluate.classification_report`.
+    """
+    serving = predict.load_serving(config.model_dir)
+    splits = load_splits(config)
+    batches = evaluation_batches(config, splits, split)
+    probabilities, labels = predict.predict_with_labels(serving, batches)
+    report = evaluate.classification_report(probabilities, labels, splits.class_names)
+    directory = os.path.join(config.model_dir, "evaluation")
+    evaluate.write_evaluation(directory, report, split)
+    print(evaluate.format_report(report, split))
+    print(f"\nWrote metrics.json, per_class.csv and confusion_matrix.png to {directory}.")
+    return report
+
+
+def run_prediction(model_dir, images, top_k, output):
+    """Predicts the top-k classes of image files with a finished run's SavedModel.
+
+    Returns:
+        The predictions, as written by `tl_keras.predict.predict_files`.
+    """
+    serving = predict.load_serving(model_dir)
+    with open(os.path.join(model_dir, CLASS_NAMES_FILE)) as file:
+        class_names = json.load(file)
+    return predict.predict_files(serving, images, class_names, top_k, output)
+
+
+def load_splits(config):
+    """The run's examples, from a TFDS dataset or an image folder."""
     if folder.is_folder_dataset(config.dataset):
-        return folder.load_folder(
+        splits = folder.load_folder(
             config.dataset, val_fraction=config.val_fraction, seed=config.seed,
             strict=config.strict_data, classes=config.classes,
             train_examples_per_class=config.train_examples_per_class,
         )
-    return data.load_tfds(
-        config.dataset, config.data_dir, config.train_split, config.val_split,
-        config.test_split, config.val_fraction, classes=config.classes,
-        train_examples_per_class=config.train_examples_per_class, seed=config.seed,
+    else:
+        splits = data.load_tfds(
+            config.dataset, config.data_dir, config.train_split, config.val_split,
+            config.test_split, config.val_fraction, classes=config.classes,
+            train_examples_per_class=config.train_examples_per_class, seed=config.seed,
+        )
+    print(
+        f"Dataset {config.dataset}: {splits.num_classes} classes; "
+        f"{splits.sizes['train']:,} train, {splits.sizes['validation']:,} validation "
+        f"({splits.validation_source}), {splits.sizes['test']:,} test examples.",
+        flush=True,
     )
+    return splits
+
+
+def evaluation_batches(config, splits, split):
+    """Batches of one split, every example once, in order."""
+    if split not in splits.sizes:
+        raise UsageError(f"--split={split}: pass train, validation or test.")
+    return pipeline.evaluation_batches(
+        getattr(splits, split), num_examples=splits.sizes[split], **_batching(config, splits)
+    )
+
+
+def _batching(config, splits):
+    return dict(
+        image_shape=splits.image_shape, image_size=config.image_size,
+        num_classes=splits.num_classes, batch_size=config.batch_size,
+        resize=config.resize,
+    )
+
+
+def _hparams(config):
+    """The configuration as HParams values: strings, numbers and booleans only."""
+    values = {}
+    for name, value in dataclasses.asdict(config).items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        values[name] = "" if value is None else value
+    return values
+
+
+def _write_training_curves(paths, head_epochs):
+    if not os.path.exists(paths.history):
+        return
+    with open(paths.history, newline="") as file:
+        rows = list(csv.DictReader(file))
+    os.makedirs(os.path.dirname(paths.training_curves), exist_ok=True)
+    with open(paths.training_curves, "wb") as file:
+        file.write(plots.training_curves(rows, head_epochs))
+
+
+def _log_worst_mistakes(run_log, batches, probabilities, labels, class_names, step):
+    worst = evaluate.worst_mistakes(probabilities, labels)
+    if not len(worst):
+        return
+    images = monitor.images_at(batches, worst)
+    titles = [
+        f"true {class_names[labels[i]]}\npredicted {class_names[probabilities[i].argmax()]} "
+        f"({probabilities[i].max():.0%})"
+        for i in worst
+    ]
+    run_log.image("test_worst_mistakes", plots.image_grid(images, titles), step=step,
+                  description="The most confident wrong test predictions.")
 
 
 def _jit_compile(setting):

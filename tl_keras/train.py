@@ -179,11 +179,15 @@ class RunPaths:
     def history(self):
         return os.path.join(self.model_dir, "history.csv")
 
+    @property
+    def training_curves(self):
+        return os.path.join(self.model_dir, "plots", "training_curves.png")
+
 
 def train_two_phases(model, backbone, *, train_batches, validation_batches,
                      steps_per_epoch, phases, unfreeze, optimizer, weight_decay,
                      label_smoothing, num_classes, jit_compile, scope, paths,
-                     verbose="auto"):
+                     phase_callbacks=None, profile_batches=None, verbose="auto"):
     """Trains the head on the frozen backbone, then fine-tunes.
 
     Args:
@@ -198,6 +202,10 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         num_classes: the number of classes, for top-5 on fewer classes.
         scope: returns a context manager (the strategy's scope) for compiling.
         paths: `RunPaths`.
+        phase_callbacks: optional function from a `PhasePlan` to more callbacks
+            for that phase.
+        profile_batches: optional (first, last) batch of the first phase to
+            write a profiler trace for.
         verbose: `model.fit`'s verbosity.
 
     Returns:
@@ -252,9 +260,13 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             steps_per_epoch=steps_per_epoch,
             callbacks=[
                 LearningRateLogger(),
-                keras.callbacks.TensorBoard(paths.tensorboard),
+                keras.callbacks.TensorBoard(
+                    paths.tensorboard,
+                    profile_batch=(profile_batches or 0) if not validation_by_phase else 0,
+                ),
                 checkpoint,
                 HistoryWriter(paths.history, phase.name),
+                *(phase_callbacks(phase) if phase_callbacks else []),
             ],
             verbose=verbose,
         )

@@ -1,0 +1,133 @@
+"""TensorBoard beyond Keras' callback: per-step learning rate, the phase
+boundary, image grids, confusion matrices and the HParams table.
+
+Keras' TensorBoard callback writes the epoch scalars (loss, top-1, top-5, the
+learning rate at each epoch's end) to `tensorboard/train` and
+`tensorboard/validation`. This module writes to the run's own log,
+`tensorboard/run`, on the same epoch and step axes.
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
+
+from tl_keras import evaluate
+from tl_keras import plots
+from tl_keras import train
+
+RUN_LOG = "run"
+PHASE_NUMBERS = {train.HEAD_PHASE: 0, train.FINETUNE_PHASE: 1}
+
+
+class RunLog:
+    """A summary writer for `tensorboard/run`, and what goes into it."""
+
+    def __init__(self, tensorboard_dir):
+        self.directory = os.path.join(tensorboard_dir, RUN_LOG)
+        self.writer = tf.summary.create_file_writer(self.directory)
+
+    def image(self, tag, png, step, description=None):
+        with self.writer.as_default():
+            tf.summary.image(tag, tf.io.decode_png(png)[None], step=step,
+                             description=description)
+        self.writer.flush()
+
+    def learning_rates(self, phase, steps_per_epoch, epoch):
+        """The learning rate of every step of one epoch, on the global step axis.
+
+        Computed from the phase's schedule, so training steps never wait on it.
+        """
+        schedule = train.learning_rate_schedule(phase, steps_per_epoch)
+        first = (epoch - phase.first_epoch) * steps_per_epoch
+        with self.writer.as_default():
+            for step in range(first, first + steps_per_epoch):
+                rate = schedule(step) if callable(schedule) else schedule
+                tf.summary.scalar("learning_rate_per_step", float(keras.ops.convert_to_numpy(rate)),
+                                  step=phase.first_epoch * steps_per_epoch + step)
+            # A step function, 0 in the head phase and 1 in fine-tuning, that
+            # marks the boundary on the epoch axis of every other chart.
+            tf.summary.scalar("phase", PHASE_NUMBERS[phase.name], step=epoch,
+                              description="0: head phase, 1: fine-tuning")
+        self.writer.flush()
+
+    def training_inputs(self, batches, class_names, count=16):
+        """A grid of (augmented) training images with their labels, at step 0."""
+        images, labels = next(iter(batches))
+        images, labels = images.numpy()[:count], labels.numpy()[:count]
+        titles = []
+        for label in labels:
+            best = int(np.argmax(label))
+            weight = "" if label[best] > 0.999 else f" ({label[best]:.0%})"
+            titles.append(f"{class_names[best]}{weight}")
+        self.image("training_inputs", plots.image_grid(images, titles), step=0,
+                   description="Training batch as the model sees it, augmentation included.")
+
+    def hparams(self, values):
+        with self.writer.as_default():
+            hparams_api.hparams(values)
+        self.writer.flush()
+
+    def final_metrics(self, metrics, step):
+        with self.writer.as_default():
+            for name, value in metrics.items():
+                tf.summary.scalar(f"final/{name}", value, step=step)
+        self.writer.flush()
+
+
+class PhaseMonitor(keras.callbacks.Callback):
+    """Writes one phase's per-step learning rate and, at its end, the
+    validation confusion matrix."""
+
+    def __init__(self, run_log, phase, steps_per_epoch, validation_batches, class_names):
+        super().__init__()
+        self.run_log = run_log
+        self.phase = phase
+        self.steps_per_epoch = steps_per_epoch
+        self.validation_batches = validation_batches
+        self.class_names = class_names
+        self.last_epoch = phase.first_epoch
+
+    def on_train_begin(self, logs=None):
+        with self.run_log.writer.as_default():
+            tf.summary.text("phase_boundary",
+                            f"Epoch {self.phase.first_epoch + 1}: the {self.phase.name} "
+                            f"phase starts.", step=self.phase.first_epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.run_log.learning_rates(self.phase, self.steps_per_epoch, epoch)
+        self.last_epoch = epoch
+
+    def on_train_end(self, logs=None):
+        probabilities, labels = predict_with_labels(self.model, self.validation_batches)
+        report = evaluate.classification_report(probabilities, labels, self.class_names)
+        self.run_log.image(
+            f"validation_confusion_matrix/{self.phase.name}",
+            plots.confusion_matrix(report["confusion"], self.class_names,
+                                   title=f"Validation, end of the {self.phase.name} phase"),
+            step=self.last_epoch,
+        )
+
+
+def predict_with_labels(model, batches):
+    """The model's probabilities and the true labels, in the batches' order."""
+    probabilities = model.predict(batches.map(lambda images, labels: images), verbose=0)
+    labels = np.concatenate([
+        np.argmax(labels, axis=1) for labels in batches.map(lambda images, labels: labels)
+    ])
+    return probabilities, labels
+
+
+def images_at(batches, indices):
+    """The images at the given positions of a batched dataset, in that order."""
+    wanted = {int(index): None for index in indices}
+    position = 0
+    for images, _ in batches:
+        images = images.numpy()
+        for offset in range(len(images)):
+            if position + offset in wanted:
+                wanted[position + offset] = images[offset]
+        position += len(images)
+    return [wanted[int(index)] for index in indices]

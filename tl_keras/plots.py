@@ -1,0 +1,82 @@
+"""Figures people would rather look at than read, as PNG bytes.
+
+Matplotlib with the non-interactive Agg backend, so it runs on servers with no
+display.
+"""
+
+import io
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Beyond this many classes, tick labels would overlap into a black bar.
+_MAX_LABELLED_CLASSES = 30
+
+
+def confusion_matrix(confusion, class_names, title="Confusion matrix"):
+    """A heat map of counts, rows true classes, columns predicted, row-normalised colour."""
+    size = min(4 + 0.35 * len(class_names), 20)
+    figure, axes = plt.subplots(figsize=(size, size))
+    rows = confusion.sum(axis=1, keepdims=True)
+    axes.imshow(confusion / np.maximum(rows, 1), cmap="Blues", vmin=0, vmax=1)
+    if len(class_names) <= _MAX_LABELLED_CLASSES:
+        ticks = np.arange(len(class_names))
+        axes.set_xticks(ticks, class_names, rotation=90)
+        axes.set_yticks(ticks, class_names)
+        if len(class_names) <= 15:
+            for (row, column), count in np.ndenumerate(confusion):
+                share = count / max(rows[row, 0], 1)
+                axes.text(column, row, int(count), ha="center", va="center",
+                          color="white" if share > 0.5 else "black", fontsize=8)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    return _png(figure)
+
+
+def image_grid(images, titles, columns=4):
+    """A grid of uint8 images, each titled."""
+    rows = math.ceil(len(images) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows),
+                                squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < len(images):
+            axis.imshow(images[index])
+            axis.set_title(titles[index], fontsize=8)
+    return _png(figure)
+
+
+def training_curves(rows, head_epochs):
+    """Loss and top-1 over epochs, train and validation, the phase boundary marked.
+
+    Args:
+        rows: `history.csv` rows as dicts.
+        head_epochs: the number of head-phase epochs, where the line goes.
+    """
+    epochs = [int(row["epoch"]) + 1 for row in rows]
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    for axes, metric, label in ((loss_axes, "loss", "loss"),
+                                (accuracy_axes, "top1", "top-1 accuracy")):
+        for prefix, name in (("", "train"), ("val_", "validation")):
+            values = [float(row[prefix + metric]) for row in rows]
+            axes.plot(epochs, values, marker="o", label=name)
+        if 0 < head_epochs < len(rows):
+            axes.axvline(head_epochs + 0.5, color="grey", linestyle="--",
+                         label="fine-tuning starts")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(label)
+        axes.legend()
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _png(figure):
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()

@@ -1,0 +1,141 @@
+"""Predicting with a finished run's SavedModel: the artifact a server loads, so
+what people try is what they ship."""
+
+import csv
+import glob
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tl_keras import export
+from tl_keras import folder
+from tl_keras.errors import UsageError
+
+_FILES_PER_CALL = 32
+
+
+def load_serving(model_dir):
+    """Loads `MODEL_DIR/saved_model`.
+
+    Raises:
+        UsageError: when the run has no SavedModel (yet).
+    """
+    path = os.path.join(model_dir, "saved_model")
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise UsageError(
+            f"No SavedModel in {path}: --model_dir must be a finished training run "
+            f"(python run.py --model_dir={model_dir} ... trains one)."
+        )
+    return tf.saved_model.load(path)
+
+
+def predict_with_labels(serving, batches):
+    """Runs `serving_default` over (images, one-hot labels) batches.
+
+    Returns:
+        (probabilities `[examples, classes]`, labels `[examples]`).
+    """
+    classify = serving.signatures[export.SERVING_SIGNATURE]
+    probabilities, labels = [], []
+    for images, one_hot in batches:
+        probabilities.append(classify(images=images)["probabilities"].numpy())
+        labels.append(np.argmax(one_hot.numpy(), axis=1))
+    return np.concatenate(probabilities), np.concatenate(labels)
+
+
+def image_files(spec):
+    """The image files named by a file, a folder (searched recursively) or a glob.
+
+    Raises:
+        UsageError: when nothing matches.
+    """
+    if os.path.isdir(spec):
+        found = [
+            os.path.join(directory, name)
+            for directory, subdirectories, names in os.walk(spec)
+            for name in names
+            if not name.startswith(".")
+            and os.path.splitext(name)[1].lower() in folder.IMAGE_EXTENSIONS
+        ]
+    elif os.path.isfile(spec):
+        found = [spec]
+    else:
+        found = [path for path in glob.glob(spec, recursive=True) if os.path.isfile(path)]
+    if not found:
+        raise UsageError(f"--images={spec}: no image files there.")
+    return sorted(found)
+
+
+def predict_files(serving, spec, class_names, top_k, output=None):
+    """Prints (and optionally writes as CSV) the top-k classes of each image.
+
+    Files that can't be read as images are reported by name and skipped; the
+    rest are still predicted.
+
+    Args:
+        serving: a loaded SavedModel from `load_serving`.
+        spec: a file, a folder or a glob.
+        class_names: the run's class names, by label.
+        top_k: how many classes to report per image.
+        output: optional CSV path.
+
+    Returns:
+        A list of (path, [(class name, probability), ...]) for the predicted files.
+    """
+    classify = serving.signatures[export.BYTES_SIGNATURE]
+    k = min(top_k, len(class_names))
+    predictions, failures = [], []
+    paths = image_files(spec)
+    readable = []
+    for path in paths:
+        problem = folder.image_file_problem(path)
+        if problem:
+            failures.append((path, problem))
+        else:
+            readable.append(path)
+    for start in range(0, len(readable), _FILES_PER_CALL):
+        chunk = readable[start:start + _FILES_PER_CALL]
+        for path, probabilities in _classify_files(classify, chunk, failures):
+            top = np.argsort(-probabilities)[:k]
+            ranked = [(class_names[i], float(probabilities[i])) for i in top]
+            predictions.append((path, ranked))
+            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in ranked))
+    for path, problem in failures:
+        print(f"skipped {path}: {problem}")
+    print(f"Predicted {len(predictions)} image(s); skipped {len(failures)}.")
+    if output:
+        _write_csv(output, predictions, k)
+        print(f"Wrote {output}.")
+    return predictions
+
+
+def _classify_files(classify, paths, failures):
+    contents = [tf.io.read_file(path) for path in paths]
+    try:
+        probabilities = classify(image_bytes=tf.stack(contents))["probabilities"].numpy()
+        return list(zip(paths, probabilities))
+    except tf.errors.InvalidArgumentError:
+        # A file that looked whole failed to decode: retry one by one to find it.
+        results = []
+        for path, content in zip(paths, contents):
+            try:
+                probabilities = classify(image_bytes=content[None])["probabilities"]
+                results.append((path, probabilities.numpy()[0]))
+            except tf.errors.InvalidArgumentError:
+                failures.append((path, "can't be decoded"))
+        return results
+
+
+def _write_csv(path, predictions, k):
+    header = ["path"]
+    for rank in range(1, k + 1):
+        header += [f"class_{rank}", f"probability_{rank}"]
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        for image_path, ranked in predictions:
+            row = [image_path]
+            for name, probability in ranked:
+                row += [name, f"{probability:.6f}"]
+            writer.writerow(row)
