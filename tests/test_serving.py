@@ -182,3 +182,17 @@ def test_tensorboard_holds_the_promised_scalars_images_and_hparams(finished_run)
     assert phases == [0.0, 1.0, 1.0]
     plugins = run.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in plugins
+
+
+def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
+    from conftest import run_job
+
+    with tfds.testing.mock_data(num_examples=40):
+        config, _ = run_job(tmp_path, "--export_tflite", "--finetune_epochs=0",
+                            "--batch_size=16")
+
+    out = capsys.readouterr().out
+    if "Skipped the TFLite export" in out:
+        pytest.skip(out[out.index("Skipped the TFLite export"):].splitlines()[0])
+    assert "its probabilities are within 0.0001 of the SavedModel's" in out
+    assert os.path.getsize(os.path.join(config.model_dir, "model.tflite")) > 0

@@ -47,3 +47,4 @@ class Config:
     seed: int
     steps_per_epoch: int | None
     profile_batches: tuple | None
+    export_tflite: bool

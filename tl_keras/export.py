@@ -95,6 +95,50 @@ def _decode(encoded):
     return image
 
 
+def export_tflite(model, path, image_size):
+    """Writes a float32 TFLite model taking one uint8 `[1, size, size, 3]` image.
+
+    Returns:
+        None on success, or the reason the converter couldn't run.
+    """
+    classify = tf.function(
+        lambda images: model(images, training=False),
+        input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.uint8)],
+    )
+    try:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [classify.get_concrete_function()], model
+        )
+        flatbuffer = converter.convert()
+    except Exception as error:  # The converter raises many kinds; report any.
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    _write_atomically(path, lambda temporary: _write_bytes(temporary, flatbuffer),
+                      suffix=".tflite")
+    return None
+
+
+def tflite_max_difference(tflite_path, serving, images):
+    """The largest probability difference between the TFLite model and the
+    SavedModel's `serving_default` on uint8 `images` `[n, size, size, 3]`."""
+    interpreter = tf.lite.Interpreter(model_path=tflite_path)
+    interpreter.allocate_tensors()
+    source = interpreter.get_input_details()[0]["index"]
+    target = interpreter.get_output_details()[0]["index"]
+    expected = serving.signatures[SERVING_SIGNATURE](images=tf.constant(images))
+    largest = 0.0
+    for image, reference in zip(images, expected["probabilities"].numpy()):
+        interpreter.set_tensor(source, image[None])
+        interpreter.invoke()
+        difference = abs(interpreter.get_tensor(target)[0] - reference).max()
+        largest = max(largest, float(difference))
+    return largest
+
+
+def _write_bytes(path, content):
+    with open(path, "wb") as file:
+        file.write(content)
+
+
 def save_keras_model(model, path):
     """Saves the whole model (architecture, weights, optimizer) as `.keras`."""
     _write_atomically(path, model.save, suffix=".keras")

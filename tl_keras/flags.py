@@ -132,6 +132,10 @@ _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None,
     "Where the run writes its outputs (default: runs/DATASET-BACKBONE).")
 _SEED = flags.DEFINE_integer("seed", 42, "Seed for weights, shuffling and dropout.")
+_EXPORT_TFLITE = flags.DEFINE_boolean(
+    "export_tflite", False,
+    "Also write model.tflite (float32, one --image_size image) and check it "
+    "against the SavedModel on test images.")
 _PROFILE_BATCHES = flags.DEFINE_string(
     "profile_batches", None,
     "START,END: write a profiler trace of these batches of the first phase to "
@@ -311,6 +315,7 @@ def to_config():
         model_dir=_MODEL_DIR.value or _default_model_dir(_DATASET.value, spec.name),
         seed=_SEED.value,
         steps_per_epoch=_STEPS_PER_EPOCH.value,
+        export_tflite=_EXPORT_TFLITE.value,
         profile_batches=(
             tuple(int(b) for b in _PROFILE_BATCHES.value.split(","))
             if _PROFILE_BATCHES.value else None

@@ -10,6 +10,7 @@ import json
 import os
 
 import keras
+import numpy as np
 
 from tl_keras import data
 from tl_keras import distribute
@@ -139,6 +140,8 @@ def run_training(config, flagfile_text="", verbose="auto"):
     export.save_keras_model(classifier, os.path.join(config.model_dir, "model.keras"))
     backbone.save_weights(os.path.join(config.model_dir, "backbone.weights.h5"))
     print(f"Wrote saved_model/, model.keras and backbone.weights.h5 to {config.model_dir}.")
+    if config.export_tflite:
+        _export_checked_tflite(classifier, config, test_batches)
     return {"validation": validation_by_phase, "test": test_metrics}
 
 
@@ -248,6 +251,32 @@ def _log_worst_mistakes(run_log, batches, probabilities, labels, class_names, st
     ]
     run_log.image("test_worst_mistakes", plots.image_grid(images, titles), step=step,
                   description="The most confident wrong test predictions.")
+
+
+# The TFLite model must give the SavedModel's probabilities within this.
+TFLITE_TOLERANCE = 1e-4
+
+
+def _export_checked_tflite(classifier, config, test_batches, count=32):
+    path = os.path.join(config.model_dir, "model.tflite")
+    problem = export.export_tflite(classifier, path, config.image_size)
+    if problem:
+        print(f"Skipped the TFLite export: the converter failed ({problem}).")
+        return
+    images = np.concatenate([images.numpy() for images, _ in test_batches.take(
+        -(-count // config.batch_size))])[:count]
+    sized = np.stack([
+        pipeline.resize_uint8(image, config.image_size, config.resize).numpy()
+        for image in images
+    ])
+    difference = export.tflite_max_difference(path, predict.load_serving(config.model_dir),
+                                              sized)
+    verdict = "within" if difference <= TFLITE_TOLERANCE else "NOT within"
+    print(f"Wrote model.tflite: on {len(sized)} test images its probabilities are "
+          f"{verdict} {TFLITE_TOLERANCE:g} of the SavedModel's (largest difference "
+          f"{difference:.2e}).")
+    if difference > TFLITE_TOLERANCE:
+        raise RuntimeError(f"model.tflite differs from the SavedModel by {difference:.2e}.")
 
 
 def _jit_compile(setting):

@@ -139,6 +139,10 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def call(self, images):
         images = ops.cast(images, "float32")
+        if images.shape[1] == images.shape[2] == self.image_size:
+            # Already the right size (known when the graph is built): a resize
+            # would copy the pixels unchanged.
+            return self._preprocess_input(images)
         images = ops.image.resize(
             images,
             (self.image_size, self.image_size),
