@@ -11,6 +11,7 @@ from absl import app  # noqa: E402
 
 from tl_keras import flags  # noqa: E402
 from tl_keras import job  # noqa: E402
+from tl_keras import train  # noqa: E402
 from tl_keras.errors import UsageError  # noqa: E402
 
 
@@ -30,10 +31,14 @@ def main(argv):
                 flagfile_text=flags.to_flagfile(),
                 # A progress bar in a terminal; one line per epoch in a log file.
                 verbose="auto" if sys.stdout.isatty() else 2,
+                overwrite=settings["overwrite"],
             )
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except train.Preempted as stopped:
+        print(str(stopped), file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process.
 
 
 if __name__ == "__main__":

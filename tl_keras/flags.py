@@ -27,6 +27,11 @@ _SPLIT = flags.DEFINE_enum(
 _IMAGES = flags.DEFINE_string(
     "images", None, "--mode=predict: an image file, a folder, or a glob.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "--mode=predict: classes shown per image.")
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False,
+    "Train afresh in a --model_dir that holds a complete or unfinished run, "
+    "deleting what it wrote. Without it, a complete run is left alone and an "
+    "interrupted one resumes.")
 _OUTPUT = flags.DEFINE_string(
     "output", None, "--mode=predict: also write the predictions to this CSV file.")
 
@@ -255,6 +260,7 @@ def mode():
     return {
         "mode": _MODE.value, "split": _SPLIT.value, "images": _IMAGES.value,
         "top_k": _TOP_K.value, "output": _OUTPUT.value, "model_dir": _MODEL_DIR.value,
+        "overwrite": _OVERWRITE.value,
     }
 
 
@@ -336,8 +342,8 @@ def to_flagfile():
     return "\n".join(lines) + "\n"
 
 
-# Flags of --mode=evaluate and predict, not of the training run itself.
-_MODE_FLAGS = frozenset({"mode", "split", "images", "top_k", "output"})
+# Flags of how this process acts, not of the training run itself.
+_MODE_FLAGS = frozenset({"mode", "split", "images", "top_k", "output", "overwrite"})
 
 
 def _default_model_dir(dataset, backbone):

@@ -22,13 +22,14 @@ from tl_keras import monitor
 from tl_keras import pipeline
 from tl_keras import plots
 from tl_keras import predict
+from tl_keras import rundir
 from tl_keras import train
 from tl_keras.errors import UsageError
 
 CLASS_NAMES_FILE = "class_names.json"
 
 
-def run_training(config, flagfile_text="", verbose="auto"):
+def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
     """Trains, evaluates and exports one model as `config` says.
 
     Everything that can fail on bad input (flags, replicas, dataset, weights,
@@ -38,9 +39,14 @@ def run_training(config, flagfile_text="", verbose="auto"):
         config: a `tl_keras.config.Config`.
         flagfile_text: the effective flags, written to `flags.txt` for reruns.
         verbose: `model.fit`'s verbosity.
+        overwrite: start afresh in a `--model_dir` that holds an earlier run.
 
     Returns:
         The metrics written to `metrics.json`.
+
+    Raises:
+        UsageError: for bad input, found before training starts.
+        tl_keras.train.Preempted: on SIGTERM, after saving a backup.
     """
     strategy = distribute.create_strategy(config.strategy)
     distribute.check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
@@ -53,6 +59,20 @@ def run_training(config, flagfile_text="", verbose="auto"):
         flush=True,
     )
 
+    with rundir.claim(config.model_dir, flagfile_text, overwrite) as state:
+        if state == rundir.COMPLETE:
+            print(f"{config.model_dir} holds a complete run; nothing to do. Pass "
+                  f"--overwrite to train it again from scratch.", flush=True)
+            with open(os.path.join(config.model_dir, "metrics.json")) as file:
+                return json.load(file)
+        if state == rundir.RESUME:
+            print(f"Resuming the interrupted run in {config.model_dir}.", flush=True)
+        metrics = _train_evaluate_export(config, strategy, flagfile_text, state, verbose)
+        rundir.mark_complete(config.model_dir)
+        return metrics
+
+
+def _train_evaluate_export(config, strategy, flagfile_text, state, verbose):
     splits = load_splits(config)
     steps = train.steps_per_epoch(
         splits.sizes["train"], config.batch_size, config.steps_per_epoch
@@ -77,13 +97,11 @@ def run_training(config, flagfile_text="", verbose="auto"):
         model_lib.first_unfrozen_layer_index(backbone, config.unfreeze)
 
     paths = train.RunPaths(config.model_dir)
-    os.makedirs(config.model_dir, exist_ok=True)
-    with open(os.path.join(config.model_dir, "flags.txt"), "w") as file:
-        file.write(flagfile_text)
+    if state == rundir.FRESH:
+        with open(os.path.join(config.model_dir, rundir.FLAGS_FILE), "w") as file:
+            file.write(flagfile_text)
     with open(os.path.join(config.model_dir, CLASS_NAMES_FILE), "w") as file:
         json.dump(list(splits.class_names), file)
-    if os.path.exists(paths.history):
-        os.remove(paths.history)  # A fresh run starts a fresh timeline.
 
     run_log = monitor.RunLog(paths.tensorboard)
     run_log.hparams(_hparams(config))

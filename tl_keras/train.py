@@ -7,10 +7,14 @@ created where the model's are.
 
 import csv
 import dataclasses
+import json
 import math
 import os
+import shutil
+import signal
 
 import keras
+import numpy as np
 
 from tl_keras import model as model_lib
 from tl_keras.errors import UsageError
@@ -138,13 +142,32 @@ class HistoryWriter(keras.callbacks.Callback):
     """Appends one row per completed epoch, with its phase, to a CSV file.
 
     The header is written once, from the first epoch's log keys, so both phases
-    share one file and one timeline.
+    share one file and one timeline. A resumed run first drops the rows of the
+    epochs it is about to redo.
     """
 
     def __init__(self, path, phase):
         super().__init__()
         self.path = path
         self.phase = phase
+        self._first_epoch_seen = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._first_epoch_seen:
+            self._first_epoch_seen = True
+            self._forget_from(epoch)
+
+    def _forget_from(self, epoch):
+        """Drops rows of epochs about to run again: a kill can land between an
+        epoch's row and its backup, and each epoch must appear once."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, newline="") as file:
+            rows = list(csv.reader(file))
+        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) < epoch]
+        if len(kept) < len(rows):
+            with open(self.path, "w", newline="") as file:
+                csv.writer(file).writerows(kept)
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch, "phase": self.phase, **(logs or {})}
@@ -180,6 +203,16 @@ class RunPaths:
         return os.path.join(self.model_dir, "history.csv")
 
     @property
+    def progress(self):
+        return os.path.join(self.model_dir, "progress.json")
+
+    def backup_dir(self, phase):
+        return os.path.join(self.model_dir, "backup", phase)
+
+    def phase_end_weights(self, phase):
+        return os.path.join(self.model_dir, "checkpoints", f"{phase}_end.weights.npz")
+
+    @property
     def training_curves(self):
         return os.path.join(self.model_dir, "plots", "training_curves.png")
 
@@ -188,7 +221,12 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
                      steps_per_epoch, phases, unfreeze, optimizer, weight_decay,
                      label_smoothing, num_classes, jit_compile, scope, paths,
                      phase_callbacks=None, profile_batches=None, verbose="auto"):
-    """Trains the head on the frozen backbone, then fine-tunes.
+    """Trains the head on the frozen backbone, then fine-tunes; resumes a killed run.
+
+    Rerun in the same `paths.model_dir` after a kill, it skips completed phases
+    (restoring the weights they ended with) and continues the interrupted one
+    from its last backup: weights, optimizer state (so the learning-rate
+    schedule's position too) and epoch. `history.csv` keeps each epoch once.
 
     Args:
         model: the classifier from `tl_keras.model.build_classifier`.
@@ -211,13 +249,24 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
     Returns:
         A dict from phase name to its last epoch's validation metrics
         (`{"loss", "top1", "top5"}`); phases with no epochs are left out.
+
+    Raises:
+        TrainingDiverged: when the loss becomes NaN or infinite.
+        Preempted: when the process received SIGTERM; a backup was saved.
     """
     os.makedirs(os.path.dirname(paths.best_checkpoint), exist_ok=True)
-    validation_by_phase = {}
-    best_top1 = None
+    progress = Progress(paths.progress)
+    restore_from = None
     for phase in phases:
         if phase.epochs == 0:
             continue
+        if progress.phase_complete(phase.name):
+            print(f"Phase {phase.name}: already complete; skipping it.", flush=True)
+            restore_from = paths.phase_end_weights(phase.name)
+            continue
+        if restore_from:
+            # Only weights carry over: each phase starts a new optimizer.
+            _load_weights(model, restore_from)
         if phase.name == HEAD_PHASE:
             model_lib.freeze_backbone(backbone)
             trained = "the head"
@@ -236,8 +285,11 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
                 num_classes=num_classes, jit_compile=jit_compile,
             )
         last_epoch = phase.first_epoch + phase.epochs
+        backup = ResumableBackup(paths.backup_dir(phase.name))
+        resumed_at = backup.saved_epoch()
+        resuming = f", resuming at epoch {resumed_at + 1}" if resumed_at is not None else ""
         print(
-            f"Phase {phase.name}: epochs {phase.first_epoch + 1}-{last_epoch}, "
+            f"Phase {phase.name}: epochs {phase.first_epoch + 1}-{last_epoch}{resuming}, "
             f"training {trained}, {_count_trainable(model):,} trainable weights, "
             f"learning rate {phase.learning_rate:g}, {steps_per_epoch} steps/epoch.",
             flush=True,
@@ -248,34 +300,203 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             mode="max",
             save_best_only=True,
             save_weights_only=True,
-            # Carried across phases so fine-tuning only replaces the head
-            # phase's checkpoint when it does better.
-            initial_value_threshold=best_top1,
+            # Carried across phases (and restarts) so a later epoch only
+            # replaces the checkpoint when it does better.
+            initial_value_threshold=progress.best_top1,
         )
-        history = model.fit(
+        model.fit(
             train_batches,
             validation_data=validation_batches,
             initial_epoch=phase.first_epoch,
             epochs=last_epoch,
             steps_per_epoch=steps_per_epoch,
             callbacks=[
+                StopOnNaN(paths),
+                # Restores before HistoryWriter learns the first epoch to run.
+                backup,
+                PreemptionWatcher(backup),
                 LearningRateLogger(),
                 keras.callbacks.TensorBoard(
                     paths.tensorboard,
-                    profile_batch=(profile_batches or 0) if not validation_by_phase else 0,
+                    profile_batch=(profile_batches or 0) if not progress.phases else 0,
                 ),
                 checkpoint,
                 HistoryWriter(paths.history, phase.name),
+                ProgressWriter(progress, phase.name, checkpoint),
                 *(phase_callbacks(phase) if phase_callbacks else []),
             ],
             verbose=verbose,
         )
-        best_top1 = checkpoint.best
-        validation_by_phase[phase.name] = {
-            name: float(history.history[f"val_{name}"][-1])
-            for name in ("loss", "top1", "top5")
-        }
-    return validation_by_phase
+        _save_weights(model, paths.phase_end_weights(phase.name))
+        progress.complete_phase(phase.name)
+        backup.delete()
+        restore_from = None
+    return progress.validation_by_phase()
+
+
+class Progress:
+    """`progress.json`: which phases are complete, their last validation
+    metrics and the best validation top-1 so far, rewritten atomically."""
+
+    def __init__(self, path):
+        self.path = path
+        self.state = {"phases": {}, "best_top1": None}
+        if os.path.exists(path):
+            with open(path) as file:
+                self.state = json.load(file)
+
+    @property
+    def phases(self):
+        return self.state["phases"]
+
+    @property
+    def best_top1(self):
+        return self.state["best_top1"]
+
+    def phase_complete(self, phase):
+        return self.phases.get(phase, {}).get("complete", False)
+
+    def record_epoch(self, phase, validation, best_top1):
+        self.phases.setdefault(phase, {"complete": False})["validation"] = validation
+        self.state["best_top1"] = best_top1
+        self._write()
+
+    def complete_phase(self, phase):
+        self.phases.setdefault(phase, {})["complete"] = True
+        self._write()
+
+    def validation_by_phase(self):
+        return {name: state["validation"] for name, state in self.phases.items()
+                if "validation" in state}
+
+    def _write(self):
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as file:
+            json.dump(self.state, file, indent=2)
+        os.replace(temporary, self.path)
+
+
+class ProgressWriter(keras.callbacks.Callback):
+    """Records each completed epoch's validation metrics and the best top-1."""
+
+    def __init__(self, progress, phase, checkpoint):
+        super().__init__()
+        self.progress = progress
+        self.phase = phase
+        self.checkpoint = checkpoint
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        validation = {name: float(logs[f"val_{name}"]) for name in ("loss", "top1", "top5")}
+        best = self.checkpoint.best
+        self.progress.record_epoch(
+            self.phase, validation, None if best in (None, -np.inf) else float(best)
+        )
+
+
+class ResumableBackup(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore, kept until the phase's end is recorded, and
+    able to save on demand (on SIGTERM)."""
+
+    def __init__(self, backup_dir):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+
+    def saved_epoch(self):
+        """The epoch a restore would start at, or None without a backup."""
+        if not os.path.exists(self._training_metadata_path):
+            return None
+        with open(self._training_metadata_path) as file:
+            return json.load(file)["epoch"]
+
+    def save_now(self, epoch):
+        """Saves the weights now, to restart `epoch` from them on the rerun, so
+        the batches it finished are not lost."""
+        self._current_epoch = epoch
+        self._save_model()
+
+    def delete(self):
+        shutil.rmtree(self.backup_dir, ignore_errors=True)
+
+
+class TrainingDiverged(UsageError):
+    """The loss became NaN or infinite."""
+
+
+class Preempted(Exception):
+    """The process received SIGTERM; training stopped after saving a backup."""
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops at the first batch whose loss is NaN or infinite.
+
+    It raises rather than setting `stop_training`, so the epoch-end callbacks
+    never back up or checkpoint the broken weights.
+    """
+
+    def __init__(self, paths):
+        super().__init__()
+        self.paths = paths
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise TrainingDiverged(
+                f"The training loss became {float(loss)} at epoch {self.epoch + 1}, "
+                f"batch {batch + 1}. Likely causes: a learning rate too high "
+                f"(lower --head_learning_rate or --finetune_learning_rate), or "
+                f"float16 without loss scaling (try --mixed_precision=bfloat16 or "
+                f"off). The last good state is kept: the best weights in "
+                f"{self.paths.best_checkpoint} and the last epoch's backup in "
+                f"{os.path.dirname(self.paths.backup_dir('x'))}/."
+            )
+
+
+class PreemptionWatcher(keras.callbacks.Callback):
+    """On SIGTERM, finishes the current batch, saves a backup and stops."""
+
+    def __init__(self, backup):
+        super().__init__()
+        self.backup = backup
+        self.received = False
+        self.epoch = 0
+        self._previous_handler = None
+
+    def on_train_begin(self, logs=None):
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def on_train_end(self, logs=None):
+        signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def _on_sigterm(self, signum, frame):
+        # Only note it here: raising inside a running step could leave the
+        # weights half-updated.
+        self.received = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.received:
+            self.backup.save_now(self.epoch)
+            self.on_train_end()
+            raise Preempted(
+                f"Received SIGTERM: stopped after batch {batch + 1} of epoch "
+                f"{self.epoch + 1} and saved a backup to {self.backup.backup_dir}. "
+                f"Rerun the same command to continue from there."
+            )
+
+
+def _save_weights(model, path):
+    np.savez(path, *model.get_weights())
+
+
+def _load_weights(model, path):
+    with np.load(path) as saved:
+        model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
 
 
 def steps_per_epoch(num_examples, batch_size, cap):

@@ -1,0 +1,203 @@
+"""Surviving faults: SIGKILL and SIGTERM mid-run, reruns, locks, NaN, atomic writes."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, SMOKE_FLAGS
+from tl_keras import export
+from tl_keras import rundir
+from tl_keras import train
+from tl_keras.errors import UsageError
+
+LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
+# Four epochs across both phases, small enough to run in seconds each.
+RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--head_epochs=1", "--finetune_epochs=3",
+             "--batch_size=8", "--warmup_epochs=1", "--jit_compile=false",
+             # Light: these tests are about the run's bookkeeping, not accuracy.
+             "--backbone=mobilenetv3small"]
+
+
+def _start(model_dir, *extra):
+    return subprocess.Popen(
+        [sys.executable, LAUNCHER, *RUN_FLAGS, f"--model_dir={model_dir}", *extra],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _finish(process, timeout=400):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def _history(model_dir):
+    path = os.path.join(model_dir, "history.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _wait_for_epochs(model_dir, count, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(_history(model_dir)) >= count:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended early: {process.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("the run took too long to reach the epoch")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    code, out, err = _finish(_start(model_dir))
+    assert code == 0, err
+    return model_dir
+
+
+def _epochs_and_phases(model_dir):
+    return [(int(row["epoch"]), row["phase"]) for row in _history(model_dir)]
+
+
+EXPECTED_TIMELINE = [(0, "head"), (1, "finetune"), (2, "finetune"), (3, "finetune")]
+
+
+def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(tmp_path, uninterrupted):
+    model_dir = tmp_path / "run"
+    process = _start(model_dir)
+    _wait_for_epochs(model_dir, 2, process)  # the head and one fine-tuning epoch
+    process.kill()
+    process.wait()
+    assert os.path.exists(model_dir / "run.lock")  # left behind by the kill
+
+    code, out, err = _finish(_start(model_dir))
+
+    assert code == 0, err
+    assert "Resuming the interrupted run" in out
+    assert "Phase head: already complete; skipping it." in out
+    assert _epochs_and_phases(model_dir) == EXPECTED_TIMELINE
+    # The learning-rate schedule continued where it was: after the resume each
+    # epoch ends at the same rate as in the uninterrupted run.
+    resumed = [float(row["learning_rate"]) for row in _history(model_dir)]
+    reference = [float(row["learning_rate"]) for row in _history(uninterrupted)]
+    np.testing.assert_allclose(resumed, reference, rtol=1e-6)
+    # Weights can't match the uninterrupted run bit for bit: the rerun's input
+    # pipeline starts its shuffle sequence again, so it sees the examples of
+    # the resumed epochs in another order. Its losses stay in the same range.
+    losses = [float(row["val_loss"]) for row in _history(model_dir)]
+    assert all(np.isfinite(losses))
+    assert os.path.isdir(model_dir / "saved_model")
+    assert not os.path.exists(model_dir / "backup" / "finetune")
+    assert not os.path.exists(model_dir / "run.lock")
+
+
+def test_sigterm_saves_a_backup_and_the_rerun_continues(tmp_path):
+    model_dir = tmp_path / "run"
+    process = _start(model_dir)
+    _wait_for_epochs(model_dir, 2, process)
+    process.send_signal(signal.SIGTERM)
+    code, out, err = _finish(process)
+
+    assert code == 143, err
+    assert "Received SIGTERM: stopped after batch" in err
+    assert "Rerun the same command to continue" in err
+    assert os.path.exists(model_dir / "backup" / "finetune" / "latest.weights.h5")
+    assert not os.path.exists(model_dir / "saved_model")
+
+    code, out, err = _finish(_start(model_dir))
+    assert code == 0, err
+    assert _epochs_and_phases(model_dir) == EXPECTED_TIMELINE
+
+
+def test_a_complete_run_is_not_retrained_without_overwrite(uninterrupted):
+    history_before = (uninterrupted / "history.csv").read_text()
+    code, out, err = _finish(_start(uninterrupted))
+    assert code == 0, err
+    assert "holds a complete run; nothing to do" in out
+    assert (uninterrupted / "history.csv").read_text() == history_before
+
+
+def test_overwrite_starts_afresh(tmp_path):
+    model_dir = tmp_path / "run"
+    os.makedirs(model_dir)
+    (model_dir / rundir.COMPLETE_FILE).write_text("done\n")
+    (model_dir / "history.csv").write_text("epoch,phase\n0,head\n")
+    with rundir.claim(str(model_dir), "--a=1\n", overwrite=True) as state:
+        assert state == rundir.FRESH
+        assert os.listdir(model_dir) == [rundir.LOCK_FILE]
+
+
+def test_a_second_run_on_a_live_runs_folder_is_refused(tmp_path):
+    model_dir = str(tmp_path / "run")
+    with rundir.claim(model_dir, "--a=1\n", overwrite=False):
+        with pytest.raises(UsageError, match=f"its lock file {model_dir}/run.lock is held"):
+            with rundir.claim(model_dir, "--a=1\n", overwrite=False):
+                pass
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    model_dir = tmp_path / "run"
+    os.makedirs(model_dir)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True)
+    import socket
+    (model_dir / rundir.LOCK_FILE).write_text(
+        f"{socket.gethostname()} {finished.stdout.strip()}\n")
+    with rundir.claim(str(model_dir), "--a=1\n", overwrite=False) as state:
+        assert state == rundir.FRESH
+
+
+def test_an_unfinished_run_with_other_flags_is_refused(tmp_path):
+    model_dir = tmp_path / "run"
+    os.makedirs(model_dir)
+    (model_dir / "flags.txt").write_text("# header\n--batch_size=8\n--seed=1\n")
+    with pytest.raises(UsageError, match=r"other flags \(differing: --seed=1, --seed=2\)"):
+        with rundir.claim(str(model_dir), "--batch_size=8\n--seed=2\n", overwrite=False):
+            pass
+    with rundir.claim(str(model_dir), "# other header\n--batch_size=8\n--seed=1\n",
+                      overwrite=False) as state:
+        assert state == rundir.RESUME
+
+
+def test_nan_loss_stops_with_the_likely_causes(tmp_path):
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    features = np.ones((8, 3), np.float32)
+    features[4:] = np.nan  # the second batch goes NaN
+    labels = np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+    paths = train.RunPaths(str(tmp_path))
+
+    with pytest.raises(train.TrainingDiverged) as raised:
+        model.fit(features, labels, batch_size=4, shuffle=False, verbose=0,
+                  callbacks=[train.StopOnNaN(paths)])
+
+    message = str(raised.value)
+    assert "became nan at epoch 1, batch 2" in message
+    assert "--finetune_learning_rate" in message and "float16" in message
+
+
+def test_a_failed_export_leaves_the_previous_artifact_whole(tmp_path):
+    path = tmp_path / "saved_model"
+    os.makedirs(path)
+    (path / "saved_model.pb").write_text("the previous, complete model")
+
+    def crash_half_way(temporary):
+        os.makedirs(temporary)
+        (open(os.path.join(temporary, "saved_model.pb"), "w")).write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        export._write_atomically(str(path), crash_half_way)
+
+    assert (path / "saved_model.pb").read_text() == "the previous, complete model"
+    assert os.listdir(tmp_path) == ["saved_model"]

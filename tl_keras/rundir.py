@@ -1,0 +1,123 @@
+"""The run's folder: one run at a time, resume or refuse, and a fresh start on
+request.
+
+Before any data or model work, `claim` decides what a run in `--model_dir`
+should do: start fresh, resume an interrupted run of the same flags, or stop
+because the run is complete, another process is using the folder, or it holds
+a different unfinished run.
+"""
+
+import contextlib
+import os
+import shutil
+import socket
+
+from tl_keras.errors import UsageError
+
+LOCK_FILE = "run.lock"
+COMPLETE_FILE = "COMPLETE"
+FLAGS_FILE = "flags.txt"
+
+FRESH, RESUME, COMPLETE = "fresh", "resume", "complete"
+
+
+@contextlib.contextmanager
+def claim(model_dir, flagfile_text, overwrite):
+    """Locks `model_dir` for this process and says how the run should go.
+
+    Args:
+        model_dir: the run's folder (created if missing).
+        flagfile_text: this run's effective flags, as `flags.txt` holds them.
+        overwrite: start afresh, deleting what an earlier run wrote.
+
+    Yields:
+        FRESH, RESUME or COMPLETE.
+
+    Raises:
+        UsageError: when another live process holds the lock, or the folder
+            holds an unfinished run with other flags.
+    """
+    created = not os.path.exists(model_dir)
+    os.makedirs(model_dir, exist_ok=True)
+    lock = _acquire_lock(model_dir)
+    try:
+        yield _decide(model_dir, flagfile_text, overwrite)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
+        if created and not os.listdir(model_dir):
+            os.rmdir(model_dir)  # A run that stopped before writing anything.
+
+
+def mark_complete(model_dir):
+    with open(os.path.join(model_dir, COMPLETE_FILE), "w") as file:
+        file.write("This run finished; rerunning it does nothing without --overwrite.\n")
+
+
+def _decide(model_dir, flagfile_text, overwrite):
+    entries = set(os.listdir(model_dir)) - {LOCK_FILE}
+    if overwrite:
+        for name in entries:
+            path = os.path.join(model_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        return FRESH
+    if COMPLETE_FILE in entries:
+        return COMPLETE
+    if FLAGS_FILE not in entries:
+        return FRESH
+    with open(os.path.join(model_dir, FLAGS_FILE)) as file:
+        earlier = _flag_lines(file.read())
+    now = _flag_lines(flagfile_text)
+    if earlier != now:
+        changed = sorted(earlier ^ now)
+        raise UsageError(
+            f"{model_dir} holds an unfinished run with other flags "
+            f"(differing: {', '.join(changed[:6])}). Rerun it with its own flags "
+            f"(--flagfile={os.path.join(model_dir, FLAGS_FILE)}) to resume it, pick "
+            f"another --model_dir, or pass --overwrite to start afresh there."
+        )
+    return RESUME
+
+
+def _flag_lines(text):
+    return {line for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def _acquire_lock(model_dir):
+    path = os.path.join(model_dir, LOCK_FILE)
+    owner = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _held_by_live_process(path):
+                with open(path) as file:
+                    holder = file.read().strip()
+                raise UsageError(
+                    f"Another run is using {model_dir}: its lock file {path} is held by "
+                    f"process {holder}. Wait for it to finish, or pick another "
+                    f"--model_dir. (If that process is gone, delete the lock file.)"
+                )
+            os.remove(path)  # Left by a run that was killed: take it over.
+            continue
+        with os.fdopen(descriptor, "w") as file:
+            file.write(owner + "\n")
+        return path
+    raise UsageError(f"Couldn't take the lock file {path}; another run keeps creating it.")
+
+
+def _held_by_live_process(path):
+    try:
+        with open(path) as file:
+            host, pid = file.read().split()
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return True  # Can't tell for another machine: assume it's alive.
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
