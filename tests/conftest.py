@@ -52,7 +52,8 @@ def finished_run(tmp_path_factory):
     """One smoke run on mock CIFAR-10: one head epoch, two fine-tuning epochs."""
     tmp_path = tmp_path_factory.mktemp("smoke")
     with tfds.testing.mock_data(num_examples=64):
-        return run_job(tmp_path, "--head_epochs=1", "--finetune_epochs=2")
+        return run_job(tmp_path, "--head_epochs=1", "--finetune_epochs=2",
+                       "--profile_batches=1,1")
 
 
 @pytest.fixture

@@ -196,3 +196,10 @@ def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
         pytest.skip(out[out.index("Skipped the TFLite export"):].splitlines()[0])
     assert "its probabilities are within 0.0001 of the SavedModel's" in out
     assert os.path.getsize(os.path.join(config.model_dir, "model.tflite")) > 0
+
+
+def test_profile_batches_write_a_profiler_trace(finished_run):
+    config, _ = finished_run
+    profile = os.path.join(config.model_dir, "tensorboard", "train", "plugins", "profile")
+    traces = [name for _, _, names in os.walk(profile) for name in names]
+    assert any(name.endswith(".xplane.pb") for name in traces), traces
