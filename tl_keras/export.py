@@ -15,6 +15,8 @@ from tl_keras import pipeline
 
 SERVING_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serving_bytes"
+# The bare model inside the SavedModel, probabilities only; also a signature.
+PROBABILITIES_FUNCTION = "probabilities"
 DEFAULT_TOP_K = 5
 
 # The first bytes of each image format tf.io.decode_image reads.
@@ -43,12 +45,19 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
         top_k: how many classes the top-k outputs hold (at most all of them).
     """
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    images_spec = tf.TensorSpec(shape=(None, None, None, 3), dtype=tf.uint8, name="images")
+    # The model alone, converted by the Keras backend in use (under JAX, by
+    # jax2tf); the serving functions around it are plain TensorFlow, so they
+    # can decode images and look up class names on any backend.
+    probabilities_of = archive.track_and_add_endpoint(
+        PROBABILITIES_FUNCTION, model, input_signature=[images_spec]
+    )
     names = tf.constant(list(class_names))
     k = min(top_k, len(class_names))
 
+    @tf.function(input_signature=[images_spec])
     def classify(images):
-        probabilities = model(images, training=False)
+        probabilities = probabilities_of(images)
         top = tf.math.top_k(probabilities, k=k)
         return {
             "probabilities": probabilities,
@@ -56,6 +65,9 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
             "top_k_classes": tf.gather(names, top.indices),
         }
 
+    @tf.function(input_signature=[
+        tf.TensorSpec(shape=(None,), dtype=tf.string, name="image_bytes")
+    ])
     def classify_encoded(image_bytes):
         images = tf.map_fn(
             lambda encoded: pipeline.resize_uint8(_decode(encoded), image_size, resize),
@@ -64,18 +76,8 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
         )
         return classify(images)
 
-    archive.add_endpoint(
-        name=SERVING_SIGNATURE,
-        fn=classify,
-        input_signature=[
-            tf.TensorSpec(shape=(None, None, None, 3), dtype=tf.uint8, name="images")
-        ],
-    )
-    archive.add_endpoint(
-        name=BYTES_SIGNATURE,
-        fn=classify_encoded,
-        input_signature=[tf.TensorSpec(shape=(None,), dtype=tf.string, name="image_bytes")],
-    )
+    archive.add_endpoint(name=SERVING_SIGNATURE, fn=classify)
+    archive.add_endpoint(name=BYTES_SIGNATURE, fn=classify_encoded)
     _write_atomically(path, lambda temporary: archive.write_out(temporary, verbose=False))
 
 
