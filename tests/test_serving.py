@@ -189,7 +189,7 @@ def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
 
     with tfds.testing.mock_data(num_examples=40):
         config, _ = run_job(tmp_path, "--export_tflite", "--finetune_epochs=0",
-                            "--batch_size=16")
+                            "--batch_size=16", "--backbone=mobilenetv3small")
 
     out = capsys.readouterr().out
     if "Skipped the TFLite export" in out:

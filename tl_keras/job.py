@@ -54,7 +54,7 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
     keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(config.seed)
     print(
-        f"Strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} "
+        f"Strategy: {distribute.describe(strategy)} with {strategy.num_replicas_in_sync} "
         f"replica(s); dtype policy {policy} ({reason}).",
         flush=True,
     )

@@ -1,0 +1,68 @@
+"""Any Keras backend, and the compute dtype each machine gets."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO_ROOT, SMOKE_FLAGS
+from tl_keras import distribute
+
+LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
+
+
+@pytest.mark.parametrize("setting, has_tpu, capabilities, expected", [
+    ("auto", False, [], "float32"),                  # CPU
+    ("auto", False, [(8, 0)], "mixed_bfloat16"),     # A100
+    ("auto", False, [(9, 0), (9, 0)], "mixed_bfloat16"),  # H100s
+    ("auto", False, [(7, 0)], "mixed_float16"),      # V100: loss scaling
+    ("auto", False, [(8, 6), (7, 5)], "mixed_float16"),  # the oldest GPU decides
+    ("auto", True, [], "mixed_bfloat16"),            # TPU
+    ("off", False, [(9, 0)], "float32"),
+    ("float16", False, [], "mixed_float16"),
+    ("bfloat16", False, [], "mixed_bfloat16"),
+])
+def test_mixed_precision_choice(setting, has_tpu, capabilities, expected):
+    policy, reason = distribute.choose_dtype_policy(setting, has_tpu, capabilities)
+    assert policy == expected
+    assert reason
+
+
+def test_auto_mixed_precision_on_this_cpu_is_float32():
+    assert distribute.resolve_mixed_precision("auto")[0] == "float32"
+
+
+def _run_under_jax(tmp_path, *flags):
+    environment = dict(os.environ, KERAS_BACKEND="jax")
+    return subprocess.run(
+        [sys.executable, LAUNCHER, f"--flagfile={SMOKE_FLAGS}", "--batch_size=8",
+         "--backbone=mobilenetv3small", f"--model_dir={tmp_path / 'run'}", *flags],
+        cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_smoke_run_under_jax_trains_and_exports_a_saved_model(tmp_path):
+    result = _run_under_jax(tmp_path, "--mixed_precision=auto")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "keras.distribution (no distribution, jax backend)" in result.stdout
+    assert "dtype policy float32 (no GPU" in result.stdout
+    assert "Test (test): top-1" in result.stdout
+    # The SavedModel a JAX run exports serves in TensorFlow like any other.
+    serving = tf.saved_model.load(str(tmp_path / "run" / "saved_model"))
+    for height, width in ((32, 32), (45, 60)):
+        images = np.random.default_rng(0).integers(0, 256, (2, height, width, 3), np.uint8)
+        outputs = serving.signatures["serving_default"](images=tf.constant(images))
+        np.testing.assert_allclose(outputs["probabilities"].numpy().sum(axis=1), 1, rtol=1e-5)
+        assert outputs["top_k_classes"].shape == (2, 5)
+
+
+def test_tf_only_strategies_are_refused_under_jax(tmp_path):
+    result = _run_under_jax(tmp_path, "--strategy=mirrored")
+    assert result.returncode == 2
+    assert "--strategy=mirrored is a tf.distribute strategy, which needs " \
+           "KERAS_BACKEND=tensorflow" in result.stderr
+    assert "Traceback" not in result.stderr
