@@ -48,3 +48,4 @@ class Config:
     steps_per_epoch: int | None
     profile_batches: tuple | None
     export_tflite: bool
+    cache_features: bool

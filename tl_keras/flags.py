@@ -137,6 +137,10 @@ _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None,
     "Where the run writes its outputs (default: runs/DATASET-BACKBONE).")
 _SEED = flags.DEFINE_integer("seed", 42, "Seed for weights, shuffling and dropout.")
+_CACHE_FEATURES = flags.DEFINE_boolean(
+    "cache_features", False,
+    "Phase 1: run the frozen backbone once over train and validation and train "
+    "the head on those features (much faster; no augmentation in phase 1).")
 _EXPORT_TFLITE = flags.DEFINE_boolean(
     "export_tflite", False,
     "Also write model.tflite (float32, one --image_size image) and check it "
@@ -196,6 +200,18 @@ def _validate_mode(values):
     if mode == "predict" and not values["images"]:
         raise flags.ValidationError(
             "--mode=predict needs --images=PATH: an image file, a folder or a glob.")
+    return True
+
+
+@flags.multi_flags_validator(["cache_features", "augment", "mixup", "cutmix"])
+def _validate_cache_features(values):
+    augmenting = [f"--{name}={values[name]}" for name in ("augment", "mixup", "cutmix")
+                  if values[name] not in ("none", 0, 0.0)]
+    if values["cache_features"] and augmenting:
+        raise flags.ValidationError(
+            f"--cache_features computes each training image's features once, so "
+            f"phase 1 can't see augmented images ({', '.join(augmenting)}). Drop "
+            f"--cache_features, or the augmentation.")
     return True
 
 
@@ -322,6 +338,7 @@ def to_config():
         seed=_SEED.value,
         steps_per_epoch=_STEPS_PER_EPOCH.value,
         export_tflite=_EXPORT_TFLITE.value,
+        cache_features=_CACHE_FEATURES.value,
         profile_batches=(
             tuple(int(b) for b in _PROFILE_BATCHES.value.split(","))
             if _PROFILE_BATCHES.value else None

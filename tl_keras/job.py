@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import json
 import os
+import time
 
 import keras
 import numpy as np
@@ -128,8 +129,12 @@ def _train_evaluate_export(config, strategy, flagfile_text, state, verbose):
         scope=strategy.scope,
         paths=paths,
         phase_callbacks=lambda phase: [monitor.PhaseMonitor(
-            run_log, phase, steps, validation_batches, splits.class_names)],
+            run_log, phase, steps, validation_batches, splits.class_names, classifier)],
         profile_batches=config.profile_batches,
+        cached_features=(
+            (lambda: _cache_features(classifier, config, splits))
+            if config.cache_features else None
+        ),
         verbose=verbose,
     )
     _write_training_curves(paths, config.head_epochs)
@@ -235,6 +240,45 @@ def _batching(config, splits):
         num_classes=splits.num_classes, batch_size=config.batch_size,
         resize=config.resize,
     )
+
+
+# Features up to this size stay in memory; larger ones go to --model_dir/features.
+_FEATURE_MEMORY_LIMIT_BYTES = 4 * 1024**3
+
+
+def _cache_features(classifier, config, splits):
+    """Runs the backbone once over train and validation; see `train.CachedFeatures`."""
+    extractor = model_lib.feature_extractor(classifier)
+    dimensions = extractor.output.shape[-1]
+    start = time.perf_counter()
+    datasets, places = {}, set()
+    for split in ("train", "validation"):
+        count = splits.sizes[split]
+        if count * dimensions * 4 <= _FEATURE_MEMORY_LIMIT_BYTES:
+            features = np.empty((count, dimensions), np.float32)
+            places.add("in memory")
+        else:
+            directory = os.path.join(config.model_dir, "features")
+            os.makedirs(directory, exist_ok=True)
+            path = os.path.join(directory, f"{split}.npy")
+            features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                                 shape=(count, dimensions))
+            places.add(f"on disk in {directory}")
+        labels = np.empty(count, np.int64)
+        position = 0
+        for images, one_hot in evaluation_batches(config, splits, split):
+            batch = len(images)
+            features[position:position + batch] = extractor.predict(images, verbose=0)
+            labels[position:position + batch] = np.argmax(one_hot, axis=1)
+            position += batch
+        datasets[split] = pipeline.feature_batches(
+            features, labels, num_classes=splits.num_classes,
+            batch_size=config.batch_size, seed=config.seed if split == "train" else None,
+        )
+    print(f"Computed backbone features of {splits.sizes['train']:,} train and "
+          f"{splits.sizes['validation']:,} validation images once, in "
+          f"{time.perf_counter() - start:.1f} s ({', '.join(sorted(places))}).", flush=True)
+    return train.CachedFeatures(train=datasets["train"], validation=datasets["validation"])
 
 
 def _hparams(config):

@@ -323,3 +323,20 @@ def first_unfrozen_layer_index(backbone, unfreeze):
         f"Pass all, a number of top layers, or a layer name from "
         f"{names[1]} to {names[-1]}."
     )
+
+
+def feature_extractor(classifier):
+    """The classifier up to the backbone's pooled features (before the head)."""
+    return keras.Model(classifier.input, classifier.get_layer("dropout").input,
+                       name="feature_extractor")
+
+
+def head_of(classifier):
+    """The classifier's dropout and head as a model on pooled features.
+
+    It shares the classifier's layers, so training it trains the classifier.
+    """
+    features = keras.Input(shape=classifier.get_layer("dropout").input.shape[1:],
+                           name="features")
+    x = classifier.get_layer("dropout")(features)
+    return keras.Model(features, classifier.get_layer("head")(x), name="head")

@@ -81,8 +81,11 @@ class PhaseMonitor(keras.callbacks.Callback):
     """Writes one phase's per-step learning rate and, at its end, the
     validation confusion matrix."""
 
-    def __init__(self, run_log, phase, steps_per_epoch, validation_batches, class_names):
+    def __init__(self, run_log, phase, steps_per_epoch, validation_batches, class_names,
+                 classifier):
         super().__init__()
+        # The whole classifier, even while a phase fits only its head.
+        self.classifier = classifier
         self.run_log = run_log
         self.phase = phase
         self.steps_per_epoch = steps_per_epoch
@@ -101,7 +104,7 @@ class PhaseMonitor(keras.callbacks.Callback):
         self.last_epoch = epoch
 
     def on_train_end(self, logs=None):
-        probabilities, labels = predict_with_labels(self.model, self.validation_batches)
+        probabilities, labels = predict_with_labels(self.classifier, self.validation_batches)
         report = evaluate.classification_report(probabilities, labels, self.class_names)
         self.run_log.image(
             f"validation_confusion_matrix/{self.phase.name}",

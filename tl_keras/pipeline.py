@@ -5,6 +5,7 @@ CPU ships a quarter of the bytes float32 would take, and small images (CIFAR's
 32 px) travel small.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from tl_keras import augment as augment_lib
@@ -151,3 +152,33 @@ def _fits_in_memory(image_shape, num_examples):
         return False
     height, width, _ = image_shape
     return num_examples * height * width * 3 <= _CACHE_LIMIT_BYTES
+
+
+def feature_batches(features, labels, *, num_classes, batch_size, seed=None):
+    """Batches (features, one-hot labels) from arrays in memory or memory-mapped.
+
+    Args:
+        features: float `[examples, dimensions]`, a NumPy array or memmap.
+        labels: int `[examples]`.
+        num_classes: for the one-hot labels.
+        batch_size: the global batch size.
+        seed: shuffle with this seed and drop the last partial batch (for
+            training); None keeps every example in order (for evaluation).
+    """
+    count = len(labels)
+
+    def read(indices):
+        indices = np.sort(indices)  # Sorted reads are sequential on a memmap.
+        return features[indices].astype(np.float32), labels[indices]
+
+    order = tf.data.Dataset.range(count)
+    if seed is not None:
+        order = order.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    batches = order.batch(batch_size, drop_remainder=seed is not None).map(
+        lambda indices: tf.numpy_function(read, [indices], (tf.float32, tf.int64)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).map(lambda x, y: (tf.ensure_shape(x, [None, features.shape[1]]),
+                        tf.one_hot(tf.ensure_shape(y, [None]), num_classes)))
+    if seed is not None:
+        batches = batches.repeat()
+    return batches.prefetch(tf.data.AUTOTUNE)

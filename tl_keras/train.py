@@ -220,7 +220,8 @@ class RunPaths:
 def train_two_phases(model, backbone, *, train_batches, validation_batches,
                      steps_per_epoch, phases, unfreeze, optimizer, weight_decay,
                      label_smoothing, num_classes, jit_compile, scope, paths,
-                     phase_callbacks=None, profile_batches=None, verbose="auto"):
+                     phase_callbacks=None, profile_batches=None, cached_features=None,
+                     verbose="auto"):
     """Trains the head on the frozen backbone, then fine-tunes; resumes a killed run.
 
     Rerun in the same `paths.model_dir` after a kill, it skips completed phases
@@ -244,6 +245,9 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             for that phase.
         profile_batches: optional (first, last) batch of the first phase to
             write a profiler trace for.
+        cached_features: optional function returning `CachedFeatures`; the
+            head phase then trains on them instead of on images. Called only
+            if the head phase runs.
         verbose: `model.fit`'s verbosity.
 
     Returns:
@@ -276,11 +280,19 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
                 f"the head and {len(unfrozen)} backbone layers "
                 f"(--unfreeze={unfreeze}; BatchNormalization stays frozen)"
             )
+        fit_model, fit_data, fit_validation = model, train_batches, validation_batches
+        if phase.name == HEAD_PHASE and cached_features:
+            # The frozen backbone's features, computed once: the head trains on
+            # them, and being the classifier's own layers, trains the classifier.
+            features = cached_features()
+            fit_model, fit_data, fit_validation = (
+                model_lib.head_of(model), features.train, features.validation)
+            trained = "the head on cached backbone features"
         with scope():
             # Recompile after changing `trainable`: the compiled step captures
             # which weights it updates.
             compile_for_phase(
-                model, phase, steps_per_epoch=steps_per_epoch, optimizer=optimizer,
+                fit_model, phase, steps_per_epoch=steps_per_epoch, optimizer=optimizer,
                 weight_decay=weight_decay, label_smoothing=label_smoothing,
                 num_classes=num_classes, jit_compile=jit_compile,
             )
@@ -294,7 +306,8 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             f"learning rate {phase.learning_rate:g}, {steps_per_epoch} steps/epoch.",
             flush=True,
         )
-        checkpoint = keras.callbacks.ModelCheckpoint(
+        checkpoint = ClassifierCheckpoint(
+            model,
             paths.best_checkpoint,
             monitor="val_top1",
             mode="max",
@@ -304,9 +317,9 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             # replaces the checkpoint when it does better.
             initial_value_threshold=progress.best_top1,
         )
-        model.fit(
-            train_batches,
-            validation_data=validation_batches,
+        fit_model.fit(
+            fit_data,
+            validation_data=fit_validation,
             initial_epoch=phase.first_epoch,
             epochs=last_epoch,
             steps_per_epoch=steps_per_epoch,
@@ -332,6 +345,26 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         backup.delete()
         restore_from = None
     return progress.validation_by_phase()
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedFeatures:
+    """Batches of (backbone features, one-hot labels) for the head phase."""
+
+    train: object
+    validation: object
+
+
+class ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that always saves the whole classifier, also while a
+    phase trains a part of it (the head on cached features)."""
+
+    def __init__(self, classifier, filepath, **kwargs):
+        super().__init__(filepath, **kwargs)
+        self.classifier = classifier
+
+    def set_model(self, model):
+        super().set_model(self.classifier)
 
 
 class Progress:
