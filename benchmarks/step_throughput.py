@@ -8,7 +8,7 @@ in the same run.
 (a) the project's model, phase 1 (frozen backbone) and (b) phase 2 (unfrozen);
 (c) the plain Keras reference, both phases. Each feeds one fixed uint8 batch
 repeated, so it measures the step, not the input pipeline; each figure is the
-median of --repeats timings. Then one head-phase epoch on cached backbone
+median of --repeats timings, taken in turns with the reference's. Then one head-phase epoch on cached backbone
 features against the same epoch on images.
 
 Prints each figure, then cached_head_epoch_speedup=X and, last,
@@ -52,14 +52,18 @@ def _batches(batch_size, image_size, classes):
     return tf.data.Dataset.from_tensors((images, labels)).cache().repeat()
 
 
-def _images_per_second(model, data, steps, repeats, batch_size):
-    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)  # Compile and warm up.
-    timings = []
+def _images_per_second(models, data, steps, repeats, batch_size):
+    """Images/s of each model, timed in turns so drift in the machine's speed
+    falls on all of them alike; the median of `repeats` turns each."""
+    for model in models:
+        model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)  # Compile, warm up.
+    timings = [[] for _ in models]
     for _ in range(repeats):
-        start = time.perf_counter()
-        model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
-        timings.append(time.perf_counter() - start)
-    return steps * batch_size / statistics.median(timings)
+        for model, times in zip(models, timings):
+            start = time.perf_counter()
+            model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+            times.append(time.perf_counter() - start)
+    return [steps * batch_size / statistics.median(times) for times in timings]
 
 
 def _compile(model, phase, jit_compile):
@@ -100,23 +104,24 @@ def main(argv):
 
     backbone = model_lib.build_backbone(_BACKBONE.value, size, "none")
     ours = model_lib.build_classifier(backbone, _BACKBONE.value, classes, size, 0.2)
-    model_lib.freeze_backbone(backbone)
-    _compile(ours, head, jit_compile)
-    figures["ours", 1] = _images_per_second(ours, data, steps, repeats, batch)
-    model_lib.unfreeze_backbone(backbone, "all")
-    _compile(ours, finetune, jit_compile)
-    figures["ours", 2] = _images_per_second(ours, data, steps, repeats, batch)
-
     plain, plain_backbone = _plain_keras_model(_BACKBONE.value, size, classes)
+
+    model_lib.freeze_backbone(backbone)
     plain_backbone.trainable = False
+    _compile(ours, head, jit_compile)
     _compile(plain, head, jit_compile)
-    figures["plain", 1] = _images_per_second(plain, data, steps, repeats, batch)
+    figures["ours", 1], figures["plain", 1] = _images_per_second(
+        [ours, plain], data, steps, repeats, batch)
+
+    model_lib.unfreeze_backbone(backbone, "all")
     plain_backbone.trainable = True
     for layer in plain_backbone.layers:  # The guides' fine-tuning: BN stays frozen.
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
+    _compile(ours, finetune, jit_compile)
     _compile(plain, finetune, jit_compile)
-    figures["plain", 2] = _images_per_second(plain, data, steps, repeats, batch)
+    figures["ours", 2], figures["plain", 2] = _images_per_second(
+        [ours, plain], data, steps, repeats, batch)
 
     for phase, name in ((1, "phase 1, frozen backbone"), (2, "phase 2, unfrozen")):
         print(f"(a/b) tl_keras {name}: {figures['ours', phase]:,.0f} images/s")

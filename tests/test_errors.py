@@ -27,7 +27,7 @@ from tl_keras.errors import UsageError
         ("--val_fraction=1.5", "must be between 0 and 1"),
         ("--unfreeze=-3", "pass all, a positive number of top layers, or a layer name"),
         ("--image_size=8", "must be at least 32"),
-        ("--warmup_epochs=2", "leaves no fine-tuning epoch after warmup"),
+        ("--warmup_epochs=2", "leaves no fine-tuning after warmup"),
         ("--optimizer=adagrad", "value should be one of"),
     ],
 )

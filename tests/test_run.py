@@ -99,6 +99,7 @@ def test_a_flag_after_the_flagfile_wins(tmp_path):
 def test_mirrored_strategy_trains_on_two_replicas(tmp_path, mock_tfds, capsys):
     config, metrics = _run(
         tmp_path, "--strategy=mirrored", "--head_epochs=1", "--finetune_epochs=1",
+        "--warmup_epochs=0",
         "--backbone=mobilenetv3small",
     )
     assert "MirroredStrategy with 2 replica(s)" in capsys.readouterr().out

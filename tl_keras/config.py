@@ -37,7 +37,7 @@ class Config:
     unfreeze: str
     optimizer: str
     weight_decay: float
-    warmup_epochs: int
+    warmup_epochs: float
     label_smoothing: float
     # Runtime.
     mixed_precision: str

@@ -116,8 +116,9 @@ _OPTIMIZER = flags.DEFINE_enum(
 _WEIGHT_DECAY = flags.DEFINE_float(
     "weight_decay", 0.05,
     "Decoupled weight decay; biases and normalisation parameters are exempt.")
-_WARMUP_EPOCHS = flags.DEFINE_integer(
-    "warmup_epochs", 1, "Phase 2 epochs of linear learning-rate warmup.")
+_WARMUP_EPOCHS = flags.DEFINE_float(
+    "warmup_epochs", 1.0,
+    "Phase 2 epochs of linear learning-rate warmup; fractions work, e.g. 0.5.")
 _LABEL_SMOOTHING = flags.DEFINE_float(
     "label_smoothing", 0.1, "Label smoothing of the cross-entropy loss.")
 
@@ -247,9 +248,9 @@ def _validate_warmup(values):
     warmup, finetune = values["warmup_epochs"], values["finetune_epochs"]
     if finetune and warmup >= finetune:
         raise flags.ValidationError(
-            f"--warmup_epochs={warmup} leaves no fine-tuning epoch after warmup "
+            f"--warmup_epochs={warmup} leaves no fine-tuning after warmup "
             f"(--finetune_epochs={finetune}); pass a --warmup_epochs below "
-            f"{finetune}.")
+            f"{finetune}, such as {finetune / 2:g}.")
     return True
 
 

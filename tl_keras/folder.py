@@ -91,6 +91,9 @@ def load_folder(dataset, *, val_fraction, seed, strict, classes,
     class_names, listed = _select(
         class_names, listed, classes, train_examples_per_class, seed
     )
+    # Listed class by class, the files would reach the pipeline's shuffle
+    # buffer (smaller than a big split) a few classes at a time: mix them first.
+    listed["train"] = listed["train"].shuffled(np.random.default_rng(seed))
     image_shape = _common_image_shape(listed["train"].paths[:_SHAPE_PROBE_SIZE])
     return Splits(
         train=_decoded(listed["train"], image_shape),
@@ -112,6 +115,10 @@ class FileList:
 
     def __len__(self):
         return len(self.paths)
+
+    def shuffled(self, rng):
+        order = rng.permutation(len(self))
+        return FileList(self.paths[order], self.labels[order])
 
     def take(self, indices):
         indices = np.sort(np.asarray(indices, dtype=np.int64))

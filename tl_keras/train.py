@@ -41,7 +41,7 @@ class PhasePlan:
     first_epoch: int
     epochs: int
     learning_rate: float
-    warmup_epochs: int | None
+    warmup_epochs: float | None
 
 
 def plan_phases(*, head_epochs, head_learning_rate, finetune_epochs,
@@ -66,7 +66,7 @@ def learning_rate_schedule(phase, steps_per_epoch):
     """
     if phase.warmup_epochs is None:
         return phase.learning_rate
-    warmup_steps = phase.warmup_epochs * steps_per_epoch
+    warmup_steps = int(round(phase.warmup_epochs * steps_per_epoch))
     decay_steps = max(phase.epochs * steps_per_epoch - warmup_steps, 1)
     if warmup_steps == 0:
         return keras.optimizers.schedules.CosineDecay(phase.learning_rate, decay_steps)
@@ -449,6 +449,10 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
 
     def delete(self):
         shutil.rmtree(self.backup_dir, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(self.backup_dir))  # `backup/`, once empty.
+        except OSError:
+            pass
 
 
 class TrainingDiverged(UsageError):
