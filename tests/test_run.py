@@ -7,11 +7,9 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 import keras
 
 from conftest import parse_config, run_job as _run
-from tl_keras import job
 
 
 def test_writes_every_output(finished_run):

@@ -16,7 +16,6 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import parse_config
 from tl_keras import evaluate
 from tl_keras import flags
 from tl_keras import job
