@@ -14,6 +14,24 @@ import numpy as np
 from tl_keras import plots
 
 
+def predictions_and_labels(batches, predict_batch):
+    """Predicts every batch, in one pass over the data.
+
+    Args:
+        batches: (images, one-hot labels) batches, every example once.
+        predict_batch: a function from an image batch to class probabilities
+            (a Keras model's `predict`, or a SavedModel signature).
+
+    Returns:
+        (probabilities `[examples, classes]`, labels `[examples]`).
+    """
+    probabilities, labels = [], []
+    for images, one_hot in batches:
+        probabilities.append(np.asarray(predict_batch(images)))
+        labels.append(np.argmax(np.asarray(one_hot), axis=1))
+    return np.concatenate(probabilities), np.concatenate(labels)
+
+
 def classification_report(probabilities, labels, class_names, top_k=5):
     """Top-1, top-k, cross-entropy, the confusion matrix and per-class scores.
 

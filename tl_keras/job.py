@@ -140,7 +140,8 @@ def _train_evaluate_export(config, strategy, flagfile_text, state, verbose):
     _write_training_curves(paths, config.head_epochs)
 
     test_batches = evaluation_batches(config, splits, "test")
-    probabilities, labels = monitor.predict_with_labels(classifier, test_batches)
+    probabilities, labels = evaluate.predictions_and_labels(
+        test_batches, monitor.predict_batch(classifier))
     report = evaluate.classification_report(probabilities, labels, splits.class_names)
     test_metrics = evaluate.summary(report)
     evaluate.write_metrics(
@@ -181,7 +182,8 @@ def run_evaluation(config, split):
     serving = predict.load_serving(config.model_dir)
     splits = load_splits(config)
     batches = evaluation_batches(config, splits, split)
-    probabilities, labels = predict.predict_with_labels(serving, batches)
+    probabilities, labels = evaluate.predictions_and_labels(
+        batches, predict.predict_batch(serving))
     report = evaluate.classification_report(probabilities, labels, splits.class_names)
     directory = os.path.join(config.model_dir, "evaluation")
     evaluate.write_evaluation(directory, report, split)

@@ -104,7 +104,8 @@ class PhaseMonitor(keras.callbacks.Callback):
         self.last_epoch = epoch
 
     def on_train_end(self, logs=None):
-        probabilities, labels = predict_with_labels(self.classifier, self.validation_batches)
+        probabilities, labels = evaluate.predictions_and_labels(
+            self.validation_batches, predict_batch(self.classifier))
         report = evaluate.classification_report(probabilities, labels, self.class_names)
         self.run_log.image(
             f"validation_confusion_matrix/{self.phase.name}",
@@ -114,13 +115,9 @@ class PhaseMonitor(keras.callbacks.Callback):
         )
 
 
-def predict_with_labels(model, batches):
-    """The model's probabilities and the true labels, in the batches' order."""
-    probabilities = model.predict(batches.map(lambda images, labels: images), verbose=0)
-    labels = np.concatenate([
-        np.argmax(labels, axis=1) for labels in batches.map(lambda images, labels: labels)
-    ])
-    return probabilities, labels
+def predict_batch(model):
+    """A Keras model's probabilities for one batch, as NumPy."""
+    return lambda images: model.predict(images, verbose=0)
 
 
 def images_at(batches, indices):

@@ -30,18 +30,10 @@ def load_serving(model_dir):
     return tf.saved_model.load(path)
 
 
-def predict_with_labels(serving, batches):
-    """Runs `serving_default` over (images, one-hot labels) batches.
-
-    Returns:
-        (probabilities `[examples, classes]`, labels `[examples]`).
-    """
+def predict_batch(serving):
+    """`serving_default`'s probabilities for one batch, as NumPy."""
     classify = serving.signatures[export.SERVING_SIGNATURE]
-    probabilities, labels = [], []
-    for images, one_hot in batches:
-        probabilities.append(classify(images=images)["probabilities"].numpy())
-        labels.append(np.argmax(one_hot.numpy(), axis=1))
-    return np.concatenate(probabilities), np.concatenate(labels)
+    return lambda images: classify(images=images)["probabilities"].numpy()
 
 
 def image_files(spec):
