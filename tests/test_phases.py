@@ -1,4 +1,5 @@
-"""Which weights each phase changes, and that BatchNormalization never moves."""
+"""Which weights each phase changes, and that BatchNormalization never moves
+unless --batchnorm=train asks it to."""
 
 import numpy as np
 import pytest
@@ -26,11 +27,12 @@ def _batches(num_examples=16, batch_size=8):
     )
 
 
-def _build(weights_path):
+def _build(weights_path, train_batchnorm=False):
     keras.utils.set_random_seed(1)
     backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, weights_path)
     classifier = model_lib.build_classifier(
-        backbone, "resnet50", NUM_CLASSES, IMAGE_SIZE, dropout=0.0
+        backbone, "resnet50", NUM_CLASSES, IMAGE_SIZE, dropout=0.0,
+        train_batchnorm=train_batchnorm,
     )
     return classifier, backbone
 
@@ -63,7 +65,8 @@ def _changed(before, model):
     return {path for path in before if not np.array_equal(before[path], after[path])}
 
 
-def _train(model, backbone, tmp_path, *, head_epochs, finetune_epochs, unfreeze="all"):
+def _train(model, backbone, tmp_path, *, head_epochs, finetune_epochs, unfreeze="all",
+           train_batchnorm=False):
     train.train_two_phases(
         model, backbone,
         train_batches=_batches(), validation_batches=_batches(),
@@ -73,7 +76,7 @@ def _train(model, backbone, tmp_path, *, head_epochs, finetune_epochs, unfreeze=
             finetune_epochs=finetune_epochs, finetune_learning_rate=1e-2,
             warmup_epochs=0,
         ),
-        unfreeze=unfreeze, optimizer="adam", weight_decay=0.0, label_smoothing=0.0,
+        unfreeze=unfreeze, train_batchnorm=train_batchnorm, optimizer="adam", weight_decay=0.0, label_smoothing=0.0,
         num_classes=NUM_CLASSES, jit_compile=False,
         scope=tf.distribute.get_strategy().scope,
         paths=train.RunPaths(str(tmp_path)), verbose=0,
@@ -115,6 +118,71 @@ def test_finetune_changes_every_unfrozen_weight_but_no_batchnorm(tmp_path, pretr
     assert not changed & batchnorm, "BatchNormalization weights or statistics moved"
     convolutions = _weights_of(backbone, lambda l: isinstance(l, keras.layers.Conv2D))
     assert convolutions <= changed, "every convolution should train with --unfreeze=all"
+
+
+def test_trained_batchnorm_moves_only_where_unfrozen_and_only_in_phase_2(tmp_path):
+    # --batchnorm=train, for a backbone trained from scratch.
+    classifier, backbone = _build("none", train_batchnorm=True)
+    before = _snapshot(classifier)
+
+    _train(classifier, backbone, tmp_path / "head", head_epochs=1, finetune_epochs=0,
+           train_batchnorm=True)
+
+    assert not _changed(before, classifier) & _batchnorm_weights(backbone), (
+        "phase 1 freezes the backbone, BatchNormalization statistics included")
+
+    names = [layer.name for layer in backbone.layers]
+    first = "conv5_block1_1_conv"
+    before = _snapshot(classifier)
+    _train(classifier, backbone, tmp_path / "finetune", head_epochs=0, finetune_epochs=1,
+           unfreeze=first, train_batchnorm=True)
+
+    changed = _changed(before, classifier)
+    is_batchnorm = lambda l: isinstance(l, keras.layers.BatchNormalization)  # noqa: E731
+    later = _weights_of(backbone, lambda l: is_batchnorm(l)
+                        and names.index(l.name) >= names.index(first))
+    earlier = _weights_of(backbone, lambda l: is_batchnorm(l)
+                          and names.index(l.name) < names.index(first))
+    assert later <= changed, "the unfrozen BatchNormalization layers should train"
+    assert not changed & earlier, "frozen BatchNormalization layers moved"
+
+
+def test_trained_batchnorm_predicts_with_its_moving_statistics():
+    # Trained or not, BatchNormalization must normalise by its moving statistics
+    # at inference, so one image's prediction can't depend on its batch.
+    classifier, _ = _build("none", train_batchnorm=True)
+    images = np.random.default_rng(0).integers(0, 256, (4, IMAGE_SIZE, IMAGE_SIZE, 3),
+                                               dtype=np.uint8)
+    alone = classifier.predict(images[:1], verbose=0)
+    in_batch = classifier.predict(images, verbose=0)[:1]
+    np.testing.assert_allclose(alone, in_batch, rtol=1e-4, atol=1e-5)
+    trained_mode = keras.ops.convert_to_numpy(classifier(images, training=True))[:1]
+    assert not np.allclose(trained_mode, alone, atol=1e-5), (
+        "in training mode the backbone should normalise by batch statistics")
+
+
+def test_recomputed_batchnorm_statistics_are_those_of_the_batches():
+    classifier, backbone = _build("none", train_batchnorm=True)
+    images = np.random.default_rng(0).integers(0, 256, (8, IMAGE_SIZE, IMAGE_SIZE, 3),
+                                               dtype=np.uint8)
+    frozen = [l for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)][0]
+    frozen.trainable = False
+
+    def modes_differ():
+        inference = classifier.predict(images, verbose=0)
+        training = keras.ops.convert_to_numpy(classifier(images, training=True))
+        return np.abs(inference - training).max()
+
+    assert modes_differ() > 0.05, "the initial statistics should not fit these images"
+    used = model_lib.recompute_batchnorm_statistics(classifier, backbone, [images, images])
+
+    assert used == 2
+    # Averaged over the same batch twice, the moving statistics are that
+    # batch's own, so inference mode now computes what training mode does.
+    assert modes_differ() < 1e-3
+    assert np.all(np.array(frozen.moving_mean) == 0), "a frozen layer's statistics moved"
+    assert all(l.momentum == 0.99 for l in backbone.layers
+               if isinstance(l, keras.layers.BatchNormalization))
 
 
 def test_finetune_from_a_layer_name_leaves_earlier_layers_alone(tmp_path, pretrained_weights):

@@ -35,6 +35,7 @@ class Config:
     finetune_epochs: int
     finetune_learning_rate: float
     unfreeze: str
+    batchnorm: str
     optimizer: str
     weight_decay: float
     warmup_epochs: float

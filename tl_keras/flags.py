@@ -109,7 +109,14 @@ _FINETUNE_LEARNING_RATE = flags.DEFINE_float(
 _UNFREEZE = flags.DEFINE_string(
     "unfreeze", "all",
     "Phase 2 unfreezes: all; a number N of top backbone layers; or the name of "
-    "the first layer to unfreeze. BatchNormalization layers always stay frozen.")
+    "the first layer to unfreeze. BatchNormalization layers follow --batchnorm.")
+_BATCHNORM = flags.DEFINE_enum(
+    "batchnorm", "frozen", ["frozen", "train"],
+    "frozen keeps every BatchNormalization layer in inference mode with the "
+    "statistics its weights came with, the right choice for pretrained weights. "
+    "train lets the BatchNormalization layers phase 2 unfreezes normalise by "
+    "batch statistics and update theirs: the right choice when training a "
+    "backbone from scratch (--weights=none).")
 _OPTIMIZER = flags.DEFINE_enum(
     "optimizer", "adamw", ["adamw", "adam", "sgd", "rmsprop"],
     "Optimizer for both phases (sgd uses Nesterov momentum 0.9).")
@@ -328,6 +335,7 @@ def to_config():
         finetune_epochs=_FINETUNE_EPOCHS.value,
         finetune_learning_rate=_FINETUNE_LEARNING_RATE.value,
         unfreeze=_UNFREEZE.value,
+        batchnorm=_BATCHNORM.value,
         optimizer=_OPTIMIZER.value,
         weight_decay=_WEIGHT_DECAY.value,
         warmup_epochs=_WARMUP_EPOCHS.value,

@@ -91,11 +91,15 @@ def _train_evaluate_export(config, strategy, flagfile_text, state, verbose):
         )
         classifier = model_lib.build_classifier(
             backbone, config.backbone, splits.num_classes, config.image_size,
-            config.dropout, config.resize,
+            config.dropout, config.resize, train_batchnorm=config.batchnorm == "train",
         )
     if config.finetune_epochs:
         # Resolve --unfreeze now, so a bad layer name fails before phase 1.
         model_lib.first_unfrozen_layer_index(backbone, config.unfreeze)
+        if config.weights == "none" and config.batchnorm == "frozen":
+            print("Note: --weights=none with --batchnorm=frozen keeps BatchNormalization "
+                  "at its initial statistics, which normalise nothing. To train a "
+                  "backbone from scratch, pass --batchnorm=train.", flush=True)
 
     paths = train.RunPaths(config.model_dir)
     if state == rundir.FRESH:
@@ -121,6 +125,7 @@ def _train_evaluate_export(config, strategy, flagfile_text, state, verbose):
         steps_per_epoch=steps,
         phases=phases,
         unfreeze=config.unfreeze,
+        train_batchnorm=config.batchnorm == "train",
         optimizer=config.optimizer,
         weight_decay=config.weight_decay,
         label_smoothing=config.label_smoothing,

@@ -231,7 +231,7 @@ def _load_backbone_weights(backbone, path):
 
 
 def build_classifier(backbone, backbone_name, num_classes, image_size, dropout,
-                     resize="stretch"):
+                     resize="stretch", train_batchnorm=False):
     """Puts preprocessing and a new classification head around a backbone.
 
     Args:
@@ -241,6 +241,10 @@ def build_classifier(backbone, backbone_name, num_classes, image_size, dropout,
         image_size: the size images are resized to before the backbone.
         dropout: the dropout rate before the head.
         resize: how images are brought to `image_size`; see `ImagePreprocessing`.
+        train_batchnorm: whether the backbone runs in training mode when the
+            classifier trains, so that the BatchNormalization layers that are
+            trainable normalise by batch statistics and update theirs. Only for
+            training a backbone from scratch; see `unfreeze_backbone`.
 
     Returns:
         A `keras.Model` from uint8 images `[batch, height, width, 3]` of any
@@ -248,10 +252,16 @@ def build_classifier(backbone, backbone_name, num_classes, image_size, dropout,
     """
     images = keras.Input(shape=(None, None, 3), dtype="uint8", name="images")
     x = ImagePreprocessing(backbone_name, image_size, resize, name="preprocessing")(images)
-    # training=False keeps BatchNormalization in inference mode in both phases:
-    # its statistics stay the ones the weights were trained with, which small
-    # fine-tuning batches would otherwise overwrite.
-    x = backbone(x, training=False)
+    if train_batchnorm:
+        # The backbone follows the model's mode. Keras still runs a frozen
+        # BatchNormalization layer in inference mode, so phase 1 (all frozen)
+        # leaves the statistics alone and phase 2 updates the unfrozen ones.
+        x = backbone(x)
+    else:
+        # training=False keeps BatchNormalization in inference mode in both
+        # phases: its statistics stay the ones the weights were trained with,
+        # which small fine-tuning batches would otherwise overwrite.
+        x = backbone(x, training=False)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     # float32 output so softmax and the loss stay stable under mixed precision.
     probabilities = keras.layers.Dense(
@@ -265,16 +275,20 @@ def freeze_backbone(backbone):
     backbone.trainable = False
 
 
-def unfreeze_backbone(backbone, unfreeze):
+def unfreeze_backbone(backbone, unfreeze, train_batchnorm=False):
     """Unfreezes the backbone's top layers for fine-tuning.
 
-    BatchNormalization layers stay frozen whatever `unfreeze` says, so their
-    statistics and affine weights keep the values they were trained with.
+    Unless `train_batchnorm`, BatchNormalization layers stay frozen whatever
+    `unfreeze` says, so their statistics and affine weights keep the values
+    they were trained with.
 
     Args:
         backbone: a model from `build_backbone`.
         unfreeze: `all`; a number N, to unfreeze the top N layers; or the name of
             the first layer to unfreeze, which unfreezes it and every layer after.
+        train_batchnorm: unfreeze the BatchNormalization layers in that range
+            too, for a backbone trained from scratch, whose initial statistics
+            (mean 0, variance 1) normalise nothing.
 
     Returns:
         The names of the layers that now hold trainable weights.
@@ -285,13 +299,54 @@ def unfreeze_backbone(backbone, unfreeze):
     first = first_unfrozen_layer_index(backbone, unfreeze)
     backbone.trainable = True
     for index, layer in enumerate(backbone.layers):
-        frozen = index < first or isinstance(layer, keras.layers.BatchNormalization)
+        frozen = index < first or (
+            not train_batchnorm and isinstance(layer, keras.layers.BatchNormalization))
         layer.trainable = not frozen
     return [
         layer.name
         for layer in backbone.layers
         if layer.trainable and layer.trainable_weights
     ]
+
+
+def recompute_batchnorm_statistics(classifier, backbone, image_batches):
+    """Sets the trainable BatchNormalization layers' moving statistics to the
+    plain average of their batch statistics over `image_batches`.
+
+    The moving averages kept during training mix in statistics of weights long
+    gone, and after a few hundred steps from random initialisation they still
+    hold much of their initial mean 0 and variance 1 (momentum 0.99 remembers
+    about a hundred steps). A network trained from scratch on a small dataset
+    then predicts well in training mode and near chance in inference mode. One
+    pass with the final weights fixes that ("precise BatchNorm", Wu and
+    Johnson, 2021); nothing but the moving statistics changes.
+
+    Args:
+        classifier: a model from `build_classifier(..., train_batchnorm=True)`.
+        backbone: the backbone inside it.
+        image_batches: an iterable of uint8 image batches, e.g. training batches.
+
+    Returns:
+        The number of batches averaged; 0 when there are no trainable
+        BatchNormalization layers, which are then left alone.
+    """
+    layers = [layer for layer in backbone.layers
+              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    if not layers:
+        return 0
+    momentums = [layer.momentum for layer in layers]
+    count = 0
+    try:
+        for count, images in enumerate(image_batches, start=1):
+            # momentum (i - 1) / i makes the moving statistic the running mean
+            # of the first i batches' statistics; the first batch replaces it.
+            for layer in layers:
+                layer.momentum = (count - 1) / count
+            classifier(images, training=True)
+    finally:
+        for layer, momentum in zip(layers, momentums):
+            layer.momentum = momentum
+    return count
 
 
 def first_unfrozen_layer_index(backbone, unfreeze):

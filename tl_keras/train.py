@@ -218,7 +218,8 @@ class RunPaths:
 
 
 def train_two_phases(model, backbone, *, train_batches, validation_batches,
-                     steps_per_epoch, phases, unfreeze, optimizer, weight_decay,
+                     steps_per_epoch, phases, unfreeze, train_batchnorm=False,
+                     optimizer, weight_decay,
                      label_smoothing, num_classes, jit_compile, scope, paths,
                      phase_callbacks=None, profile_batches=None, cached_features=None,
                      verbose="auto"):
@@ -237,6 +238,9 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         steps_per_epoch: training steps per epoch.
         phases: the two `PhasePlan`s from `plan_phases`.
         unfreeze: `--unfreeze`, see `tl_keras.model.unfreeze_backbone`.
+        train_batchnorm: `--batchnorm=train`: phase 2 trains the unfrozen
+            BatchNormalization layers too. The classifier must have been built
+            with the same setting.
         optimizer, weight_decay, label_smoothing, jit_compile: compile settings.
         num_classes: the number of classes, for top-5 on fewer classes.
         scope: returns a context manager (the strategy's scope) for compiling.
@@ -275,10 +279,12 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             model_lib.freeze_backbone(backbone)
             trained = "the head"
         else:
-            unfrozen = model_lib.unfreeze_backbone(backbone, unfreeze)
+            unfrozen = model_lib.unfreeze_backbone(backbone, unfreeze, train_batchnorm)
+            batchnorm = ("BatchNormalization trains with them" if train_batchnorm
+                         else "BatchNormalization stays frozen")
             trained = (
                 f"the head and {len(unfrozen)} backbone layers "
-                f"(--unfreeze={unfreeze}; BatchNormalization stays frozen)"
+                f"(--unfreeze={unfreeze}; {batchnorm})"
             )
         fit_model, fit_data, fit_validation = model, train_batches, validation_batches
         if phase.name == HEAD_PHASE and cached_features:
@@ -340,11 +346,38 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             ],
             verbose=verbose,
         )
+        if phase.name != HEAD_PHASE and train_batchnorm:
+            _recompute_batchnorm_statistics(model, backbone, train_batches,
+                                            validation_batches, progress, phase.name)
         _save_weights(model, paths.phase_end_weights(phase.name))
         progress.complete_phase(phase.name)
         backup.delete()
         restore_from = None
     return progress.validation_by_phase()
+
+
+# Batches averaged when re-estimating BatchNormalization statistics after
+# training from scratch: thousands of images, a fraction of an epoch's cost.
+BATCHNORM_STATISTICS_BATCHES = 100
+
+
+def _recompute_batchnorm_statistics(model, backbone, train_batches, validation_batches,
+                                    progress, phase):
+    """After phase 2 with `--batchnorm=train`: see
+    `tl_keras.model.recompute_batchnorm_statistics`. Validates again, since
+    the last epoch's validation ran with the old statistics, and records it."""
+    before = progress.phases.get(phase, {}).get("validation", {}).get("top1")
+    used = model_lib.recompute_batchnorm_statistics(
+        model, backbone,
+        (images for images, _ in
+         train_batches.take(BATCHNORM_STATISTICS_BATCHES).as_numpy_iterator()))
+    results = model.evaluate(validation_batches, return_dict=True, verbose=0)
+    validation = {name: float(results[name]) for name in ("loss", "top1", "top5")}
+    progress.record_epoch(phase, validation, progress.best_top1)
+    change = f" (was {before:.2%})" if before is not None else ""
+    print(f"Recomputed BatchNormalization statistics over {used} training batches with "
+          f"the final weights: validation top-1 {validation['top1']:.2%}{change}.",
+          flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
