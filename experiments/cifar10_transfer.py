@@ -1,0 +1,271 @@
+"""Transfer learning on real images: train on five CIFAR-10 classes, transfer to
+the other five with few labels, and compare against training from scratch.
+
+    python experiments/cifar10_transfer.py --data=../shared/data/cifar10-jpg \\
+        [--work_dir=DIR] [--quick]
+
+DATA is CIFAR-10 as image folders, DATA/{train,test}/<class>/*.jpg.
+
+1. Source: ResNet50 at 32 px is trained from scratch on airplane, automobile,
+   bird, cat and deer. Its `backbone.weights.h5` seeds the target runs through
+   `--weights=PATH`.
+2. Target: dog, frog, horse, ship and truck, with N training images per class
+   for N in --sizes, in three arms of the same length in epochs:
+     (a) scratch: random weights, every layer trained;
+     (b) head only: the transferred backbone frozen, only a new head trained;
+     (c) both phases: (b), then the backbone fine-tuned at a lower rate.
+   Every arm is tested on all 5,000 target test images.
+3. It prints a table of test top-1 and wall time, writes it to
+   WORK_DIR/results.md, and ends with `transfer_gain_points=X`: arm (c) minus
+   arm (a) at N=100, in percentage points.
+
+Every run is a `run.py` command, printed before it starts; the experiment has no
+training code of its own. Each run's output goes to WORK_DIR/<run>.log, and its
+model, metrics and TensorBoard logs to WORK_DIR/<run>/. Rerun the same command
+after an interruption: finished runs are kept and interrupted ones resume.
+
+Why ResNet50 at 32 px: on two CPU cores it trains at about 150 images/s, so
+the source run sees its 22,500 images eight times in under half an hour, and it learns
+from random weights in that time once its BatchNormalization layers train
+(`--batchnorm=train`). The source keeps 10% of its training images for
+validation; the target runs keep 2% (100 per class), enough to watch
+overfitting without making the few-shot runs mostly validation.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_DATA = flags.DEFINE_string(
+    "data", None, "CIFAR-10 as image folders: DATA/{train,test}/<class>/*.jpg.")
+_WORK_DIR = flags.DEFINE_string(
+    "work_dir", None,
+    "Where runs, logs and results.md go (default: runs/cifar10_transfer, or "
+    "runs/cifar10_transfer_quick with --quick).")
+_QUICK = flags.DEFINE_boolean(
+    "quick", False,
+    "Fewer epochs (3 source, 6 per target arm): about half an hour on two CPU cores, "
+    "against about an hour in full.")
+_SIZES = flags.DEFINE_list(
+    "sizes", ["20", "100", "500"], "Target training images per class, one row each.")
+
+SOURCE_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
+TARGET_CLASSES = ("dog", "frog", "horse", "ship", "truck")
+GAIN_SIZE = 100
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_PY = os.path.join(REPOSITORY, "run.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Epoch counts of one mode of the experiment.
+
+    Attributes:
+        source_epochs: epochs of the source run.
+        target_epochs: epochs of every target arm.
+        head_epochs: of those, the head-phase epochs of arm (c).
+    """
+
+    source_epochs: int
+    target_epochs: int
+    head_epochs: int
+
+
+FULL = Schedule(source_epochs=8, target_epochs=15, head_epochs=5)
+QUICK = Schedule(source_epochs=3, target_epochs=6, head_epochs=2)
+
+# Settings every run shares: the CPU-friendly model, and plain Adam without
+# weight decay or label smoothing, so the arms differ only in their weights and
+# in what they train.
+COMMON_FLAGS = (
+    "--backbone=resnet50",
+    "--image_size=32",
+    "--optimizer=adam",
+    "--weight_decay=0",
+    "--label_smoothing=0",
+    "--mixed_precision=off",
+)
+
+ARMS = {
+    "scratch": "(a) scratch",
+    "head": "(b) head only",
+    "both": "(c) both phases",
+}
+
+
+def source_flags(data, schedule):
+    """The source run: every layer from random weights, BatchNormalization
+    included, since random initial statistics normalise nothing."""
+    return [
+        f"--dataset=folder:{data}",
+        f"--classes={','.join(SOURCE_CLASSES)}",
+        "--weights=none",
+        "--batchnorm=train",
+        "--head_epochs=0",
+        f"--finetune_epochs={schedule.source_epochs}",
+        "--finetune_learning_rate=1e-3",
+        "--warmup_epochs=0.3",
+        "--unfreeze=all",
+        "--batch_size=64",
+        "--dropout=0",
+    ]
+
+
+def target_flags(data, size, arm, schedule, source_weights):
+    """One target run: `size` images per class, trained as `arm` says."""
+    flags_ = [
+        f"--dataset=folder:{data}",
+        f"--classes={','.join(TARGET_CLASSES)}",
+        f"--train_examples_per_class={size}",
+        "--val_fraction=0.02",
+        "--batch_size=32",
+    ]
+    if arm == "scratch":
+        return flags_ + [
+            "--weights=none",
+            "--batchnorm=train",
+            "--head_epochs=0",
+            f"--finetune_epochs={schedule.target_epochs}",
+            "--finetune_learning_rate=1e-3",
+            "--warmup_epochs=1",
+            "--unfreeze=all",
+        ]
+    flags_ += [f"--weights={source_weights}", "--head_learning_rate=1e-3"]
+    if arm == "head":
+        return flags_ + [f"--head_epochs={schedule.target_epochs}", "--finetune_epochs=0"]
+    return flags_ + [
+        f"--head_epochs={schedule.head_epochs}",
+        f"--finetune_epochs={schedule.target_epochs - schedule.head_epochs}",
+        "--finetune_learning_rate=1e-4",
+        "--warmup_epochs=1",
+        "--unfreeze=all",
+    ]
+
+
+class Runner:
+    """Runs `run.py` commands one by one, keeping each one's wall time.
+
+    Wall times go to WORK_DIR/times.json, so a rerun of the experiment reports
+    the finished runs it skips with the time they took.
+    """
+
+    def __init__(self, work_dir, total):
+        self.work_dir = work_dir
+        self.total = total
+        self.count = 0
+        self.times_path = os.path.join(work_dir, "times.json")
+        self.times = {}
+        if os.path.exists(self.times_path):
+            with open(self.times_path) as file:
+                self.times = json.load(file)
+
+    def run(self, name, description, run_flags):
+        """Runs one training run unless it finished before.
+
+        Returns:
+            (test top-1 in percent, wall time in seconds).
+        """
+        self.count += 1
+        model_dir = os.path.join(self.work_dir, name)
+        command = [sys.executable, RUN_PY, *COMMON_FLAGS, *run_flags,
+                   f"--model_dir={model_dir}"]
+        finished = os.path.exists(os.path.join(model_dir, "COMPLETE"))
+        if finished and name in self.times:
+            seconds = self.times[name]
+            print(f"[{self.count}/{self.total}] {description}: finished earlier.", flush=True)
+        else:
+            shown = ["python", os.path.relpath(RUN_PY), *command[2:]]
+            print(f"[{self.count}/{self.total}] {description}:\n  " + " ".join(shown),
+                  flush=True)
+            log_path = os.path.join(self.work_dir, f"{name}.log")
+            start = time.perf_counter()
+            with open(log_path, "a") as log:
+                code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT,
+                                       cwd=REPOSITORY)
+            seconds = time.perf_counter() - start
+            if code != 0:
+                with open(log_path) as log:
+                    tail = log.read()[-3000:]
+                sys.exit(f"{description} failed (exit status {code}). The end of "
+                         f"{log_path}:\n{tail}")
+            self.times[name] = seconds
+            with open(self.times_path + ".tmp", "w") as file:
+                json.dump(self.times, file, indent=2)
+            os.replace(self.times_path + ".tmp", self.times_path)
+        with open(os.path.join(model_dir, "metrics.json")) as file:
+            top1 = 100 * json.load(file)["test"]["top1"]
+        print(f"  test top-1 {top1:.2f}% in {seconds:.0f} s", flush=True)
+        return top1, seconds
+
+
+def results_table(source, results, sizes):
+    """The results as a Markdown table, one row per N and one column per arm."""
+    lines = [
+        f"Source (5 classes, from scratch): test top-1 {source[0]:.1f}% in {source[1]:.0f} s.",
+        "",
+        "| Train images per class | " + " | ".join(ARMS.values()) + " |",
+        "|---:|" + "---:|" * len(ARMS),
+    ]
+    for size in sizes:
+        cells = [f"{results[size, arm][0]:.1f}% ({results[size, arm][1]:.0f} s)"
+                 for arm in ARMS]
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    data = os.path.abspath(_DATA.value)
+    missing = [f"{split}/{name}" for split in ("train", "test")
+               for name in SOURCE_CLASSES + TARGET_CLASSES
+               if not os.path.isdir(os.path.join(data, split, name))]
+    if missing:
+        raise app.UsageError(
+            f"--data={_DATA.value} should hold CIFAR-10 as image folders, "
+            f"DATA/{{train,test}}/<class>/*.jpg, but lacks {', '.join(missing[:4])}"
+            f"{' and more' if len(missing) > 4 else ''}.")
+    try:
+        sizes = [int(size) for size in _SIZES.value]
+    except ValueError:
+        raise app.UsageError(f"--sizes={','.join(_SIZES.value)}: pass whole numbers.")
+    if GAIN_SIZE not in sizes or min(sizes) < 1:
+        raise app.UsageError(
+            f"--sizes must be positive and include {GAIN_SIZE}, where the gain is measured.")
+    schedule = QUICK if _QUICK.value else FULL
+    work_dir = os.path.abspath(_WORK_DIR.value or os.path.join(
+        REPOSITORY, "runs", "cifar10_transfer_quick" if _QUICK.value else "cifar10_transfer"))
+    os.makedirs(work_dir, exist_ok=True)
+    print(f"{'Quick' if _QUICK.value else 'Full'} mode: source {schedule.source_epochs} "
+          f"epochs, each target arm {schedule.target_epochs} epochs; runs in {work_dir}.",
+          flush=True)
+
+    runner = Runner(work_dir, total=1 + len(sizes) * len(ARMS))
+    source = runner.run("source", "source, 5 classes from scratch",
+                        source_flags(data, schedule))
+    source_weights = os.path.join(work_dir, "source", "backbone.weights.h5")
+    results = {}
+    for size in sizes:
+        for arm, label in ARMS.items():
+            results[size, arm] = runner.run(
+                f"target_n{size}_{arm}", f"target, N={size}, {label}",
+                target_flags(data, size, arm, schedule, source_weights))
+
+    table = results_table(source, results, sizes)
+    with open(os.path.join(work_dir, "results.md"), "w") as file:
+        file.write(table + "\n")
+    print()
+    print(table)
+    gain = results[GAIN_SIZE, "both"][0] - results[GAIN_SIZE, "scratch"][0]
+    print(f"transfer_gain_points={gain:.1f}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("data")
+    app.run(main)

@@ -1,0 +1,70 @@
+"""The CIFAR-10 transfer experiment compares like with like, and checks its data."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPOSITORY, "experiments", "cifar10_transfer.py")
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    spec = importlib.util.spec_from_file_location("cifar10_transfer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flag_values(flags_):
+    return dict(flag.lstrip("-").split("=", 1) for flag in flags_)
+
+
+@pytest.mark.parametrize("mode", ["FULL", "QUICK"])
+def test_the_arms_differ_only_in_weights_and_what_trains(experiment, mode):
+    schedule = getattr(experiment, mode)
+    arms = {arm: _flag_values(experiment.target_flags("DATA", 100, arm, schedule, "SRC.h5"))
+            for arm in experiment.ARMS}
+
+    for arm, values in arms.items():
+        epochs = int(values["head_epochs"]) + int(values["finetune_epochs"])
+        assert epochs == schedule.target_epochs, f"arm {arm} trains for another length"
+        for shared in ("dataset", "classes", "train_examples_per_class", "val_fraction",
+                       "batch_size"):
+            assert values[shared] == arms["scratch"][shared], (arm, shared)
+    assert arms["scratch"]["weights"] == "none"
+    assert arms["scratch"]["batchnorm"] == "train"
+    assert arms["head"]["weights"] == arms["both"]["weights"] == "SRC.h5"
+    assert arms["head"]["finetune_epochs"] == "0"
+    assert int(arms["both"]["head_epochs"]) > 0 and int(arms["both"]["finetune_epochs"]) > 0
+    assert set(arms["both"]["classes"].split(",")).isdisjoint(experiment.SOURCE_CLASSES)
+
+
+def test_source_trains_every_layer_from_scratch(experiment):
+    values = _flag_values(experiment.source_flags("DATA", experiment.FULL))
+    assert values["weights"] == "none"
+    assert values["batchnorm"] == "train"
+    assert values["unfreeze"] == "all"
+    assert values["classes"] == ",".join(experiment.SOURCE_CLASSES)
+
+
+def test_results_table_has_a_row_per_size_and_a_column_per_arm(experiment):
+    results = {(size, arm): (10.0 * i, 60.0)
+               for i, (size, arm) in enumerate((s, a) for s in (20, 100) for a in experiment.ARMS)}
+    table = experiment.results_table((70.0, 300.0), results, [20, 100])
+    assert "| 100 | 30.0% (60 s) | 40.0% (60 s) | 50.0% (60 s) |" in table
+    assert "test top-1 70.0% in 300 s" in table
+
+
+def test_missing_class_folders_are_named_before_any_run(tmp_path):
+    (tmp_path / "train" / "airplane").mkdir(parents=True)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, f"--data={tmp_path}", f"--work_dir={tmp_path / 'work'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "lacks train/automobile" in result.stderr
+    assert not (tmp_path / "work").exists(), "nothing should start on bad data"
