@@ -7,16 +7,21 @@ in the same run.
 
 (a) the project's model, phase 1 (frozen backbone) and (b) phase 2 (unfrozen);
 (c) the plain Keras reference, both phases. Each feeds one fixed uint8 batch
-repeated, so it measures the step, not the input pipeline; each figure is the
-median of --repeats timings, taken in turns with the reference's. Then one head-phase epoch on cached backbone
-features against the same epoch on images.
+repeated, so it measures the step, not the input pipeline. Each model is timed
+in a process of its own, --rounds processes per model taken in turns, because
+two models timed in one TensorFlow process on a CPU slowed one another by up to
+40% depending on which ran first; each figure is the median over all rounds of
+--repeats timings. Then one head-phase epoch on cached backbone features
+against the same epoch on images.
 
 Prints each figure, then cached_head_epoch_speedup=X and, last,
 ratio_vs_plain_keras=X (the smaller of the two phase ratios).
 """
 
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -41,6 +46,12 @@ _MIXED_PRECISION = flags.DEFINE_enum(
     "mixed_precision", "auto", ["auto", "off", "bfloat16", "float16"], "Dtype policy.")
 _JIT_COMPILE = flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                                  "XLA-compile the step.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Processes per model, taken in turns.")
+_MODEL = flags.DEFINE_enum(
+    "model", None, ["tl_keras", "plain"],
+    "Internal: time only this model, in this process, and print its timings.")
+
+_TIMINGS_PREFIX = "timings="
 
 _COMPILE = dict(optimizer="adamw", weight_decay=0.05, label_smoothing=0.1)
 
@@ -52,18 +63,15 @@ def _batches(batch_size, image_size, classes):
     return tf.data.Dataset.from_tensors((images, labels)).cache().repeat()
 
 
-def _images_per_second(models, data, steps, repeats, batch_size):
-    """Images/s of each model, timed in turns so drift in the machine's speed
-    falls on all of them alike; the median of `repeats` turns each."""
-    for model in models:
-        model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)  # Compile, warm up.
-    timings = [[] for _ in models]
+def _seconds_per_fit(model, data, steps, repeats):
+    """`repeats` timings of `steps` training steps, after one untimed warm-up."""
+    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)  # Compile, warm up.
+    times = []
     for _ in range(repeats):
-        for model, times in zip(models, timings):
-            start = time.perf_counter()
-            model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
-            times.append(time.perf_counter() - start)
-    return [steps * batch_size / statistics.median(times) for times in timings]
+        start = time.perf_counter()
+        model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _compile(model, phase, jit_compile):
@@ -85,44 +93,106 @@ def _plain_keras_model(backbone_name, image_size, classes):
     return keras.Model(inputs, outputs), backbone
 
 
-def main(argv):
-    del argv
+def _setup():
+    """Sets the dtype policy; returns (jit_compile, policy, reason, phase plans)."""
     policy, reason = distribute.choose_dtype_policy(
         _MIXED_PRECISION.value, *distribute._accelerators())
     keras.config.set_dtype_policy(policy)
     jit_compile = {"auto": "auto", "true": True, "false": False}[_JIT_COMPILE.value]
+    phases = train.plan_phases(head_epochs=1, head_learning_rate=1e-3,
+                               finetune_epochs=1, finetune_learning_rate=1e-4,
+                               warmup_epochs=0)
+    return jit_compile, policy, reason, phases
+
+
+def _time_one_model(name):
+    """Child process: both phases of one model; prints their timings as JSON."""
+    jit_compile, _, _, (head, finetune) = _setup()
     size, batch, classes = _IMAGE_SIZE.value, _BATCH_SIZE.value, _CLASSES.value
-    steps, repeats = _STEPS.value, _REPEATS.value
+    data = _batches(batch, size, classes)
+    if name == "tl_keras":
+        backbone = model_lib.build_backbone(_BACKBONE.value, size, "none")
+        model = model_lib.build_classifier(backbone, _BACKBONE.value, classes, size, 0.2)
+    else:
+        model, backbone = _plain_keras_model(_BACKBONE.value, size, classes)
+    timings = {}
+    if name == "tl_keras":
+        model_lib.freeze_backbone(backbone)
+    else:
+        backbone.trainable = False
+    _compile(model, head, jit_compile)
+    timings[1] = _seconds_per_fit(model, data, _STEPS.value, _REPEATS.value)
+    if name == "tl_keras":
+        model_lib.unfreeze_backbone(backbone, "all")
+    else:
+        backbone.trainable = True
+        for layer in backbone.layers:  # The guides' fine-tuning: BN stays frozen.
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    _compile(model, finetune, jit_compile)
+    timings[2] = _seconds_per_fit(model, data, _STEPS.value, _REPEATS.value)
+    print(_TIMINGS_PREFIX + json.dumps(timings), flush=True)
+
+
+def _timings_in_a_process(name):
+    """Runs this script for one model in a fresh process; returns its timings."""
+    passed = [arg for arg in sys.argv[1:]
+              if not arg.startswith(("--model=", "--rounds="))]
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), *passed,
+                             f"--model={name}"], capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines()
+             if line.startswith(_TIMINGS_PREFIX)]
+    if result.returncode != 0 or not lines:
+        sys.exit(f"Timing {name} failed (exit status {result.returncode}):\n"
+                 f"{result.stderr[-3000:]}")
+    return {int(phase): times for phase, times in
+            json.loads(lines[-1][len(_TIMINGS_PREFIX):]).items()}
+
+
+def _cached_head_epoch(jit_compile, head, data, steps, batch, classes):
+    """Seconds of one head-phase epoch on images, and on cached features."""
+    backbone = model_lib.build_backbone(_BACKBONE.value, _IMAGE_SIZE.value, "none")
+    ours = model_lib.build_classifier(backbone, _BACKBONE.value, classes,
+                                      _IMAGE_SIZE.value, 0.2)
+    model_lib.freeze_backbone(backbone)
+    _compile(ours, head, jit_compile)
+    ours.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
+    start = time.perf_counter()
+    ours.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+    uncached = time.perf_counter() - start
+    images, labels = next(iter(data))
+    features = model_lib.feature_extractor(ours).predict(images, verbose=0)
+    feature_data = pipeline.feature_batches(
+        np.tile(features, (steps, 1)), np.tile(np.argmax(labels, 1), steps),
+        num_classes=classes, batch_size=batch, seed=0)
+    head_model = model_lib.head_of(ours)
+    _compile(head_model, head, jit_compile)
+    head_model.fit(feature_data, steps_per_epoch=1, epochs=1, verbose=0)
+    start = time.perf_counter()
+    head_model.fit(feature_data, steps_per_epoch=steps, epochs=1, verbose=0)
+    cached = time.perf_counter() - start
+    return uncached, cached
+
+
+def main(argv):
+    del argv
+    if _MODEL.value:
+        _time_one_model(_MODEL.value)
+        return
+    jit_compile, policy, reason, (head, _) = _setup()
+    size, batch, classes = _IMAGE_SIZE.value, _BATCH_SIZE.value, _CLASSES.value
+    steps, repeats, rounds = _STEPS.value, _REPEATS.value, _ROUNDS.value
     print(f"{_BACKBONE.value} at {size} px, batch {batch}, {keras.backend.backend()} "
           f"backend, dtype policy {policy} ({reason}), jit_compile={_JIT_COMPILE.value}; "
-          f"median of {repeats} x {steps} steps")
-    data = _batches(batch, size, classes)
-    head, finetune = train.plan_phases(head_epochs=1, head_learning_rate=1e-3,
-                                       finetune_epochs=1, finetune_learning_rate=1e-4,
-                                       warmup_epochs=0)
-    figures = {}
+          f"median of {rounds} processes x {repeats} x {steps} steps per model", flush=True)
 
-    backbone = model_lib.build_backbone(_BACKBONE.value, size, "none")
-    ours = model_lib.build_classifier(backbone, _BACKBONE.value, classes, size, 0.2)
-    plain, plain_backbone = _plain_keras_model(_BACKBONE.value, size, classes)
-
-    model_lib.freeze_backbone(backbone)
-    plain_backbone.trainable = False
-    _compile(ours, head, jit_compile)
-    _compile(plain, head, jit_compile)
-    figures["ours", 1], figures["plain", 1] = _images_per_second(
-        [ours, plain], data, steps, repeats, batch)
-
-    model_lib.unfreeze_backbone(backbone, "all")
-    plain_backbone.trainable = True
-    for layer in plain_backbone.layers:  # The guides' fine-tuning: BN stays frozen.
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-    _compile(ours, finetune, jit_compile)
-    _compile(plain, finetune, jit_compile)
-    figures["ours", 2], figures["plain", 2] = _images_per_second(
-        [ours, plain], data, steps, repeats, batch)
-
+    timings = {("ours", 1): [], ("ours", 2): [], ("plain", 1): [], ("plain", 2): []}
+    for _ in range(rounds):
+        for name, key in (("tl_keras", "ours"), ("plain", "plain")):
+            for phase, times in _timings_in_a_process(name).items():
+                timings[key, phase] += times
+    figures = {key: steps * batch / statistics.median(times)
+               for key, times in timings.items()}
     for phase, name in ((1, "phase 1, frozen backbone"), (2, "phase 2, unfrozen")):
         print(f"(a/b) tl_keras {name}: {figures['ours', phase]:,.0f} images/s")
         print(f"(c)   plain Keras {name}: {figures['plain', phase]:,.0f} images/s")
@@ -130,23 +200,8 @@ def main(argv):
     # One head-phase epoch of steps * repeats batches: on images, and on
     # features the backbone computed once beforehand.
     epoch_steps = steps * repeats
-    model_lib.freeze_backbone(backbone)
-    _compile(ours, head, jit_compile)
-    ours.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
-    start = time.perf_counter()
-    ours.fit(data, steps_per_epoch=epoch_steps, epochs=1, verbose=0)
-    uncached = time.perf_counter() - start
-    images, labels = next(iter(data))
-    features = model_lib.feature_extractor(ours).predict(images, verbose=0)
-    feature_data = pipeline.feature_batches(
-        np.tile(features, (epoch_steps, 1)), np.tile(np.argmax(labels, 1), epoch_steps),
-        num_classes=classes, batch_size=batch, seed=0)
-    head_model = model_lib.head_of(ours)
-    _compile(head_model, head, jit_compile)
-    head_model.fit(feature_data, steps_per_epoch=1, epochs=1, verbose=0)
-    start = time.perf_counter()
-    head_model.fit(feature_data, steps_per_epoch=epoch_steps, epochs=1, verbose=0)
-    cached = time.perf_counter() - start
+    uncached, cached = _cached_head_epoch(
+        jit_compile, head, _batches(batch, size, classes), epoch_steps, batch, classes)
     print(f"head-phase epoch of {epoch_steps * batch:,} images: {uncached:.2f} s on images, "
           f"{cached:.2f} s on cached features")
 
