@@ -9,9 +9,9 @@ in the same run.
 (c) the plain Keras reference, both phases. Each feeds one fixed uint8 batch
 repeated, so it measures the step, not the input pipeline. Each model is timed
 in a process of its own, --rounds processes per model taken in turns, because
-two models timed in one TensorFlow process on a CPU slowed one another by up to
-40% depending on which ran first; each figure is the median over all rounds of
---repeats timings. Then one head-phase epoch on cached backbone features
+two models timed in one TensorFlow process on a CPU gave figures that followed
+the order they ran in (see BENCHMARKS.md); each figure is the median over all
+rounds of --repeats timings. Then one head-phase epoch on cached backbone features
 against the same epoch on images.
 
 Prints each figure, then cached_head_epoch_speedup=X and, last,
@@ -105,32 +105,39 @@ def _setup():
     return jit_compile, policy, reason, phases
 
 
+def _model_to_time(name, size, classes):
+    """One model and its two phase settings: (model, freeze, unfreeze)."""
+    if name == "tl_keras":
+        backbone = model_lib.build_backbone(_BACKBONE.value, size, "none")
+        model = model_lib.build_classifier(backbone, _BACKBONE.value, classes, size, 0.2)
+        return (model, lambda: model_lib.freeze_backbone(backbone),
+                lambda: model_lib.unfreeze_backbone(backbone, "all"))
+    model, backbone = _plain_keras_model(_BACKBONE.value, size, classes)
+
+    def freeze():
+        backbone.trainable = False
+
+    def unfreeze():
+        backbone.trainable = True
+        for layer in backbone.layers:  # The guides' fine-tuning: BN stays frozen.
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+
+    return model, freeze, unfreeze
+
+
 def _time_one_model(name):
     """Child process: both phases of one model; prints their timings as JSON."""
     jit_compile, _, _, (head, finetune) = _setup()
     size, batch, classes = _IMAGE_SIZE.value, _BATCH_SIZE.value, _CLASSES.value
     data = _batches(batch, size, classes)
-    if name == "tl_keras":
-        backbone = model_lib.build_backbone(_BACKBONE.value, size, "none")
-        model = model_lib.build_classifier(backbone, _BACKBONE.value, classes, size, 0.2)
-    else:
-        model, backbone = _plain_keras_model(_BACKBONE.value, size, classes)
+    model, freeze, unfreeze = _model_to_time(name, size, classes)
     timings = {}
-    if name == "tl_keras":
-        model_lib.freeze_backbone(backbone)
-    else:
-        backbone.trainable = False
-    _compile(model, head, jit_compile)
-    timings[1] = _seconds_per_fit(model, data, _STEPS.value, _REPEATS.value)
-    if name == "tl_keras":
-        model_lib.unfreeze_backbone(backbone, "all")
-    else:
-        backbone.trainable = True
-        for layer in backbone.layers:  # The guides' fine-tuning: BN stays frozen.
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
-    _compile(model, finetune, jit_compile)
-    timings[2] = _seconds_per_fit(model, data, _STEPS.value, _REPEATS.value)
+    for phase, (set_trainable, plan) in enumerate(((freeze, head), (unfreeze, finetune)),
+                                                  start=1):
+        set_trainable()
+        _compile(model, plan, jit_compile)
+        timings[phase] = _seconds_per_fit(model, data, _STEPS.value, _REPEATS.value)
     print(_TIMINGS_PREFIX + json.dumps(timings), flush=True)
 
 

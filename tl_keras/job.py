@@ -85,18 +85,19 @@ def _train_evaluate_export(config, strategy, flagfile_text, state, verbose):
     )
     validation_batches = evaluation_batches(config, splits, "validation")
 
+    train_batchnorm = config.batchnorm == "train"
     with strategy.scope():
         backbone = model_lib.build_backbone(
             config.backbone, config.image_size, config.weights
         )
         classifier = model_lib.build_classifier(
             backbone, config.backbone, splits.num_classes, config.image_size,
-            config.dropout, config.resize, train_batchnorm=config.batchnorm == "train",
+            config.dropout, config.resize, train_batchnorm=train_batchnorm,
         )
     if config.finetune_epochs:
         # Resolve --unfreeze now, so a bad layer name fails before phase 1.
         model_lib.first_unfrozen_layer_index(backbone, config.unfreeze)
-        if config.weights == "none" and config.batchnorm == "frozen":
+        if config.weights == "none" and not train_batchnorm:
             print("Note: --weights=none with --batchnorm=frozen keeps BatchNormalization "
                   "at its initial statistics, which normalise nothing. To train a "
                   "backbone from scratch, pass --batchnorm=train.", flush=True)
@@ -125,7 +126,7 @@ def _train_evaluate_export(config, strategy, flagfile_text, state, verbose):
         steps_per_epoch=steps,
         phases=phases,
         unfreeze=config.unfreeze,
-        train_batchnorm=config.batchnorm == "train",
+        train_batchnorm=train_batchnorm,
         optimizer=config.optimizer,
         weight_decay=config.weight_decay,
         label_smoothing=config.label_smoothing,

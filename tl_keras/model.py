@@ -313,11 +313,12 @@ def recompute_batchnorm_statistics(classifier, backbone, image_batches):
     """Sets the trainable BatchNormalization layers' moving statistics to the
     plain average of their batch statistics over `image_batches`.
 
-    The moving averages kept during training mix in statistics of weights long
-    gone, and after a few hundred steps from random initialisation they still
-    hold much of their initial mean 0 and variance 1 (momentum 0.99 remembers
-    about a hundred steps). A network trained from scratch on a small dataset
-    then predicts well in training mode and near chance in inference mode. One
+    The moving averages kept during training mix in statistics of earlier
+    weights, which change fast when training from random initialisation, and
+    after only a few hundred steps they still hold part of their initial mean 0
+    and variance 1 (momentum 0.99: 0.99**160 is about 0.2). A network trained
+    from scratch on a small dataset can then predict well in training mode and
+    near chance in inference mode. One
     pass with the final weights fixes that ("precise BatchNorm", Wu and
     Johnson, 2021); nothing but the moving statistics changes.
 
