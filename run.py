@@ -7,6 +7,8 @@ import sys
 # warnings and errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
+import logging  # noqa: E402
+
 from absl import app  # noqa: E402
 
 from tl_keras import flags  # noqa: E402
@@ -16,6 +18,9 @@ from tl_keras.errors import UsageError  # noqa: E402
 
 
 def main(argv):
+    # TensorFlow's Python INFO records (each collective op it sets up, each
+    # renamed SavedModel input) would bury the run's own progress lines.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     settings = flags.mode()
