@@ -40,10 +40,12 @@ class Config:
     weight_decay: float
     warmup_epochs: float
     label_smoothing: float
+    lr_scaling: str
     # Runtime.
     mixed_precision: str
     jit_compile: str
     strategy: str
+    tpu: str | None
     model_dir: str
     seed: int
     steps_per_epoch: int | None

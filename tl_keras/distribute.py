@@ -5,6 +5,9 @@ own `keras.distribution.DataParallel`.
 """
 
 import contextlib
+import dataclasses
+import json
+import os
 
 import keras
 import tensorflow as tf
@@ -31,16 +34,27 @@ def describe(strategy):
     if isinstance(strategy, KerasDistribution):
         kind = "DataParallel" if strategy.num_replicas_in_sync > 1 else "no distribution"
         return f"keras.distribution ({kind}, {keras.backend.backend()} backend)"
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        role = worker_role(strategy)
+        chief = ", the chief" if role.is_chief else ""
+        return f"MultiWorkerMirroredStrategy ({role.name}{chief}, of {role.num_workers} workers)"
     return type(strategy).__name__
 
 
-def create_strategy(name):
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+def create_strategy(name, tpu_address=None):
     """Creates the distribution named by `--strategy`.
 
     Args:
         name: `auto` (TensorFlow: MirroredStrategy when there are GPUs, else the
             default strategy on the CPU; JAX: `keras.distribution.DataParallel`
-            over the local devices), `one_device`, or `mirrored` (TensorFlow only).
+            over the local devices), or one of the TensorFlow-only `one_device`,
+            `mirrored`, `multi_worker` (MultiWorkerMirroredStrategy from the
+            `TF_CONFIG` environment variable) and `tpu`.
+        tpu_address: `--tpu`, for `tpu`: a TPU name, `grpc://HOST:PORT`, or
+            `local` on a TPU VM.
 
     Returns:
         A `tf.distribute.Strategy`, or a `KerasDistribution` on other backends.
@@ -62,6 +76,14 @@ def create_strategy(name):
                 keras.distribution.DataParallel(devices=devices))
             return KerasDistribution(len(devices))
         return KerasDistribution(1)
+    if name == "multi_worker":
+        cluster_description(os.environ.get("TF_CONFIG"))  # Fails early, and clearly.
+        _fix_keras_fit_for_multi_worker()
+        # Each worker mirrors over all of its local GPUs (or its CPU), and the
+        # replicas of every worker train in sync.
+        # Before any other TensorFlow call: collective ops must be configured
+        # before TensorFlow initialises its runtime.
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         return tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
@@ -74,7 +96,155 @@ def create_strategy(name):
         # two replicas on one CPU).
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([device.name for device in devices])
-    raise UsageError(f"Unknown --strategy={name}; pass auto, one_device or mirrored.")
+    if name == "tpu":
+        return _tpu_strategy(tpu_address)
+    raise UsageError(f"Unknown --strategy={name}; pass one of {', '.join(STRATEGIES)}.")
+
+
+def _tpu_strategy(address):
+    """TPUStrategy on the TPU at `address`. Untested here (no TPU): kept to
+    the three calls TensorFlow's TPU guide prescribes."""
+    if not address:
+        raise UsageError(
+            "--strategy=tpu needs --tpu=ADDRESS: the TPU's name, grpc://HOST:PORT, or "
+            "local on a TPU VM.")
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, tf.errors.OpError) as error:
+        raise UsageError(
+            f"Couldn't reach the TPU at --tpu={address}: {error}\nCheck the name or "
+            f"address (local on a TPU VM), and that this machine may use it.") from error
+    return tf.distribute.TPUStrategy(resolver)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerRole:
+    """This process's place in a multi-worker cluster.
+
+    Attributes:
+        name: e.g. `chief_0` or `worker_1`.
+        is_chief: whether it writes the run's outputs. The chief is the task of
+            type `chief`, or worker 0 when the cluster has no chief.
+        num_workers: how many tasks train together.
+    """
+
+    name: str
+    is_chief: bool
+    num_workers: int
+
+
+SINGLE_MACHINE = WorkerRole(name="chief_0", is_chief=True, num_workers=1)
+
+
+def cluster_description(tf_config):
+    """Checks the `TF_CONFIG` text of a multi-worker run and reads this task's role.
+
+    Returns:
+        A `WorkerRole`.
+
+    Raises:
+        UsageError: naming what is missing or wrong, and what it should be.
+    """
+    example = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+               '"task": {"type": "worker", "index": 0}}')
+    if not tf_config:
+        raise UsageError(
+            f"--strategy=multi_worker reads the cluster from the TF_CONFIG environment "
+            f"variable, which is not set. Set it on each host, e.g. TF_CONFIG='{example}' "
+            f"(index 0 on the first host, 1 on the second), and run the same command on "
+            f"every host.")
+    try:
+        parsed = json.loads(tf_config)
+        cluster, task = parsed["cluster"], parsed["task"]
+        task_type, index = task["type"], int(task["index"])
+        members = cluster[task_type]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(
+            f"TF_CONFIG={tf_config!r} is not a cluster description ({error!r}). It "
+            f"should look like {example}.") from error
+    if task_type not in ("chief", "worker"):
+        raise UsageError(
+            f"TF_CONFIG's task type is {task_type!r}; tl_keras trains with chief and "
+            f"worker tasks only.")
+    if not 0 <= index < len(members):
+        raise UsageError(
+            f"TF_CONFIG's task index {index} is out of range: its cluster lists "
+            f"{len(members)} {task_type} address(es).")
+    is_chief = task_type == "chief" or ("chief" not in cluster and index == 0)
+    num_workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+    return WorkerRole(f"{task_type}_{index}", is_chief, num_workers)
+
+
+def worker_role(strategy):
+    """This process's `WorkerRole`; `SINGLE_MACHINE` outside multi-worker runs."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return SINGLE_MACHINE
+    return cluster_description(os.environ.get("TF_CONFIG"))
+
+
+def gather_from_workers(strategy, values):
+    """Every worker's `values` (a list of ints), in task order.
+
+    A collective: every worker must call it, at the same point.
+
+    Returns:
+        A list with one list of ints per replica of every worker.
+    """
+    @tf.function
+    def gather():
+        per_replica = strategy.run(lambda: tf.constant([values], tf.int64))
+        return strategy.gather(per_replica, axis=0)
+
+    return gather().numpy().tolist()
+
+
+def _fix_keras_fit_for_multi_worker():
+    """Works around two bugs of Keras 3's `fit` under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585), for this process.
+
+    1. `fit` builds the model from its first batch, which it first averages
+       across workers; under this strategy that reduce fails on the eager
+       per-replica batch. Building needs only the shapes, so one local replica's
+       batch does.
+    2. Training and evaluation results (scalars) are averaged across workers
+       with `axis=0`, which fails on a scalar. The mean over workers needs no
+       axis.
+
+    Only code paths taken under MultiWorkerMirroredStrategy change; the
+    two-worker test (tests/test_multi_worker.py) fails if a Keras release
+    breaks this.
+    """
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    if getattr(trainer, "_tl_keras_multi_worker_fix", False):
+        return
+    multi_worker = trainer._collective_all_reduce_multi_worker
+    reduce_per_replica = trainer.reduce_per_replica
+    maybe_symbolic_build = trainer.TensorFlowTrainer._maybe_symbolic_build
+
+    def reduce_scalars_across_workers(values, strategy, reduction):
+        if not (multi_worker(strategy) and reduction in ("auto", "mean")):
+            return reduce_per_replica(values, strategy, reduction)
+        return tree.map_structure(
+            lambda value: strategy.reduce("MEAN", value, axis=None), values)
+
+    def build_from_a_local_batch(self, iterator=None, data_batch=None):
+        if iterator is None or not multi_worker(self.distribute_strategy):
+            return maybe_symbolic_build(self, iterator=iterator, data_batch=data_batch)
+        for _, _, batches in iterator:
+            data_batch = tree.map_structure(
+                lambda value: self.distribute_strategy.experimental_local_results(value)[0],
+                next(batches))
+            break
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    trainer.reduce_per_replica = reduce_scalars_across_workers
+    trainer.TensorFlowTrainer._maybe_symbolic_build = build_from_a_local_batch
+    trainer._tl_keras_multi_worker_fix = True
 
 
 def check_batch_size(batch_size, num_replicas):

@@ -13,6 +13,7 @@ import sys
 from absl import flags
 from absl.testing import flagsaver
 
+from tl_keras import distribute
 from tl_keras import model as model_lib
 from tl_keras.config import Config
 from tl_keras.errors import UsageError
@@ -123,6 +124,10 @@ _OPTIMIZER = flags.DEFINE_enum(
 _WEIGHT_DECAY = flags.DEFINE_float(
     "weight_decay", 0.05,
     "Decoupled weight decay; biases and normalisation parameters are exempt.")
+_LR_SCALING = flags.DEFINE_enum(
+    "lr_scaling", "none", ["none", "linear"],
+    "none: the learning rates apply as given, whatever --batch_size. linear: "
+    "they are for a global batch of 256 and scale with --batch_size/256.")
 _WARMUP_EPOCHS = flags.DEFINE_float(
     "warmup_epochs", 1.0,
     "Phase 2 epochs of linear learning-rate warmup; fractions work, e.g. 0.5.")
@@ -138,9 +143,12 @@ _JIT_COMPILE = flags.DEFINE_enum(
     "jit_compile", "auto", ["auto", "true", "false"],
     "XLA-compile the train step. auto: Keras decides per model and backend.")
 _STRATEGY = flags.DEFINE_enum(
-    "strategy", "auto", ["auto", "one_device", "mirrored"],
+    "strategy", "auto", list(distribute.STRATEGIES),
     "tf.distribute strategy. auto: MirroredStrategy over the GPUs if there are "
-    "any, else the CPU.")
+    "any, else the CPU. multi_worker: MultiWorkerMirroredStrategy over the "
+    "cluster in TF_CONFIG. tpu: TPUStrategy on --tpu.")
+_TPU = flags.DEFINE_string(
+    "tpu", None, "--strategy=tpu: the TPU's name, grpc://HOST:PORT, or local on a TPU VM.")
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None,
     "Where the run writes its outputs (default: runs/DATASET-BACKBONE).")
@@ -343,6 +351,8 @@ def to_config():
         mixed_precision=_MIXED_PRECISION.value,
         jit_compile=_JIT_COMPILE.value,
         strategy=_STRATEGY.value,
+        tpu=_TPU.value,
+        lr_scaling=_LR_SCALING.value,
         model_dir=_MODEL_DIR.value or _default_model_dir(_DATASET.value, spec.name),
         seed=_SEED.value,
         steps_per_epoch=_STEPS_PER_EPOCH.value,

@@ -49,7 +49,7 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
         UsageError: for bad input, found before training starts.
         tl_keras.train.Preempted: on SIGTERM, after saving a backup.
     """
-    strategy = distribute.create_strategy(config.strategy)
+    strategy = distribute.create_strategy(config.strategy, config.tpu)
     distribute.check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
     policy, reason = distribute.resolve_mixed_precision(config.mixed_precision)
     keras.config.set_dtype_policy(policy)
@@ -59,21 +59,57 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
         f"replica(s); dtype policy {policy} ({reason}).",
         flush=True,
     )
+    role = distribute.worker_role(strategy)
+    if role.num_workers > 1 and role.is_chief:
+        print(f"The chief writes the run's outputs to {config.model_dir}; the other "
+              f"workers write to places of their own under it and delete them at the end.",
+              flush=True)
+    if not role.is_chief:
+        # Every worker runs every step and save, in sync; only the chief's
+        # outputs are the run's.
+        config = dataclasses.replace(
+            config, model_dir=rundir.worker_dir(config.model_dir, role.name))
+        print(f"The chief writes the run's outputs; this worker writes to "
+              f"{config.model_dir} and deletes it at the end.", flush=True)
 
     with rundir.claim(config.model_dir, flagfile_text, overwrite) as state:
+        if role.num_workers > 1:
+            _check_workers_agree(strategy, role, config.model_dir, state)
         if state == rundir.COMPLETE:
             print(f"{config.model_dir} holds a complete run; nothing to do. Pass "
                   f"--overwrite to train it again from scratch.", flush=True)
+            if not role.is_chief:
+                return {}
             with open(os.path.join(config.model_dir, "metrics.json")) as file:
                 return json.load(file)
         if state == rundir.RESUME:
             print(f"Resuming the interrupted run in {config.model_dir}.", flush=True)
-        metrics = _train_evaluate_export(config, strategy, flagfile_text, state, verbose)
+        metrics = _train_evaluate_export(config, strategy, role, flagfile_text, state,
+                                         verbose)
         rundir.mark_complete(config.model_dir)
+        if not role.is_chief:
+            rundir.discard_worker_outputs(config.model_dir)
         return metrics
 
 
-def _train_evaluate_export(config, strategy, flagfile_text, state, verbose):
+def _check_workers_agree(strategy, role, model_dir, state):
+    """Stops every worker unless all of them would start from the same place.
+
+    A kill can land between two workers' end-of-epoch saves; resumed from
+    different epochs, they would wait on each other forever.
+    """
+    position = [int(state == rundir.COMPLETE)]
+    if state != rundir.COMPLETE:
+        position += train.resume_position(train.RunPaths(model_dir))
+    positions = distribute.gather_from_workers(strategy, position)
+    if any(other != positions[0] for other in positions):
+        raise UsageError(
+            f"The workers' folders disagree about where to resume ({role.name}'s "
+            f"{model_dir} says {position}; all say {positions}): a kill landed "
+            f"between their saves. Rerun every worker with --overwrite to start afresh.")
+
+
+def _train_evaluate_export(config, strategy, role, flagfile_text, state, verbose):
     splits = load_splits(config)
     steps = train.steps_per_epoch(
         splits.sizes["train"], config.batch_size, config.steps_per_epoch
@@ -112,11 +148,17 @@ def _train_evaluate_export(config, strategy, flagfile_text, state, verbose):
     run_log = monitor.RunLog(paths.tensorboard)
     run_log.hparams(_hparams(config))
     run_log.training_inputs(train_batches, splits.class_names)
+    scale = train.learning_rate_scale(config.batch_size, config.lr_scaling)
+    if scale != 1:
+        print(f"Learning rates scaled linearly to the global batch of {config.batch_size} "
+              f"(x{scale:g} of their values for {train.LINEAR_SCALING_REFERENCE_BATCH}): "
+              f"head {config.head_learning_rate * scale:g}, fine-tuning "
+              f"{config.finetune_learning_rate * scale:g}.", flush=True)
     phases = train.plan_phases(
         head_epochs=config.head_epochs,
-        head_learning_rate=config.head_learning_rate,
+        head_learning_rate=config.head_learning_rate * scale,
         finetune_epochs=config.finetune_epochs,
-        finetune_learning_rate=config.finetune_learning_rate,
+        finetune_learning_rate=config.finetune_learning_rate * scale,
         warmup_epochs=config.warmup_epochs,
     )
     validation_by_phase = train.train_two_phases(
@@ -141,6 +183,7 @@ def _train_evaluate_export(config, strategy, flagfile_text, state, verbose):
             (lambda: _cache_features(classifier, config, splits))
             if config.cache_features else None
         ),
+        backup_on_preemption=role.num_workers == 1,
         verbose=verbose,
     )
     _write_training_curves(paths, config.head_epochs)

@@ -74,7 +74,7 @@ def training_batches(examples, *, num_examples, image_shape, image_size,
             ),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-    return batches.prefetch(tf.data.AUTOTUNE)
+    return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
 
 
 def evaluation_batches(examples, *, num_examples, image_shape, image_size,
@@ -95,7 +95,7 @@ def evaluation_batches(examples, *, num_examples, image_shape, image_size,
         examples = examples.cache()
     batches = _batch(examples, image_shape, image_size, batch_size,
                      drop_remainder=False, resize=resize)
-    return _one_hot(batches, num_classes).prefetch(tf.data.AUTOTUNE)
+    return _shard_by_data(_one_hot(batches, num_classes).prefetch(tf.data.AUTOTUNE))
 
 
 def _batch(examples, image_shape, image_size, batch_size, drop_remainder, resize):
@@ -181,4 +181,14 @@ def feature_batches(features, labels, *, num_classes, batch_size, seed=None):
                         tf.one_hot(tf.ensure_shape(y, [None]), num_classes)))
     if seed is not None:
         batches = batches.repeat()
-    return batches.prefetch(tf.data.AUTOTUNE)
+    return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
+
+
+def _shard_by_data(batches):
+    """Under a multi-worker strategy, each worker takes its share of every
+    global batch (DATA sharding): the datasets here aren't one file per worker,
+    which FILE sharding would need. Single-machine strategies ignore this."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return batches.with_options(options)

@@ -17,6 +17,8 @@ from tl_keras.errors import UsageError
 LOCK_FILE = "run.lock"
 COMPLETE_FILE = "COMPLETE"
 FLAGS_FILE = "flags.txt"
+# Under the chief's --model_dir, the other workers' own folders.
+WORKERS_DIR = "workers"
 
 FRESH, RESUME, COMPLETE = "fresh", "resume", "complete"
 
@@ -54,8 +56,25 @@ def mark_complete(model_dir):
         file.write("This run finished; rerunning it does nothing without --overwrite.\n")
 
 
+def worker_dir(model_dir, worker_name):
+    """Where a multi-worker run's non-chief worker writes: TensorFlow's
+    multi-worker guide has every worker save what the chief saves, the others
+    to places of their own. It stays until the run completes, so that a rerun
+    after a kill resumes every worker from the same epoch."""
+    return os.path.join(model_dir, WORKERS_DIR, worker_name)
+
+
+def discard_worker_outputs(model_dir):
+    """Deletes what a non-chief worker wrote, once the run is complete, but for
+    the COMPLETE marker, which tells a rerun there is nothing to do."""
+    for name in set(os.listdir(model_dir)) - {COMPLETE_FILE, LOCK_FILE}:
+        path = os.path.join(model_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def _decide(model_dir, flagfile_text, overwrite):
-    entries = set(os.listdir(model_dir)) - {LOCK_FILE}
+    # Other workers' folders are theirs to decide about.
+    entries = set(os.listdir(model_dir)) - {LOCK_FILE, WORKERS_DIR}
     if overwrite:
         for name in entries:
             path = os.path.join(model_dir, name)

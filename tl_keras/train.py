@@ -58,6 +58,18 @@ def plan_phases(*, head_epochs, head_learning_rate, finetune_epochs,
     ]
 
 
+# The batch that --lr_scaling=linear takes the learning rates to be for, as in
+# "Accurate, Large Minibatch SGD" (Goyal et al., 2017).
+LINEAR_SCALING_REFERENCE_BATCH = 256
+
+
+def learning_rate_scale(batch_size, scaling):
+    """The factor on the learning rates: 1 for `none`; batch_size/256 for `linear`."""
+    if scaling == "linear":
+        return batch_size / LINEAR_SCALING_REFERENCE_BATCH
+    return 1.0
+
+
 def learning_rate_schedule(phase, steps_per_epoch):
     """The phase's learning rate: constant, or linear warmup then cosine decay.
 
@@ -222,7 +234,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
                      optimizer, weight_decay,
                      label_smoothing, num_classes, jit_compile, scope, paths,
                      phase_callbacks=None, profile_batches=None, cached_features=None,
-                     verbose="auto"):
+                     backup_on_preemption=True, verbose="auto"):
     """Trains the head on the frozen backbone, then fine-tunes; resumes a killed run.
 
     Rerun in the same `paths.model_dir` after a kill, it skips completed phases
@@ -252,6 +264,9 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         cached_features: optional function returning `CachedFeatures`; the
             head phase then trains on them instead of on images. Called only
             if the head phase runs.
+        backup_on_preemption: on SIGTERM, back up the epoch in progress. Off
+            for multi-worker runs, whose workers stop at different batches:
+            the rerun resumes all of them from their last common epoch.
         verbose: `model.fit`'s verbosity.
 
     Returns:
@@ -333,7 +348,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
                 StopOnNaN(paths),
                 # Restores before HistoryWriter learns the first epoch to run.
                 backup,
-                PreemptionWatcher(backup),
+                PreemptionWatcher(backup if backup_on_preemption else None),
                 LearningRateLogger(),
                 keras.callbacks.TensorBoard(
                     paths.tensorboard,
@@ -526,7 +541,8 @@ class StopOnNaN(keras.callbacks.Callback):
 
 
 class PreemptionWatcher(keras.callbacks.Callback):
-    """On SIGTERM, finishes the current batch, saves a backup and stops."""
+    """On SIGTERM, finishes the current batch, saves a backup (unless given
+    none to save) and stops."""
 
     def __init__(self, backup):
         super().__init__()
@@ -550,14 +566,32 @@ class PreemptionWatcher(keras.callbacks.Callback):
         self.received = True
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.received:
-            self.backup.save_now(self.epoch)
-            self.on_train_end()
+        if not self.received:
+            return
+        self.on_train_end()
+        if self.backup is None:
             raise Preempted(
                 f"Received SIGTERM: stopped after batch {batch + 1} of epoch "
-                f"{self.epoch + 1} and saved a backup to {self.backup.backup_dir}. "
-                f"Rerun the same command to continue from there."
-            )
+                f"{self.epoch + 1}. Rerun the same command on every worker to continue "
+                f"from the last completed epoch.")
+        self.backup.save_now(self.epoch)
+        raise Preempted(
+            f"Received SIGTERM: stopped after batch {batch + 1} of epoch "
+            f"{self.epoch + 1} and saved a backup to {self.backup.backup_dir}. "
+            f"Rerun the same command to continue from there."
+        )
+
+
+def resume_position(paths):
+    """Where a rerun in `paths.model_dir` would start, as ints: for each phase,
+    whether it is complete and the epoch its backup restarts at (-1: none).
+    Multi-worker runs check that every worker's folder says the same."""
+    progress = Progress(paths.progress)
+    position = []
+    for phase in (HEAD_PHASE, FINETUNE_PHASE):
+        saved = ResumableBackup(paths.backup_dir(phase)).saved_epoch()
+        position += [int(progress.phase_complete(phase)), -1 if saved is None else saved]
+    return position
 
 
 def _save_weights(model, path):
