@@ -1,13 +1,15 @@
-"""Beyond one machine: two workers on loopback, TF_CONFIG checks, learning-rate
-scaling, and the TPU path up to the TPU itself."""
+"""Beyond one machine: two workers on loopback (killed and resumed), TF_CONFIG
+checks, learning-rate scaling, and the TPU path up to the TPU itself."""
 
 import csv
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import tensorflow as tf
@@ -20,7 +22,7 @@ from tl_keras import train
 from tl_keras.errors import UsageError
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
-RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--head_epochs=1", "--finetune_epochs=2",
+RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--head_epochs=1", "--finetune_epochs=3",
              "--batch_size=8", "--jit_compile=false", "--backbone=mobilenetv3small",
              "--strategy=multi_worker"]
 
@@ -35,8 +37,8 @@ def _free_ports(count):
     return ports
 
 
-def _run_cluster(model_dir, timeout=500):
-    """Runs two workers of the smoke run on 127.0.0.1; returns [(code, output)]."""
+def _start_cluster(model_dir):
+    """Starts two workers of the smoke run on 127.0.0.1."""
     addresses = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     processes = []
     for index in range(2):
@@ -46,16 +48,28 @@ def _run_cluster(model_dir, timeout=500):
             [sys.executable, LAUNCHER, *RUN_FLAGS, f"--model_dir={model_dir}"],
             cwd=REPO_ROOT, env=environment, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return processes
+
+
+def _finish(processes, timeout=500):
+    """Waits for the workers; returns [(exit status, output)]."""
     results = []
-    for process in processes:
-        try:
+    try:
+        for process in processes:
             output, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            raise
-        results.append((process.returncode, output))
+            results.append((process.returncode, output))
+    finally:
+        for process in processes:
+            process.kill()
     return results
+
+
+def _history(model_dir):
+    path = os.path.join(model_dir, "history.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as file:
+        return [int(row["epoch"]) for row in csv.DictReader(file)]
 
 
 def _epoch_lines(output):
@@ -66,14 +80,27 @@ def _epoch_lines(output):
 
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
+    """Two workers killed (SIGKILL) early in phase 2's second epoch, then rerun."""
     model_dir = tmp_path_factory.mktemp("cluster") / "run"
-    return model_dir, _run_cluster(model_dir)
+    processes = _start_cluster(model_dir)
+    deadline = time.time() + 400
+    while len(_history(model_dir)) < 2:  # The head epoch and phase 2's first.
+        assert time.time() < deadline and all(p.poll() is None for p in processes), \
+            _finish(processes, timeout=5)
+        time.sleep(0.05)
+    # Into the next epoch, well before its end, when both workers save again.
+    time.sleep(0.5)
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    _finish(processes)
+    return model_dir, _finish(_start_cluster(model_dir))
 
 
-def test_two_workers_train_as_one_and_only_the_chief_keeps_outputs(cluster_run):
+def test_two_workers_killed_in_phase_two_resume_as_one(cluster_run):
     model_dir, results = cluster_run
     for code, output in results:
         assert code == 0, output[-3000:]
+        assert "Phase finetune: epochs 2-4, resuming at epoch 3" in output
     chief_output, worker_output = results[0][1], results[1][1]
     assert "worker_0, the chief, of 2 workers" in chief_output
     assert "worker_1, of 2 workers" in worker_output
@@ -82,12 +109,11 @@ def test_two_workers_train_as_one_and_only_the_chief_keeps_outputs(cluster_run):
     # workers, read the same in both logs. Two separate runs on their own
     # shards would differ.
     epochs = _epoch_lines(chief_output)
-    assert len(epochs) == 3
+    assert len(epochs) == 2
     assert epochs == _epoch_lines(worker_output)
 
-    # The chief wrote the run, once per epoch, and exported it.
-    with open(model_dir / "history.csv", newline="") as file:
-        assert [int(row["epoch"]) for row in csv.DictReader(file)] == [0, 1, 2]
+    # The chief wrote the run, each epoch once, and exported it.
+    assert _history(model_dir) == [0, 1, 2, 3]
     serving = tf.saved_model.load(str(model_dir / "saved_model"))
     outputs = serving.signatures["serving_default"](images=tf.zeros([2, 40, 50, 3], tf.uint8))
     assert outputs["probabilities"].shape == (2, 10)
@@ -101,7 +127,7 @@ def test_two_workers_train_as_one_and_only_the_chief_keeps_outputs(cluster_run):
 
 def test_a_complete_cluster_run_is_not_retrained(cluster_run):
     model_dir, _ = cluster_run
-    for code, output in _run_cluster(model_dir, timeout=200):
+    for code, output in _finish(_start_cluster(model_dir), timeout=200):
         assert code == 0, output[-3000:]
         assert "holds a complete run; nothing to do" in output
         assert "Epoch 1/" not in output
