@@ -5,6 +5,8 @@ in the same run.
     python benchmarks/step_throughput.py [--backbone=resnet50 --image_size=32 ...]
     KERAS_BACKEND=jax python benchmarks/step_throughput.py --mixed_precision=bfloat16 ...
 
+Under JAX or PyTorch it needs no TensorFlow (see `FixedBatch`).
+
 (a) the project's model, phase 1 (frozen backbone) and (b) phase 2 (unfrozen);
 (c) the plain Keras reference, both phases. Each feeds one fixed uint8 batch
 repeated, so it measures the step, not the input pipeline. Each model is timed
@@ -36,10 +38,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from tl_keras import distribute, pipeline, train  # noqa: E402
+from tl_keras import precision, train  # noqa: E402
 from tl_keras import model as model_lib  # noqa: E402
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet50", "Keras Applications backbone.")
@@ -62,20 +63,55 @@ _TIMINGS_PREFIX = "timings="
 _COMPILE = dict(optimizer="adamw", weight_decay=0.05, label_smoothing=0.1)
 
 
-def _batches(batch_size, image_size, classes):
+class FixedBatch:
+    """One fixed batch, fed to `fit` again and again.
+
+    Under TensorFlow it comes from a cached, repeated tf.data dataset. Other
+    backends get it as device arrays of `steps` copies that Keras slices, so
+    the benchmark runs without TensorFlow installed (as on the GPU machines,
+    which have JAX): call `prepare(steps)` before timing.
+    """
+
+    def __init__(self, inputs, labels, batch_size):
+        self.inputs, self.labels, self.batch_size = inputs, labels, batch_size
+        self._dataset = None
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            self._dataset = tf.data.Dataset.from_tensors((inputs, labels)).cache().repeat()
+        self._arrays = {}
+
+    def prepare(self, steps):
+        if self._dataset is None and steps not in self._arrays:
+            self._arrays[steps] = tuple(
+                keras.ops.convert_to_tensor(np.concatenate([array] * steps))
+                for array in (self.inputs, self.labels))
+
+    def fit(self, model, steps):
+        """`steps` training steps of `model` on the batch."""
+        if self._dataset is not None:
+            model.fit(self._dataset, steps_per_epoch=steps, epochs=1, verbose=0)
+            return
+        self.prepare(steps)
+        inputs, labels = self._arrays[steps]
+        model.fit(inputs, labels, batch_size=self.batch_size, shuffle=False, epochs=1,
+                  verbose=0)
+
+
+def _fixed_batch(batch_size, image_size, classes):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8)
     labels = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, batch_size)]
-    return tf.data.Dataset.from_tensors((images, labels)).cache().repeat()
+    return FixedBatch(images, labels, batch_size)
 
 
-def _seconds_per_fit(model, data, steps, repeats):
+def _seconds_per_fit(model, batch, steps, repeats):
     """`repeats` timings of `steps` training steps, after one untimed warm-up."""
-    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)  # Compile, warm up.
+    batch.fit(model, steps)  # Compile, warm up.
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+        batch.fit(model, steps)
         times.append(time.perf_counter() - start)
     return times
 
@@ -101,8 +137,8 @@ def _plain_keras_model(backbone_name, image_size, classes):
 
 def _setup():
     """Sets the dtype policy; returns (jit_compile, policy, reason, phase plans)."""
-    policy, reason = distribute.choose_dtype_policy(
-        _MIXED_PRECISION.value, *distribute._accelerators())
+    policy, reason = precision.choose_dtype_policy(
+        _MIXED_PRECISION.value, *precision.accelerators())
     keras.config.set_dtype_policy(policy)
     jit_compile = {"auto": "auto", "true": True, "false": False}[_JIT_COMPILE.value]
     phases = train.plan_phases(head_epochs=1, head_learning_rate=1e-3,
@@ -136,14 +172,14 @@ def _time_one_model(name):
     """Child process: both phases of one model; prints their timings as JSON."""
     jit_compile, _, _, (head, finetune) = _setup()
     size, batch, classes = _IMAGE_SIZE.value, _BATCH_SIZE.value, _CLASSES.value
-    data = _batches(batch, size, classes)
+    fixed_batch = _fixed_batch(batch, size, classes)
     model, freeze, unfreeze = _model_to_time(name, size, classes)
     timings = {}
     for phase, (set_trainable, plan) in enumerate(((freeze, head), (unfreeze, finetune)),
                                                   start=1):
         set_trainable()
         _compile(model, plan, jit_compile)
-        timings[phase] = _seconds_per_fit(model, data, _STEPS.value, _REPEATS.value)
+        timings[phase] = _seconds_per_fit(model, fixed_batch, _STEPS.value, _REPEATS.value)
     print(_TIMINGS_PREFIX + json.dumps(timings), flush=True)
 
 
@@ -162,27 +198,42 @@ def _timings_in_a_process(name):
             json.loads(lines[-1][len(_TIMINGS_PREFIX):]).items()}
 
 
-def _cached_head_epoch(jit_compile, head, data, steps, batch, classes):
+def _cached_head_epoch(jit_compile, head, fixed_batch, steps, classes):
     """Seconds of one head-phase epoch on images, and on cached features."""
     backbone = model_lib.build_backbone(_BACKBONE.value, _IMAGE_SIZE.value, "none")
     ours = model_lib.build_classifier(backbone, _BACKBONE.value, classes,
                                       _IMAGE_SIZE.value, 0.2)
     model_lib.freeze_backbone(backbone)
     _compile(ours, head, jit_compile)
-    ours.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
+    fixed_batch.fit(ours, 1)  # Compile, warm up.
+    fixed_batch.prepare(steps)
     start = time.perf_counter()
-    ours.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+    fixed_batch.fit(ours, steps)
     uncached = time.perf_counter() - start
-    images, labels = next(iter(data))
-    features = model_lib.feature_extractor(ours).predict(images, verbose=0)
-    feature_data = pipeline.feature_batches(
-        np.tile(features, (steps, 1)), np.tile(np.argmax(labels, 1), steps),
-        num_classes=classes, batch_size=batch, seed=0)
+    # The head trains on the backbone's features of the same batch.
+    features = model_lib.feature_extractor(ours).predict(fixed_batch.inputs, verbose=0)
     head_model = model_lib.head_of(ours)
     _compile(head_model, head, jit_compile)
-    head_model.fit(feature_data, steps_per_epoch=1, epochs=1, verbose=0)
+    if keras.backend.backend() == "tensorflow":
+        # The run's own path (`--cache_features`): shuffled tf.data batches read
+        # from the features in memory.
+        from tl_keras import pipeline
+
+        batches = pipeline.feature_batches(
+            np.tile(features, (steps, 1)), np.tile(np.argmax(fixed_batch.labels, 1), steps),
+            num_classes=classes, batch_size=fixed_batch.batch_size, seed=0)
+
+        def fit_head(count):
+            head_model.fit(batches, steps_per_epoch=count, epochs=1, verbose=0)
+    else:
+        feature_batch = FixedBatch(features, fixed_batch.labels, fixed_batch.batch_size)
+        feature_batch.prepare(steps)
+
+        def fit_head(count):
+            feature_batch.fit(head_model, count)
+    fit_head(1)  # Compile, warm up.
     start = time.perf_counter()
-    head_model.fit(feature_data, steps_per_epoch=steps, epochs=1, verbose=0)
+    fit_head(steps)
     cached = time.perf_counter() - start
     return uncached, cached
 
@@ -219,7 +270,7 @@ def main(argv):
     # features the backbone computed once beforehand.
     epoch_steps = steps * repeats
     uncached, cached = _cached_head_epoch(
-        jit_compile, head, _batches(batch, size, classes), epoch_steps, batch, classes)
+        jit_compile, head, _fixed_batch(batch, size, classes), epoch_steps, classes)
     print(f"head-phase epoch of {epoch_steps * batch:,} images: {uncached:.2f} s on images, "
           f"{cached:.2f} s on cached features")
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT, SMOKE_FLAGS
-from tl_keras import distribute
+from tl_keras import precision
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 
@@ -26,13 +26,13 @@ LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
     ("bfloat16", False, [], "mixed_bfloat16"),
 ])
 def test_mixed_precision_choice(setting, has_tpu, capabilities, expected):
-    policy, reason = distribute.choose_dtype_policy(setting, has_tpu, capabilities)
+    policy, reason = precision.choose_dtype_policy(setting, has_tpu, capabilities)
     assert policy == expected
     assert reason
 
 
 def test_auto_mixed_precision_on_this_cpu_is_float32():
-    assert distribute.resolve_mixed_precision("auto")[0] == "float32"
+    assert precision.resolve_mixed_precision("auto")[0] == "float32"
 
 
 def _run_under_jax(tmp_path, *flags):

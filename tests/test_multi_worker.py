@@ -13,6 +13,7 @@ import time
 
 import pytest
 import tensorflow as tf
+from absl import flags as absl_flags
 
 from conftest import REPO_ROOT, SMOKE_FLAGS, parse_config
 from tl_keras import distribute
@@ -133,12 +134,36 @@ def test_a_complete_cluster_run_is_not_retrained(cluster_run):
         assert "Epoch 1/" not in output
 
 
+# What each worker sends: [is chief, complete, then `train.resume_position`].
+_CHIEF_AT_EPOCH_3 = [1, 0, 1, -1, 0, 2]
+
+
 def test_workers_that_would_resume_from_different_epochs_refuse(tmp_path, monkeypatch):
     monkeypatch.setattr(distribute, "gather_from_workers",
-                        lambda strategy, values: [[0, 1, -1, 0, 2], [0, 1, -1, 0, 1]])
+                        lambda strategy, values: [_CHIEF_AT_EPOCH_3, [0, 0, 1, -1, 0, 1]])
     role = distribute.WorkerRole("worker_1", is_chief=False, num_workers=2)
     with pytest.raises(UsageError, match=r"disagree about where to resume.*--overwrite"):
-        job._check_workers_agree(None, role, str(tmp_path), rundir.RESUME)
+        job._agreed_state(None, role, str(tmp_path), rundir.RESUME)
+
+
+def test_workers_at_the_chiefs_epoch_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(distribute, "gather_from_workers",
+                        lambda strategy, values: [_CHIEF_AT_EPOCH_3, [0, 0, 1, -1, 0, 2]])
+    role = distribute.WorkerRole("worker_1", is_chief=False, num_workers=2)
+    assert job._agreed_state(None, role, str(tmp_path), rundir.RESUME) == rundir.RESUME
+
+
+def test_a_complete_chief_completes_a_worker_a_kill_left_unfinished(tmp_path, monkeypatch):
+    sent = []
+
+    def gather(strategy, values):
+        sent.append(values)
+        return [[1, 1, 1, -1, 1, -1], values]
+
+    monkeypatch.setattr(distribute, "gather_from_workers", gather)
+    role = distribute.WorkerRole("worker_1", is_chief=False, num_workers=2)
+    assert job._agreed_state(None, role, str(tmp_path), rundir.RESUME) == rundir.COMPLETE
+    assert sent == [[0, 0, 0, -1, 0, -1]]  # Every worker sends as many values.
 
 
 def test_a_fresh_folder_has_no_resume_position(tmp_path):
@@ -204,6 +229,13 @@ def test_linear_scaling_changes_the_learning_rate_the_run_trains_with(tmp_path, 
     with open(tmp_path / "run" / "history.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert float(rows[0]["learning_rate"]) == pytest.approx(1e-3 * 16 / 256)
+
+
+def test_flags_that_need_another_strategy_are_refused():
+    with pytest.raises(absl_flags.Error, match=r"--tpu=my-tpu names a TPU.*Add --strategy=tpu"):
+        parse_config("--tpu=my-tpu")
+    with pytest.raises(absl_flags.Error, match="doesn't train across workers yet"):
+        parse_config("--cache_features", "--strategy=multi_worker")
 
 
 def test_tpu_needs_an_address():

@@ -1,7 +1,7 @@
-"""Where the run executes: the distribution over devices and the compute dtype.
+"""Where the run executes: the distribution over devices and machines.
 
 With the TensorFlow backend that is a tf.distribute strategy; with JAX, Keras'
-own `keras.distribution.DataParallel`.
+own `keras.distribution.DataParallel`. The compute dtype is `tl_keras.precision`'s.
 """
 
 import contextlib
@@ -159,7 +159,6 @@ def cluster_description(tf_config):
         parsed = json.loads(tf_config)
         cluster, task = parsed["cluster"], parsed["task"]
         task_type, index = task["type"], int(task["index"])
-        members = cluster[task_type]
     except (ValueError, KeyError, TypeError) as error:
         raise UsageError(
             f"TF_CONFIG={tf_config!r} is not a cluster description ({error!r}). It "
@@ -168,6 +167,7 @@ def cluster_description(tf_config):
         raise UsageError(
             f"TF_CONFIG's task type is {task_type!r}; tl_keras trains with chief and "
             f"worker tasks only.")
+    members = cluster.get(task_type, []) if isinstance(cluster, dict) else []
     if not 0 <= index < len(members):
         raise UsageError(
             f"TF_CONFIG's task index {index} is out of range: its cluster lists "
@@ -208,9 +208,9 @@ def _fix_keras_fit_for_multi_worker():
        across workers; under this strategy that reduce fails on the eager
        per-replica batch. Building needs only the shapes, so one local replica's
        batch does.
-    2. Training and evaluation results (scalars) are averaged across workers
-       with `axis=0`, which fails on a scalar. The mean over workers needs no
-       axis.
+    2. Training and evaluation results are averaged across workers with
+       `axis=0`, which fails on the scalar metrics and would collapse any
+       other result. The mean over workers is element by element: no axis.
 
     Only code paths taken under MultiWorkerMirroredStrategy change; the
     two-worker test (tests/test_multi_worker.py) fails if a Keras release
@@ -225,14 +225,15 @@ def _fix_keras_fit_for_multi_worker():
     reduce_per_replica = trainer.reduce_per_replica
     maybe_symbolic_build = trainer.TensorFlowTrainer._maybe_symbolic_build
 
-    def reduce_scalars_across_workers(values, strategy, reduction):
+    def mean_across_workers(values, strategy, reduction):
         if not (multi_worker(strategy) and reduction in ("auto", "mean")):
             return reduce_per_replica(values, strategy, reduction)
         return tree.map_structure(
             lambda value: strategy.reduce("MEAN", value, axis=None), values)
 
     def build_from_a_local_batch(self, iterator=None, data_batch=None):
-        if iterator is None or not multi_worker(self.distribute_strategy):
+        if (iterator is None or self._distribute_strategy is None
+                or not multi_worker(self.distribute_strategy)):
             return maybe_symbolic_build(self, iterator=iterator, data_batch=data_batch)
         for _, _, batches in iterator:
             data_batch = tree.map_structure(
@@ -242,7 +243,7 @@ def _fix_keras_fit_for_multi_worker():
         with self.distribute_strategy.scope():
             self._symbolic_build(data_batch=data_batch)
 
-    trainer.reduce_per_replica = reduce_scalars_across_workers
+    trainer.reduce_per_replica = mean_across_workers
     trainer.TensorFlowTrainer._maybe_symbolic_build = build_from_a_local_batch
     trainer._tl_keras_multi_worker_fix = True
 
@@ -262,69 +263,3 @@ def check_batch_size(batch_size, num_replicas):
             f"evenly across {num_replicas} replicas. Pass a multiple of "
             f"{num_replicas}, such as {options}."
         )
-
-
-def resolve_mixed_precision(setting):
-    """Chooses the Keras dtype policy for `--mixed_precision` on this machine.
-
-    Returns:
-        A tuple (policy name, reason) such as ("mixed_bfloat16", "GPU ...").
-    """
-    has_tpu, capabilities = _accelerators() if setting == "auto" else (False, [])
-    return choose_dtype_policy(setting, has_tpu, capabilities)
-
-
-def choose_dtype_policy(setting, has_tpu, gpu_capabilities):
-    """The dtype policy for a setting and the accelerators present.
-
-    Args:
-        setting: `auto`, `off`, `bfloat16` or `float16`.
-        has_tpu: whether the run is on TPUs.
-        gpu_capabilities: the (major, minor) compute capability of each GPU.
-
-    Returns:
-        A tuple (policy name, reason).
-    """
-    if setting == "off":
-        return "float32", "--mixed_precision=off"
-    if setting in ("bfloat16", "float16"):
-        return f"mixed_{setting}", f"--mixed_precision={setting}"
-    if has_tpu:
-        return "mixed_bfloat16", "TPUs compute in bfloat16"
-    capabilities = list(gpu_capabilities)
-    if not capabilities:
-        return "float32", "no GPU: mixed precision is slower than float32 on CPUs"
-    slowest = min(capabilities)
-    described = f"GPU compute capability {slowest[0]}.{slowest[1]}"
-    # bfloat16 needs Ampere (8.0) or newer; older GPUs get float16, for which
-    # Keras wraps the optimizer in loss scaling when the model is compiled.
-    if slowest >= (8, 0):
-        return "mixed_bfloat16", described
-    return "mixed_float16", described
-
-
-def _accelerators():
-    """(whether there are TPUs, the compute capability of each GPU), asked of
-    the backend in use."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        devices = jax.devices()
-        capabilities = [
-            tuple(int(part) for part in str(device.compute_capability).split("."))
-            for device in devices
-            if device.platform == "gpu" and getattr(device, "compute_capability", None)
-        ]
-        return any(device.platform == "tpu" for device in devices), capabilities
-    if backend == "torch":
-        import torch
-
-        return False, [torch.cuda.get_device_capability(index)
-                       for index in range(torch.cuda.device_count())]
-    capabilities = [
-        tf.config.experimental.get_device_details(gpu).get("compute_capability")
-        for gpu in tf.config.list_physical_devices("GPU")
-    ]
-    has_tpu = bool(tf.config.list_logical_devices("TPU"))
-    return has_tpu, [c for c in capabilities if c]

@@ -249,6 +249,20 @@ def _validate_weights(weights):
         "path of a weights file.")
 
 
+@flags.multi_flags_validator(["strategy", "tpu", "cache_features"])
+def _validate_strategy(values):
+    strategy = values["strategy"]
+    if values["tpu"] and strategy != "tpu":
+        raise flags.ValidationError(
+            f"--tpu={values['tpu']} names a TPU, which only --strategy=tpu uses "
+            f"(not --strategy={strategy}). Add --strategy=tpu, or drop --tpu.")
+    if values["cache_features"] and strategy == "multi_worker":
+        raise flags.ValidationError(
+            "--cache_features keeps each worker's features in its own memory, and "
+            "doesn't train across workers yet. Drop it for --strategy=multi_worker.")
+    return True
+
+
 @flags.multi_flags_validator(["head_epochs", "finetune_epochs"])
 def _validate_epochs(values):
     if values["head_epochs"] + values["finetune_epochs"] == 0:

@@ -22,6 +22,7 @@ from tl_keras import model as model_lib
 from tl_keras import monitor
 from tl_keras import pipeline
 from tl_keras import plots
+from tl_keras import precision
 from tl_keras import predict
 from tl_keras import rundir
 from tl_keras import train
@@ -47,11 +48,12 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
 
     Raises:
         UsageError: for bad input, found before training starts.
-        tl_keras.train.Preempted: on SIGTERM, after saving a backup.
+        tl_keras.train.Preempted: on SIGTERM, after saving a backup (on one
+            machine; see `tl_keras.train.train_two_phases`).
     """
     strategy = distribute.create_strategy(config.strategy, config.tpu)
     distribute.check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
-    policy, reason = distribute.resolve_mixed_precision(config.mixed_precision)
+    policy, reason = precision.resolve_mixed_precision(config.mixed_precision)
     keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(config.seed)
     print(
@@ -74,11 +76,14 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
 
     with rundir.claim(config.model_dir, flagfile_text, overwrite) as state:
         if role.num_workers > 1:
-            _check_workers_agree(strategy, role, config.model_dir, state)
+            state = _agreed_state(strategy, role, config.model_dir, state)
         if state == rundir.COMPLETE:
             print(f"{config.model_dir} holds a complete run; nothing to do. Pass "
                   f"--overwrite to train it again from scratch.", flush=True)
             if not role.is_chief:
+                # The chief's run is complete, whatever a kill left here.
+                rundir.mark_complete(config.model_dir)
+                rundir.discard_worker_outputs(config.model_dir)
                 return {}
             with open(os.path.join(config.model_dir, "metrics.json")) as file:
                 return json.load(file)
@@ -92,21 +97,33 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
         return metrics
 
 
-def _check_workers_agree(strategy, role, model_dir, state):
-    """Stops every worker unless all of them would start from the same place.
+def _agreed_state(strategy, role, model_dir, state):
+    """The state every worker of a multi-worker run goes on with.
 
-    A kill can land between two workers' end-of-epoch saves; resumed from
-    different epochs, they would wait on each other forever.
+    A collective: each worker tells the others whether it is the chief, whether
+    its folder holds a complete run, and where it would resume. The chief's
+    word on completion holds for all. Otherwise every worker must resume where
+    the chief does: a kill can land between two workers' end-of-epoch saves,
+    and workers resumed from different epochs would wait on each other forever.
+
+    Returns:
+        `rundir.COMPLETE` when the chief's run is complete, else `state`.
+
+    Raises:
+        UsageError: on every worker, when they would resume from different places.
     """
-    position = [int(state == rundir.COMPLETE)]
-    if state != rundir.COMPLETE:
-        position += train.resume_position(train.RunPaths(model_dir))
-    positions = distribute.gather_from_workers(strategy, position)
-    if any(other != positions[0] for other in positions):
+    position = [int(state == rundir.COMPLETE),
+                *train.resume_position(train.RunPaths(model_dir))]
+    rows = distribute.gather_from_workers(strategy, [int(role.is_chief), *position])
+    chief = next(row[1:] for row in rows if row[0])
+    if chief[0]:
+        return rundir.COMPLETE
+    if any(row[1:] != chief for row in rows):
         raise UsageError(
             f"The workers' folders disagree about where to resume ({role.name}'s "
-            f"{model_dir} says {position}; all say {positions}): a kill landed "
-            f"between their saves. Rerun every worker with --overwrite to start afresh.")
+            f"{model_dir} says {position}, the chief's {chief}): a kill landed between "
+            f"their saves. Rerun every worker with --overwrite to start afresh.")
+    return state
 
 
 def _train_evaluate_export(config, strategy, role, flagfile_text, state, verbose):

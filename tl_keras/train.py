@@ -275,7 +275,8 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
 
     Raises:
         TrainingDiverged: when the loss becomes NaN or infinite.
-        Preempted: when the process received SIGTERM; a backup was saved.
+        Preempted: when the process received SIGTERM; a backup was saved
+            if `backup_on_preemption`.
     """
     os.makedirs(os.path.dirname(paths.best_checkpoint), exist_ok=True)
     progress = Progress(paths.progress)
@@ -508,7 +509,7 @@ class TrainingDiverged(UsageError):
 
 
 class Preempted(Exception):
-    """The process received SIGTERM; training stopped after saving a backup."""
+    """The process received SIGTERM; training stopped at the end of a batch."""
 
 
 class StopOnNaN(keras.callbacks.Callback):
