@@ -144,9 +144,11 @@ _JIT_COMPILE = flags.DEFINE_enum(
     "XLA-compile the train step. auto: Keras decides per model and backend.")
 _STRATEGY = flags.DEFINE_enum(
     "strategy", "auto", list(distribute.STRATEGIES),
-    "tf.distribute strategy. auto: MirroredStrategy over the GPUs if there are "
-    "any, else the CPU. multi_worker: MultiWorkerMirroredStrategy over the "
-    "cluster in TF_CONFIG. tpu: TPUStrategy on --tpu.")
+    "Where training runs. auto: MirroredStrategy over the GPUs if there are any, "
+    "else the CPU (under JAX: keras.distribution.DataParallel over the local "
+    "devices). The others are tf.distribute strategies: one_device, mirrored, "
+    "multi_worker (MultiWorkerMirroredStrategy over the cluster in TF_CONFIG), "
+    "tpu (TPUStrategy on --tpu).")
 _TPU = flags.DEFINE_string(
     "tpu", None, "--strategy=tpu: the TPU's name, grpc://HOST:PORT, or local on a TPU VM.")
 _MODEL_DIR = flags.DEFINE_string(
