@@ -54,6 +54,8 @@ _MIXED_PRECISION = flags.DEFINE_enum(
 _JIT_COMPILE = flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                                  "XLA-compile the step.")
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Processes per model, taken in turns (ABBA).")
+_SHOW_TIMINGS = flags.DEFINE_boolean(
+    "show_timings", False, "Also print each process's timings, in images/s.")
 _MODEL = flags.DEFINE_enum(
     "model", None, ["tl_keras", "plain"],
     "Internal: time only this model, in this process, and print its timings.")
@@ -186,7 +188,7 @@ def _time_one_model(name):
 def _timings_in_a_process(name):
     """Runs this script for one model in a fresh process; returns its timings."""
     passed = [arg for arg in sys.argv[1:]
-              if not arg.startswith(("--model=", "--rounds="))]
+              if not arg.startswith(("--model=", "--rounds=", "--show_timings"))]
     result = subprocess.run([sys.executable, os.path.abspath(__file__), *passed,
                              f"--model={name}"], capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines()
@@ -258,6 +260,10 @@ def main(argv):
         for name, key in models if round_ % 2 == 0 else models[::-1]:
             for phase, times in _timings_in_a_process(name).items():
                 timings[key, phase] += times
+                if _SHOW_TIMINGS.value:
+                    print(f"{name} phase {phase}: "
+                          f"{[round(steps * batch / seconds) for seconds in times]}",
+                          flush=True)
     figures = {key: steps * batch / min(times) for key, times in timings.items()}
     medians = {key: steps * batch / statistics.median(times)
                for key, times in timings.items()}

@@ -207,11 +207,11 @@ def test_multi_worker_without_tf_config_fails_before_any_work(tmp_path, monkeypa
 def test_the_chief_leaves_the_workers_folders_to_them(tmp_path):
     model_dir = str(tmp_path)
     os.makedirs(rundir.worker_dir(model_dir, "worker_1"))
-    with rundir.claim(model_dir, "--a\n", overwrite=False) as state:
-        assert state == rundir.FRESH
+    (tmp_path / "history.csv").write_text("epoch\n")
     with rundir.claim(model_dir, "--a\n", overwrite=True) as state:
         assert state == rundir.FRESH
     assert os.path.isdir(rundir.worker_dir(model_dir, "worker_1"))
+    assert not (tmp_path / "history.csv").exists()  # The chief's own files go.
 
 
 def test_linear_scaling_takes_the_learning_rates_to_be_for_a_batch_of_256():

@@ -79,10 +79,9 @@ def create_strategy(name, tpu_address=None):
     if name == "multi_worker":
         cluster_description(os.environ.get("TF_CONFIG"))  # Fails early, and clearly.
         _fix_keras_fit_for_multi_worker()
-        # Each worker mirrors over all of its local GPUs (or its CPU), and the
-        # replicas of every worker train in sync.
-        # Before any other TensorFlow call: collective ops must be configured
-        # before TensorFlow initialises its runtime.
+        # Created before any other TensorFlow call, since collective ops must be
+        # configured before TensorFlow initialises its runtime. Each worker
+        # mirrors over all of its local GPUs (or its CPU).
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
