@@ -66,7 +66,7 @@ def _changed(before, model):
 
 
 def _train(model, backbone, tmp_path, *, head_epochs, finetune_epochs, unfreeze="all",
-           train_batchnorm=False):
+           train_batchnorm=False, phase_callbacks=None):
     train.train_two_phases(
         model, backbone,
         train_batches=_batches(), validation_batches=_batches(),
@@ -79,7 +79,7 @@ def _train(model, backbone, tmp_path, *, head_epochs, finetune_epochs, unfreeze=
         unfreeze=unfreeze, train_batchnorm=train_batchnorm, optimizer="adam", weight_decay=0.0, label_smoothing=0.0,
         num_classes=NUM_CLASSES, jit_compile=False,
         scope=tf.distribute.get_strategy().scope,
-        paths=train.RunPaths(str(tmp_path)), verbose=0,
+        paths=train.RunPaths(str(tmp_path)), phase_callbacks=phase_callbacks, verbose=0,
     )
 
 
@@ -145,6 +145,34 @@ def test_trained_batchnorm_moves_only_where_unfrozen_and_only_in_phase_2(tmp_pat
                           and names.index(l.name) < names.index(first))
     assert later <= changed, "the unfrozen BatchNormalization layers should train"
     assert not changed & earlier, "frozen BatchNormalization layers moved"
+
+
+def test_trained_batchnorm_statistics_follow_the_weights_during_phase_2(tmp_path):
+    # Each epoch's validation uses the moving statistics. At ResNet50's own
+    # momentum of 0.99 they would still be mostly their initial values after a
+    # short phase, and validation would report near chance.
+    classifier, backbone = _build("none", train_batchnorm=True)
+    first = "conv5_block1_1_conv"
+    names = [layer.name for layer in backbone.layers]
+    batchnorm = [l for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    momentum_in_fit = {}
+
+    class MomentumSpy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            for layer in batchnorm:
+                momentum_in_fit[layer.name] = layer.momentum
+
+    _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=1,
+           unfreeze=first, train_batchnorm=True,
+           phase_callbacks=lambda phase: [MomentumSpy()] if phase.name == "finetune" else [])
+
+    unfrozen = {l.name for l in batchnorm if names.index(l.name) >= names.index(first)}
+    assert unfrozen and {momentum_in_fit[name] for name in unfrozen} == {
+        train.TRACKING_BATCHNORM_MOMENTUM}
+    assert {m for name, m in momentum_in_fit.items() if name not in unfrozen} == {0.99}, (
+        "frozen layers' statistics don't move, whatever their momentum")
+    # Saved models keep the architecture's own momentum.
+    assert {layer.momentum for layer in batchnorm} == {0.99}
 
 
 def test_trained_batchnorm_predicts_with_its_moving_statistics():

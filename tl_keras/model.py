@@ -8,6 +8,7 @@ re-implemented outside, and the input pipeline can ship small uint8 images to
 the accelerator, which resizes them cheaply.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -348,6 +349,33 @@ def recompute_batchnorm_statistics(classifier, backbone, image_batches):
         for layer, momentum in zip(layers, momentums):
             layer.momentum = momentum
     return count
+
+
+@contextlib.contextmanager
+def batchnorm_momentum(backbone, momentum):
+    """Sets the trainable BatchNormalization layers' momentum for a while.
+
+    Training from scratch, the moving statistics should follow the fast-moving
+    weights, or each epoch's validation runs on statistics of weights long
+    gone: at Keras Applications' momentum of 0.99 or 0.999, a few hundred steps
+    leave a large part of the initial mean 0 and variance 1 in them. Only the
+    moving statistics depend on momentum; training-mode outputs, and so the
+    weights' updates, do not. Set it before the model's train step is traced.
+
+    Args:
+        backbone: a model from `build_backbone`.
+        momentum: the momentum to use inside the `with` block.
+    """
+    layers = [layer for layer in backbone.layers
+              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    momentums = [layer.momentum for layer in layers]
+    try:
+        for layer in layers:
+            layer.momentum = momentum
+        yield
+    finally:
+        for layer, original in zip(layers, momentums):
+            layer.momentum = original
 
 
 def first_unfrozen_layer_index(backbone, unfreeze):

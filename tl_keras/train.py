@@ -5,6 +5,7 @@ strategy's) inside which both compiles run, so the optimizer's variables are
 created where the model's are.
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -339,29 +340,36 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             # replaces the checkpoint when it does better.
             initial_value_threshold=progress.best_top1,
         )
-        fit_model.fit(
-            fit_data,
-            validation_data=fit_validation,
-            initial_epoch=phase.first_epoch,
-            epochs=last_epoch,
-            steps_per_epoch=steps_per_epoch,
-            callbacks=[
-                StopOnNaN(paths),
-                # Restores before HistoryWriter learns the first epoch to run.
-                backup,
-                PreemptionWatcher(backup if backup_on_preemption else None),
-                LearningRateLogger(),
-                keras.callbacks.TensorBoard(
-                    paths.tensorboard,
-                    profile_batch=(profile_batches or 0) if not progress.phases else 0,
-                ),
-                checkpoint,
-                HistoryWriter(paths.history, phase.name),
-                ProgressWriter(progress, phase.name, checkpoint),
-                *(phase_callbacks(phase) if phase_callbacks else []),
-            ],
-            verbose=verbose,
-        )
+        # Training BatchNormalization from scratch, its moving statistics
+        # follow the weights closely, so that each epoch's validation and the
+        # best checkpoint mean something; they are recomputed after the phase.
+        tracking_batchnorm = (
+            model_lib.batchnorm_momentum(backbone, TRACKING_BATCHNORM_MOMENTUM)
+            if train_batchnorm and phase.name != HEAD_PHASE else contextlib.nullcontext())
+        with tracking_batchnorm:
+            fit_model.fit(
+                fit_data,
+                validation_data=fit_validation,
+                initial_epoch=phase.first_epoch,
+                epochs=last_epoch,
+                steps_per_epoch=steps_per_epoch,
+                callbacks=[
+                    StopOnNaN(paths),
+                    # Restores before HistoryWriter learns the first epoch to run.
+                    backup,
+                    PreemptionWatcher(backup if backup_on_preemption else None),
+                    LearningRateLogger(),
+                    keras.callbacks.TensorBoard(
+                        paths.tensorboard,
+                        profile_batch=(profile_batches or 0) if not progress.phases else 0,
+                    ),
+                    checkpoint,
+                    HistoryWriter(paths.history, phase.name),
+                    ProgressWriter(progress, phase.name, checkpoint),
+                    *(phase_callbacks(phase) if phase_callbacks else []),
+                ],
+                verbose=verbose,
+            )
         if phase.name != HEAD_PHASE and train_batchnorm:
             _recompute_batchnorm_statistics(model, backbone, train_batches,
                                             validation_batches, progress, phase.name)
@@ -371,6 +379,10 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         restore_from = None
     return progress.validation_by_phase()
 
+
+# BatchNormalization momentum while training it from scratch: the moving
+# statistics then average about the last ten batches, PyTorch's default.
+TRACKING_BATCHNORM_MOMENTUM = 0.9
 
 # Batches averaged when re-estimating BatchNormalization statistics after
 # training from scratch: thousands of images, a fraction of an epoch's cost.
