@@ -154,7 +154,8 @@ def test_trained_batchnorm_statistics_follow_the_weights_during_phase_2(tmp_path
     classifier, backbone = _build("none", train_batchnorm=True)
     first = "conv5_block1_1_conv"
     names = [layer.name for layer in backbone.layers]
-    batchnorm = [l for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    batchnorm = [layer for layer in backbone.layers
+                 if isinstance(layer, keras.layers.BatchNormalization)]
     momentum_in_fit = {}
 
     class MomentumSpy(keras.callbacks.Callback):
@@ -166,13 +167,32 @@ def test_trained_batchnorm_statistics_follow_the_weights_during_phase_2(tmp_path
            unfreeze=first, train_batchnorm=True,
            phase_callbacks=lambda phase: [MomentumSpy()] if phase.name == "finetune" else [])
 
-    unfrozen = {l.name for l in batchnorm if names.index(l.name) >= names.index(first)}
+    unfrozen = {layer.name for layer in batchnorm
+                if names.index(layer.name) >= names.index(first)}
     assert unfrozen and {momentum_in_fit[name] for name in unfrozen} == {
         train.TRACKING_BATCHNORM_MOMENTUM}
     assert {m for name, m in momentum_in_fit.items() if name not in unfrozen} == {0.99}, (
-        "frozen layers' statistics don't move, whatever their momentum")
-    # Saved models keep the architecture's own momentum.
-    assert {layer.momentum for layer in batchnorm} == {0.99}
+        "only the trainable BatchNormalization layers should change momentum")
+    assert {layer.get_config()["momentum"] for layer in batchnorm} == {0.99}, (
+        "after the phase, the saved configuration should have the architecture's momentum")
+
+
+def test_batchnorm_momentum_reaches_the_traced_train_step():
+    # Keras reads momentum when it traces the train step, so setting it is only
+    # worth something if a step traced inside the block uses it.
+    inputs = keras.Input((1,))
+    outputs = keras.layers.Dense(1)(keras.layers.BatchNormalization(name="bn")(inputs))
+    model = keras.Model(inputs, outputs)
+    model.compile("sgd", "mse")
+    constant = np.full((8, 1), 10.0, "float32")
+
+    with model_lib.batchnorm_momentum(model, 0.9):
+        model.fit(constant, np.zeros((8, 1), "float32"), batch_size=8, verbose=0)
+
+    layer = model.get_layer("bn")
+    # One step from mean 0: 0.9 * 0 + 0.1 * 10. At the layer's own 0.99 it would be 0.1.
+    np.testing.assert_allclose(np.array(layer.moving_mean), [1.0], rtol=1e-5)
+    assert layer.momentum == 0.99
 
 
 def test_trained_batchnorm_predicts_with_its_moving_statistics():

@@ -355,12 +355,15 @@ def recompute_batchnorm_statistics(classifier, backbone, image_batches):
 def batchnorm_momentum(backbone, momentum):
     """Sets the trainable BatchNormalization layers' momentum for a while.
 
-    Training from scratch, the moving statistics should follow the fast-moving
-    weights, or each epoch's validation runs on statistics of weights long
-    gone: at Keras Applications' momentum of 0.99 or 0.999, a few hundred steps
-    leave a large part of the initial mean 0 and variance 1 in them. Only the
-    moving statistics depend on momentum; training-mode outputs, and so the
-    weights' updates, do not. Set it before the model's train step is traced.
+    While BatchNormalization trains, above all from scratch, the moving
+    statistics should follow the fast-moving weights, or each epoch's
+    validation runs on statistics of weights long gone: at Keras
+    Applications' momentum of 0.99 or 0.999, a few hundred steps leave a large
+    part of the initial mean 0 and variance 1 in them. Only the moving
+    statistics depend on momentum; training-mode outputs, and so the weights'
+    updates, do not. The momentum is read when the train step is traced, so
+    the model must trace it inside the `with` block (compile drops a traced
+    step).
 
     Args:
         backbone: a model from `build_backbone`.

@@ -340,9 +340,11 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             # replaces the checkpoint when it does better.
             initial_value_threshold=progress.best_top1,
         )
-        # Training BatchNormalization from scratch, its moving statistics
-        # follow the weights closely, so that each epoch's validation and the
-        # best checkpoint mean something; they are recomputed after the phase.
+        # With --batchnorm=train, the moving statistics follow the weights
+        # closely, so that each epoch's validation and the best checkpoint mean
+        # something; they are recomputed after the phase. compile_for_phase
+        # above dropped the traced train step, so fit traces it in this block,
+        # with this momentum.
         tracking_batchnorm = (
             model_lib.batchnorm_momentum(backbone, TRACKING_BATCHNORM_MOMENTUM)
             if train_batchnorm and phase.name != HEAD_PHASE else contextlib.nullcontext())
@@ -380,7 +382,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
     return progress.validation_by_phase()
 
 
-# BatchNormalization momentum while training it from scratch: the moving
+# BatchNormalization momentum while it trains (--batchnorm=train): the moving
 # statistics then average about the last ten batches, PyTorch's default.
 TRACKING_BATCHNORM_MOMENTUM = 0.9
 
