@@ -27,13 +27,12 @@ after an interruption: finished runs are kept and interrupted ones resume.
 Why MobileNetV3Small at 128 px: on two CPU cores a source epoch takes about
 as long as one of ResNet50 at 32 px, and the network learns far more in it.
 The 32 px images are upsampled inside the model, so its last feature map is
-4x4, where ResNet50's at 32 px is 1x1; and with 0.9 million weights against
-23.6 million it overfits 25,000 images less. From scratch on the source
-classes it reached 74% in two epochs, where this experiment's ResNet50 at
-32 px reached 64% in three and 69% in eight. Its BatchNormalization layers
-train from scratch (`--batchnorm=train`), and their statistics are recomputed
-after training: with a momentum of 0.999 they would lag far behind the weights
-in a run this short.
+4x4, where ResNet50's at 32 px is 1x1; and it has 0.9 million weights against
+23.6 million. From scratch on the source classes it reached 74% in two epochs,
+where this experiment's ResNet50 at 32 px reached 64% in three and 69% in
+eight. Its BatchNormalization layers train from scratch (`--batchnorm=train`):
+their moving statistics track the weights at momentum 0.9 during training and
+are recomputed with the final weights after it.
 The source keeps 10% of its training images for validation; the target runs
 keep 2% (100 per class), enough to watch overfitting without making the
 few-shot runs mostly validation.
@@ -56,8 +55,8 @@ _WORK_DIR = flags.DEFINE_string(
     "runs/cifar10_transfer_quick with --quick).")
 _QUICK = flags.DEFINE_boolean(
     "quick", False,
-    "Fewer epochs (2 source, 6 per target arm): about 20 minutes on two CPU cores, "
-    "against about 45 in full.")
+    "Fewer epochs (2 source, 6 per target arm): about 17 minutes on two CPU cores, "
+    "against about 47 in full.")
 _SIZES = flags.DEFINE_list(
     "sizes", ["20", "100", "500"], "Target training images per class, one row each.")
 
