@@ -332,23 +332,24 @@ def recompute_batchnorm_statistics(classifier, backbone, image_batches):
         The number of batches averaged; 0 when there are no trainable
         BatchNormalization layers, which are then left alone.
     """
-    layers = [layer for layer in backbone.layers
-              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    layers = _trainable_batchnorm_layers(backbone)
     if not layers:
         return 0
-    momentums = [layer.momentum for layer in layers]
     count = 0
-    try:
+    # The block restores each layer's own momentum; inside it, momentum
+    # (i - 1) / i makes the moving statistic the running mean of the first i
+    # batches' statistics, and the first batch (momentum 0) replaces it.
+    with batchnorm_momentum(backbone, 0.0):
         for count, images in enumerate(image_batches, start=1):
-            # momentum (i - 1) / i makes the moving statistic the running mean
-            # of the first i batches' statistics; the first batch replaces it.
             for layer in layers:
                 layer.momentum = (count - 1) / count
             classifier(images, training=True)
-    finally:
-        for layer, momentum in zip(layers, momentums):
-            layer.momentum = momentum
     return count
+
+
+def _trainable_batchnorm_layers(backbone):
+    return [layer for layer in backbone.layers
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
 
 
 @contextlib.contextmanager
@@ -369,8 +370,7 @@ def batchnorm_momentum(backbone, momentum):
         backbone: a model from `build_backbone`.
         momentum: the momentum to use inside the `with` block.
     """
-    layers = [layer for layer in backbone.layers
-              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    layers = _trainable_batchnorm_layers(backbone)
     momentums = [layer.momentum for layer in layers]
     try:
         for layer in layers:

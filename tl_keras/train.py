@@ -345,9 +345,10 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         # something; they are recomputed after the phase. compile_for_phase
         # above dropped the traced train step, so fit traces it in this block,
         # with this momentum.
+        trains_batchnorm = train_batchnorm and phase.name != HEAD_PHASE
         tracking_batchnorm = (
             model_lib.batchnorm_momentum(backbone, TRACKING_BATCHNORM_MOMENTUM)
-            if train_batchnorm and phase.name != HEAD_PHASE else contextlib.nullcontext())
+            if trains_batchnorm else contextlib.nullcontext())
         with tracking_batchnorm:
             fit_model.fit(
                 fit_data,
@@ -372,7 +373,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
                 ],
                 verbose=verbose,
             )
-        if phase.name != HEAD_PHASE and train_batchnorm:
+        if trains_batchnorm:
             _recompute_batchnorm_statistics(model, backbone, train_batches,
                                             validation_batches, progress, phase.name)
         _save_weights(model, paths.phase_end_weights(phase.name))
