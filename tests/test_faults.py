@@ -126,14 +126,44 @@ def test_a_complete_run_is_not_retrained_without_overwrite(uninterrupted):
     assert (uninterrupted / "history.csv").read_text() == history_before
 
 
-def test_overwrite_starts_afresh(tmp_path):
+def test_overwrite_deletes_only_what_the_earlier_run_wrote(tmp_path, capsys):
     model_dir = tmp_path / "run"
-    os.makedirs(model_dir)
+    os.makedirs(model_dir / "saved_model")
     (model_dir / rundir.COMPLETE_FILE).write_text("done\n")
     (model_dir / "history.csv").write_text("epoch,phase\n0,head\n")
+    (model_dir / ".export-abc").mkdir()  # left by a kill during an export
+    (model_dir / "notes.md").write_text("my notes on this run")
     with rundir.claim(str(model_dir), "--a=1\n", overwrite=True) as state:
         assert state == rundir.FRESH
-        assert os.listdir(model_dir) == [rundir.LOCK_FILE]
+        assert sorted(os.listdir(model_dir)) == ["notes.md", rundir.LOCK_FILE]
+    assert (model_dir / "notes.md").read_text() == "my notes on this run"
+    assert "kept what no run writes: notes.md" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_holds_no_run_is_refused_and_left_alone(tmp_path, overwrite):
+    (tmp_path / "thesis.tex").write_text("three years of work")
+    (tmp_path / "src").mkdir()
+    with pytest.raises(UsageError) as refused:
+        with rundir.claim(str(tmp_path), "--a=1\n", overwrite=overwrite):
+            pass
+    message = str(refused.value)
+    assert f"--model_dir={tmp_path} is not empty and holds no tl_keras run" in message
+    assert "it holds src, thesis.tex" in message
+    assert sorted(os.listdir(tmp_path)) == ["src", "thesis.tex"]
+    assert (tmp_path / "thesis.tex").read_text() == "three years of work"
+
+
+def test_training_into_a_folder_of_the_users_stops_before_any_work(tmp_path, monkeypatch):
+    from conftest import parse_config
+    from tl_keras import job
+
+    (tmp_path / "photo.jpg").write_bytes(b"precious")
+    monkeypatch.setattr(job, "load_splits", lambda config: pytest.fail("data was read"))
+    config, flagfile_text = parse_config(f"--model_dir={tmp_path}", "--overwrite")
+    with pytest.raises(UsageError, match="holds no tl_keras run"):
+        job.run_training(config, flagfile_text=flagfile_text, verbose=0, overwrite=True)
+    assert os.listdir(tmp_path) == ["photo.jpg"]
 
 
 def test_a_second_run_on_a_live_runs_folder_is_refused(tmp_path):
@@ -160,7 +190,8 @@ def test_an_unfinished_run_with_other_flags_is_refused(tmp_path):
     model_dir = tmp_path / "run"
     os.makedirs(model_dir)
     (model_dir / "flags.txt").write_text("# header\n--batch_size=8\n--seed=1\n")
-    with pytest.raises(UsageError, match=r"other flags \(differing: --seed=1, --seed=2\)"):
+    with pytest.raises(UsageError,
+                       match=r"other flags \(stored --seed=1, given --seed=2\)"):
         with rundir.claim(str(model_dir), "--batch_size=8\n--seed=2\n", overwrite=False):
             pass
     with rundir.claim(str(model_dir), "# other header\n--batch_size=8\n--seed=1\n",

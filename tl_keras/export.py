@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from tl_keras import pipeline
+from tl_keras import rundir
 
 SERVING_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serving_bytes"
@@ -149,7 +150,7 @@ def save_keras_model(model, path):
 def _write_atomically(path, write, suffix=""):
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    temporary_dir = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    temporary_dir = tempfile.mkdtemp(prefix=rundir.TEMPORARY_PREFIX, dir=parent)
     try:
         temporary = os.path.join(temporary_dir, "artifact" + suffix)
         write(temporary)

@@ -31,8 +31,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 5, "--mode=predict: classes shown per ima
 _OVERWRITE = flags.DEFINE_boolean(
     "overwrite", False,
     "Train afresh in a --model_dir that holds a complete or unfinished run, "
-    "deleting what it wrote. Without it, a complete run is left alone and an "
-    "interrupted one resumes.")
+    "deleting what that run wrote and nothing else. Without it, a complete run is "
+    "left alone and an interrupted one resumes. A folder that holds no run is "
+    "never written into unless it is empty.")
 _OUTPUT = flags.DEFINE_string(
     "output", None, "--mode=predict: also write the predictions to this CSV file.")
 

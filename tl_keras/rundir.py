@@ -22,6 +22,22 @@ WORKERS_DIR = "workers"
 
 FRESH, RESUME, COMPLETE = "fresh", "resume", "complete"
 
+# Any of these marks a folder as a run's: only such a folder is resumed or,
+# with --overwrite, cleared.
+_RUN_MARKERS = (FLAGS_FILE, "progress.json", COMPLETE_FILE)
+# Everything a run writes at the top of its folder. --overwrite deletes these
+# and nothing else, so a file of the user's beside a run survives.
+RUN_OUTPUTS = frozenset({
+    FLAGS_FILE, COMPLETE_FILE, "progress.json", "progress.json.tmp", "class_names.json",
+    "metrics.json", "history.csv", "tensorboard", "checkpoints", "backup", "features",
+    "plots", "evaluation", "saved_model", "model.keras", "model.tflite",
+    "backbone.weights.h5",
+})
+# Temporary folders of atomic writes (tl_keras.export), left by a kill.
+TEMPORARY_PREFIX = ".export-"
+# How many entries of a folder that holds no run the refusal names.
+_ENTRIES_SHOWN = 5
+
 
 @contextlib.contextmanager
 def claim(model_dir, flagfile_text, overwrite):
@@ -36,8 +52,9 @@ def claim(model_dir, flagfile_text, overwrite):
         FRESH, RESUME or COMPLETE.
 
     Raises:
-        UsageError: when another live process holds the lock, or the folder
-            holds an unfinished run with other flags.
+        UsageError: when another live process holds the lock, the folder
+            holds an unfinished run with other flags, or it is not empty and
+            holds no run (with or without `overwrite`).
     """
     created = not os.path.exists(model_dir)
     os.makedirs(model_dir, exist_ok=True)
@@ -75,10 +92,12 @@ def discard_worker_outputs(model_dir):
 def _decide(model_dir, flagfile_text, overwrite):
     # Other workers' folders are theirs to decide about.
     entries = set(os.listdir(model_dir)) - {LOCK_FILE, WORKERS_DIR}
+    if not entries:
+        return FRESH
+    if not any(marker in entries for marker in _RUN_MARKERS):
+        raise UsageError(_not_a_run_message(model_dir, entries))
     if overwrite:
-        for name in entries:
-            path = os.path.join(model_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        _delete_run_outputs(model_dir, entries)
         return FRESH
     if COMPLETE_FILE in entries:
         return COMPLETE
@@ -88,14 +107,53 @@ def _decide(model_dir, flagfile_text, overwrite):
         earlier = _flag_lines(file.read())
     now = _flag_lines(flagfile_text)
     if earlier != now:
-        changed = sorted(earlier ^ now)
         raise UsageError(
             f"{model_dir} holds an unfinished run with other flags "
-            f"(differing: {', '.join(changed[:6])}). Rerun it with its own flags "
+            f"({_describe_differences(earlier, now)}). Rerun it with its own flags "
             f"(--flagfile={os.path.join(model_dir, FLAGS_FILE)}) to resume it, pick "
             f"another --model_dir, or pass --overwrite to start afresh there."
         )
     return RESUME
+
+
+def _not_a_run_message(model_dir, entries):
+    shown = sorted(entries)[:_ENTRIES_SHOWN]
+    more = f" and {len(entries) - len(shown)} more" if len(entries) > len(shown) else ""
+    return (
+        f"--model_dir={model_dir} is not empty and holds no tl_keras run (no "
+        f"{', '.join(_RUN_MARKERS)}): it holds {', '.join(shown)}{more}. A run "
+        f"writes only into an empty folder or its own; --overwrite deletes only "
+        f"what a run wrote, so it doesn't apply here. Pick a new --model_dir, "
+        f"such as {os.path.join(model_dir, 'run')}."
+    )
+
+
+def _delete_run_outputs(model_dir, entries):
+    """Deletes what an earlier run wrote, and nothing else."""
+    kept = []
+    for name in sorted(entries):
+        path = os.path.join(model_dir, name)
+        if name in RUN_OUTPUTS or name.startswith(TEMPORARY_PREFIX):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        else:
+            kept.append(name)
+    if kept:
+        print(f"--overwrite deleted the earlier run in {model_dir} and kept what "
+              f"no run writes: {', '.join(kept)}.", flush=True)
+
+
+def _describe_differences(stored, given):
+    """`stored --seed=1, given --seed=2`, flag by flag, for the changed flags."""
+    def by_name(lines):
+        return {line.split("=", 1)[0]: line for line in lines}
+
+    stored, given = by_name(stored), by_name(given)
+    parts = []
+    for name in sorted(set(stored) | set(given)):
+        if stored.get(name) != given.get(name):
+            parts.append(f"stored {stored.get(name, 'no ' + name)}, "
+                         f"given {given.get(name, 'no ' + name)}")
+    return "; ".join(parts[:6])
 
 
 def _flag_lines(text):
