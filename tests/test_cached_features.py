@@ -33,8 +33,8 @@ def test_cached_head_phase_matches_the_uncached_one(tmp_path, capsys):
 
     for mine, theirs in zip(cached, uncached):
         np.testing.assert_allclose(mine, theirs, rtol=1e-3, atol=1e-5)
-    assert cached_metrics["validation"]["head"]["loss"] == pytest.approx(
-        uncached_metrics["validation"]["head"]["loss"], rel=1e-3)
+    assert cached_metrics["validation"]["head"]["label_smoothed_loss"] == pytest.approx(
+        uncached_metrics["validation"]["head"]["label_smoothed_loss"], rel=1e-3)
     assert cached_metrics["test"]["top1"] == pytest.approx(uncached_metrics["test"]["top1"])
 
 

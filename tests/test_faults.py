@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,22 +101,37 @@ def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(tmp_path, uni
     assert not os.path.exists(model_dir / "run.lock")
 
 
-def test_sigterm_saves_a_backup_and_the_rerun_continues(tmp_path):
+def test_sigterm_saves_a_backup_and_the_rerun_continues_on_schedule(tmp_path, uninterrupted):
     model_dir = tmp_path / "run"
     process = _start(model_dir)
-    _wait_for_epochs(model_dir, 2, process)
+    _wait_for_epochs(model_dir, 2, process)  # epoch 3 has just begun
     process.send_signal(signal.SIGTERM)
     code, out, err = _finish(process)
 
     assert code == 143, err
-    assert "Received SIGTERM: stopped after batch" in err
+    stopped = re.search(r"Received SIGTERM: stopped (after batch (\d+) of|at the end of) "
+                        r"epoch (\d+)", err)
+    assert stopped, err
     assert "Rerun the same command to continue" in err
     assert os.path.exists(model_dir / "backup" / "finetune" / "latest.weights.h5")
     assert not os.path.exists(model_dir / "saved_model")
+    if stopped.group(2):  # part-way through an epoch: the backup says where
+        epoch, batches_done = train.ResumableBackup(
+            str(model_dir / "backup" / "finetune")).saved_position()
+        assert (epoch + 1, batches_done) == (int(stopped.group(3)), int(stopped.group(2)))
 
     code, out, err = _finish(_start(model_dir))
     assert code == 0, err
+    if stopped.group(2):
+        assert (f"resuming at epoch {stopped.group(3)}, batch "
+                f"{int(stopped.group(2)) + 1}") in out
     assert _epochs_and_phases(model_dir) == EXPECTED_TIMELINE
+    # The rerun trains only the rest of the stopped epoch, so the optimizer's
+    # step count, and the learning rate with it, is where an uninterrupted
+    # run's is at the end of every epoch.
+    resumed = [float(row["learning_rate"]) for row in _history(model_dir)]
+    reference = [float(row["learning_rate"]) for row in _history(uninterrupted)]
+    np.testing.assert_allclose(resumed, reference, rtol=1e-6)
 
 
 def test_a_complete_run_is_not_retrained_without_overwrite(uninterrupted):

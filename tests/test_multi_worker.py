@@ -290,7 +290,7 @@ def test_tpu_strategy_asks_the_resolver_for_the_tpu_and_explains_a_failure():
 
 
 def test_sigterm_across_workers_saves_no_mid_epoch_backup():
-    watcher = train.PreemptionWatcher(None)
+    watcher = train.PreemptionWatcher(None, steps_per_epoch=10)
     watcher.on_train_begin()
     watcher.on_epoch_begin(2)
     watcher._on_sigterm(None, None)

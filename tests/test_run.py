@@ -29,7 +29,7 @@ def test_metrics_json_holds_validation_per_phase_and_test(finished_run):
         written = json.load(file)
     assert written == metrics
     assert set(written["validation"]) == {"head", "finetune"}
-    assert set(written["test"]) == {"top1", "top5", "loss"}
+    assert set(written["test"]) == {"top1", "top5", "nll"}
     # Mock CIFAR-10 has 64 random test images: top-1 is a multiple of 1/64.
     assert written["test"]["top1"] * 64 == pytest.approx(round(written["test"]["top1"] * 64))
 

@@ -33,7 +33,7 @@ def test_report_matches_a_hand_computed_confusion_matrix():
     np.testing.assert_array_equal(report["confusion"], [[2, 1, 0], [0, 1, 1], [0, 0, 1]])
     assert report["top1"] == pytest.approx(4 / 6)
     # Ties at 0.1 rank by index: the runner-up is the lowest other class.
-    assert report["loss"] == pytest.approx(-np.mean(np.log([0.8, 0.8, 0.1, 0.8, 0.1, 0.8])))
+    assert report["nll"] == pytest.approx(-np.mean(np.log([0.8, 0.8, 0.1, 0.8, 0.1, 0.8])))
     by_class = {row["class"]: row for row in report["per_class"]}
     assert by_class["ant"] == pytest.approx(
         {"class": "ant", "precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3})
@@ -51,7 +51,7 @@ def test_evaluate_mode_reproduces_the_training_runs_test_metrics(finished_run, c
         report = job.run_evaluation(flags.run_config(config.model_dir), "test")
 
     assert report["top1"] == pytest.approx(metrics["test"]["top1"])
-    assert report["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-4)
+    assert report["nll"] == pytest.approx(metrics["test"]["nll"], rel=1e-4)
     out = capsys.readouterr().out
     assert "test: 64 examples, top-1" in out and "precision" in out
     directory = os.path.join(config.model_dir, "evaluation")

@@ -41,6 +41,7 @@ class Config:
     warmup_epochs: float
     label_smoothing: float
     lr_scaling: str
+    export_weights: str
     # Runtime.
     mixed_precision: str
     jit_compile: str

@@ -14,13 +14,15 @@ import numpy as np
 from tl_keras import plots
 
 
-def predictions_and_labels(batches, predict_batch):
+def predictions_and_labels(batches, predict_batch, on_batch=None):
     """Predicts every batch, in one pass over the data.
 
     Args:
         batches: (images, one-hot labels) batches, every example once.
         predict_batch: a function from an image batch to class probabilities
             (a Keras model's `predict`, or a SavedModel signature).
+        on_batch: optionally called with each batch's (images, probabilities,
+            labels) as NumPy arrays, to keep some of it without a second pass.
 
     Returns:
         (probabilities `[examples, classes]`, labels `[examples]`).
@@ -29,6 +31,8 @@ def predictions_and_labels(batches, predict_batch):
     for images, one_hot in batches:
         probabilities.append(np.asarray(predict_batch(images)))
         labels.append(np.argmax(np.asarray(one_hot), axis=1))
+        if on_batch:
+            on_batch(np.asarray(images), probabilities[-1], labels[-1])
     return np.concatenate(probabilities), np.concatenate(labels)
 
 
@@ -42,8 +46,9 @@ def classification_report(probabilities, labels, class_names, top_k=5):
         top_k: k for the top-k accuracy (at most the number of classes).
 
     Returns:
-        A dict: `top1`, `top5` (the top-k accuracy), `loss` (mean cross-entropy,
-        no label smoothing), `examples`, `confusion` (int `[true, predicted]`),
+        A dict: `top1`, `top5` (the top-k accuracy), `nll` (the mean negative
+        log-likelihood of the true class: cross-entropy without label
+        smoothing), `examples`, `confusion` (int `[true, predicted]`),
         and `per_class`, a list of dicts with `class`, `precision`, `recall`,
         `f1` and `support`, in label order.
     """
@@ -70,7 +75,7 @@ def classification_report(probabilities, labels, class_names, top_k=5):
     return {
         "top1": float(np.mean(predicted == labels)),
         "top5": float(np.mean((top == labels[:, None]).any(axis=1))),
-        "loss": float(np.mean(-np.log(np.clip(true_probability, 1e-7, 1.0)))),
+        "nll": float(np.mean(-np.log(np.clip(true_probability, 1e-7, 1.0)))),
         "examples": int(len(labels)),
         "confusion": confusion,
         "per_class": per_class,
@@ -78,15 +83,15 @@ def classification_report(probabilities, labels, class_names, top_k=5):
 
 
 def summary(report):
-    """The headline numbers of a report: `{"top1", "top5", "loss"}`."""
-    return {name: report[name] for name in ("top1", "top5", "loss")}
+    """The headline numbers of a report: `{"top1", "top5", "nll"}`."""
+    return {name: report[name] for name in ("top1", "top5", "nll")}
 
 
 def format_report(report, split, worst=20):
     """A readable report: headline metrics, then per-class scores, worst first."""
     lines = [
         f"{split}: {report['examples']:,} examples, top-1 {report['top1']:.2%}, "
-        f"top-5 {report['top5']:.2%}, loss {report['loss']:.4f}",
+        f"top-5 {report['top5']:.2%}, NLL {report['nll']:.4f}",
         "",
         f"{'class':<24} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}",
     ]
@@ -117,17 +122,45 @@ def write_evaluation(directory, report, split):
             title=f"Confusion matrix ({split})"))
 
 
-def worst_mistakes(probabilities, labels, count=16):
-    """Indices of the most confident wrong predictions, most confident first."""
-    probabilities = np.asarray(probabilities)
-    predicted = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != np.asarray(labels))
-    confidence = probabilities[wrong, predicted[wrong]]
-    return wrong[np.argsort(-confidence)][:count]
+class MostConfidentMistakes:
+    """The most confident wrong predictions seen so far, with their images,
+    most confident first: kept while the data streams past once."""
+
+    def __init__(self, count=16):
+        self.count = count
+        self._kept = []  # (confidence, position, image, label, predicted)
+        self._seen = 0
+
+    def add(self, images, probabilities, labels):
+        predicted = probabilities.argmax(axis=1)
+        for offset in np.flatnonzero(predicted != labels):
+            self._kept.append((float(probabilities[offset, predicted[offset]]),
+                               self._seen + offset, images[offset], int(labels[offset]),
+                               int(predicted[offset])))
+        self._kept = sorted(self._kept, key=lambda kept: (-kept[0], kept[1]))[:self.count]
+        self._seen += len(labels)
+
+    @property
+    def confidences(self):
+        return [kept[0] for kept in self._kept]
+
+    @property
+    def images(self):
+        return [kept[2] for kept in self._kept]
+
+    @property
+    def labels(self):
+        return [kept[3] for kept in self._kept]
+
+    @property
+    def predicted(self):
+        return [kept[4] for kept in self._kept]
 
 
-def write_metrics(path, validation_by_phase, test):
-    """Writes `metrics.json`: validation metrics per phase, and the test metrics."""
+def write_metrics(path, validation_by_phase, test, exported):
+    """Writes `metrics.json`: validation metrics per phase, which weights were
+    exported, and the test metrics of those weights."""
     with open(path, "w") as file:
-        json.dump({"validation": validation_by_phase, "test": test}, file, indent=2)
+        json.dump({"validation": validation_by_phase, "exported": exported, "test": test},
+                  file, indent=2)
         file.write("\n")

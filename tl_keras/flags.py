@@ -134,6 +134,10 @@ _WARMUP_EPOCHS = flags.DEFINE_float(
     "Phase 2 epochs of linear learning-rate warmup; fractions work, e.g. 0.5.")
 _LABEL_SMOOTHING = flags.DEFINE_float(
     "label_smoothing", 0.1, "Label smoothing of the cross-entropy loss.")
+_EXPORT_WEIGHTS = flags.DEFINE_enum(
+    "export_weights", "best", ["best", "last"],
+    "Which weights the test evaluation and every exported file use: best, the "
+    "epoch with the best validation top-1 across both phases; last, the last epoch.")
 
 # Runtime.
 _MIXED_PRECISION = flags.DEFINE_enum(
@@ -365,6 +369,7 @@ def to_config():
         weight_decay=_WEIGHT_DECAY.value,
         warmup_epochs=_WARMUP_EPOCHS.value,
         label_smoothing=_LABEL_SMOOTHING.value,
+        export_weights=_EXPORT_WEIGHTS.value,
         mixed_precision=_MIXED_PRECISION.value,
         jit_compile=_JIT_COMPILE.value,
         strategy=_STRATEGY.value,

@@ -205,34 +205,74 @@ def _train_evaluate_export(config, strategy, role, flagfile_text, state, verbose
     )
     _write_training_curves(paths, config.head_epochs)
 
+    with strategy.scope():
+        exported = train.restore_export_weights(
+            classifier, backbone, config.export_weights, phases=phases, paths=paths,
+            unfreeze=config.unfreeze, train_batchnorm=train_batchnorm,
+            train_batches=train_batches, validation_batches=validation_batches)
+    print(f"Evaluating and exporting the {_describe_export(exported)}.", flush=True)
+    # Served on CPUs too: whatever the training dtype policy, everything from
+    # here on computes in float32, so the test metrics are the export's own.
+    model = model_lib.float32_copy(classifier)
+
     test_batches = evaluation_batches(config, splits, "test")
-    probabilities, labels = evaluate.predictions_and_labels(
-        test_batches, monitor.predict_batch(classifier))
-    report = evaluate.classification_report(probabilities, labels, splits.class_names)
-    test_metrics = evaluate.summary(report)
-    evaluate.write_metrics(
-        os.path.join(config.model_dir, "metrics.json"), validation_by_phase, test_metrics
-    )
+    test = _evaluate_test_split(model, test_batches, splits.class_names,
+                                keep_images=TFLITE_CHECK_IMAGES if config.export_tflite else 0)
+    test_metrics = evaluate.summary(test.report)
+    evaluate.write_metrics(os.path.join(config.model_dir, "metrics.json"),
+                           validation_by_phase, test_metrics, exported)
     last_epoch = config.head_epochs + config.finetune_epochs - 1
     run_log.final_metrics({f"test_{k}": v for k, v in test_metrics.items()}, last_epoch)
-    _log_worst_mistakes(run_log, test_batches, probabilities, labels,
-                        splits.class_names, last_epoch)
+    _log_worst_mistakes(run_log, test.mistakes, splits.class_names, last_epoch)
     print(
         f"Test ({config.test_split}): top-1 {test_metrics['top1']:.2%}, "
-        f"top-5 {test_metrics['top5']:.2%}, loss {test_metrics['loss']:.4f}.",
+        f"top-5 {test_metrics['top5']:.2%}, NLL {test_metrics['nll']:.4f}.",
         flush=True,
     )
 
     export.export_saved_model(
-        classifier, os.path.join(config.model_dir, "saved_model"),
+        model, os.path.join(config.model_dir, "saved_model"),
         class_names=splits.class_names, image_size=config.image_size, resize=config.resize,
     )
-    export.save_keras_model(classifier, os.path.join(config.model_dir, "model.keras"))
-    backbone.save_weights(os.path.join(config.model_dir, "backbone.weights.h5"))
+    export.save_keras_model(model, os.path.join(config.model_dir, "model.keras"))
+    model.get_layer(backbone.name).save_weights(
+        os.path.join(config.model_dir, "backbone.weights.h5"))
     print(f"Wrote saved_model/, model.keras and backbone.weights.h5 to {config.model_dir}.")
     if config.export_tflite:
-        _export_checked_tflite(classifier, config, test_batches)
-    return {"validation": validation_by_phase, "test": test_metrics}
+        _export_checked_tflite(model, config, test.first_images)
+    return {"validation": validation_by_phase, "test": test_metrics, "exported": exported}
+
+
+def _describe_export(exported):
+    which = ("best validation top-1" if exported["weights"] == train.EXPORT_BEST
+             else "last epoch")
+    return (f"weights of epoch {exported['epoch']} ({exported['phase']} phase; "
+            f"--export_weights={exported['weights']}: {which} "
+            f"{exported['validation']['top1']:.2%})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TestResults:
+    report: dict
+    mistakes: object
+    first_images: list
+
+
+def _evaluate_test_split(model, batches, class_names, keep_images):
+    """Evaluates on the test split in one pass, keeping what the worst-mistakes
+    grid and the TFLite check need, so neither reads it again."""
+    mistakes = evaluate.MostConfidentMistakes()
+    first_images = []
+
+    def keep(images, probabilities, labels):
+        mistakes.add(images, probabilities, labels)
+        first_images.extend(images[:keep_images - len(first_images)])
+
+    probabilities, labels = evaluate.predictions_and_labels(
+        batches, monitor.predict_batch(model), on_batch=keep)
+    return _TestResults(
+        report=evaluate.classification_report(probabilities, labels, class_names),
+        mistakes=mistakes, first_images=first_images)
 
 
 def run_evaluation(config, split):
@@ -369,35 +409,33 @@ def _write_training_curves(paths, head_epochs):
         file.write(plots.training_curves(rows, head_epochs))
 
 
-def _log_worst_mistakes(run_log, batches, probabilities, labels, class_names, step):
-    worst = evaluate.worst_mistakes(probabilities, labels)
-    if not len(worst):
+def _log_worst_mistakes(run_log, mistakes, class_names, step):
+    if not mistakes.images:
         return
-    images = monitor.images_at(batches, worst)
     titles = [
-        f"true {class_names[labels[i]]}\npredicted {class_names[probabilities[i].argmax()]} "
-        f"({probabilities[i].max():.0%})"
-        for i in worst
+        f"true {class_names[label]}\npredicted {class_names[predicted]} ({confidence:.0%})"
+        for label, predicted, confidence in zip(
+            mistakes.labels, mistakes.predicted, mistakes.confidences)
     ]
-    run_log.image("test_worst_mistakes", plots.image_grid(images, titles), step=step,
-                  description="The most confident wrong test predictions.")
+    run_log.image("test_worst_mistakes", plots.image_grid(mistakes.images, titles),
+                  step=step, description="The most confident wrong test predictions.")
 
 
-# The TFLite model must give the SavedModel's probabilities within this.
+# The TFLite model must give the SavedModel's probabilities within this, on
+# this many test images.
 TFLITE_TOLERANCE = 1e-4
+TFLITE_CHECK_IMAGES = 32
 
 
-def _export_checked_tflite(classifier, config, test_batches, count=32):
+def _export_checked_tflite(model, config, test_images):
     path = os.path.join(config.model_dir, "model.tflite")
-    problem = export.export_tflite(classifier, path, config.image_size)
+    problem = export.export_tflite(model, path, config.image_size)
     if problem:
         print(f"Skipped the TFLite export: the converter failed ({problem}).")
         return
-    images = np.concatenate([images.numpy() for images, _ in test_batches.take(
-        -(-count // config.batch_size))])[:count]
     sized = np.stack([
         pipeline.resize_uint8(image, config.image_size, config.resize).numpy()
-        for image in images
+        for image in test_images
     ])
     difference = export.tflite_max_difference(path, predict.load_serving(config.model_dir),
                                               sized)

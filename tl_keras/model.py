@@ -271,6 +271,39 @@ def build_classifier(backbone, backbone_name, num_classes, image_size, dropout,
     return keras.Model(images, probabilities, name=f"{backbone_name}_classifier")
 
 
+def float32_copy(classifier):
+    """The classifier computing in float32 throughout, with the same weights.
+
+    Layers built under a mixed-precision policy keep it in what they export,
+    so a SavedModel or TFLite file would compute in float16 or bfloat16 on
+    the CPUs that serve it. The weights themselves are float32 under any
+    mixed policy, so the copy takes them unchanged.
+
+    Returns:
+        A new model, or `classifier` itself when it already computes in
+        float32.
+    """
+    config = classifier.get_config()
+    float32_config = _float32_policies(config)
+    if float32_config == config:
+        return classifier
+    copy = keras.Model.from_config(float32_config)
+    copy.set_weights(classifier.get_weights())
+    return copy
+
+
+def _float32_policies(config):
+    """`config` with every mixed-precision dtype policy made float32."""
+    if isinstance(config, list):
+        return [_float32_policies(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    if (config.get("class_name") == "DTypePolicy"
+            and str(config.get("config", {}).get("name", "")).startswith("mixed_")):
+        return {**config, "config": {**config["config"], "name": "float32"}}
+    return {key: _float32_policies(value) for key, value in config.items()}
+
+
 def freeze_backbone(backbone):
     """Freezes every backbone weight for the head phase."""
     backbone.trainable = False

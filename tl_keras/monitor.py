@@ -119,15 +119,3 @@ def predict_batch(model):
     """A Keras model's probabilities for one batch, as NumPy."""
     return lambda images: model.predict(images, verbose=0)
 
-
-def images_at(batches, indices):
-    """The images at the given positions of a batched dataset, in that order."""
-    wanted = {int(index): None for index in indices}
-    position = 0
-    for images, _ in batches:
-        images = images.numpy()
-        for offset in range(len(images)):
-            if position + offset in wanted:
-                wanted[position + offset] = images[offset]
-        position += len(images)
-    return [wanted[int(index)] for index in indices]

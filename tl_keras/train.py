@@ -272,7 +272,8 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
 
     Returns:
         A dict from phase name to its last epoch's validation metrics
-        (`{"loss", "top1", "top5"}`); phases with no epochs are left out.
+        (`{"top1", "top5", "label_smoothed_loss"}`); phases with no epochs are
+        left out.
 
     Raises:
         TrainingDiverged: when the loss becomes NaN or infinite.
@@ -321,8 +322,11 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             )
         last_epoch = phase.first_epoch + phase.epochs
         backup = ResumableBackup(paths.backup_dir(phase.name))
-        resumed_at = backup.saved_epoch()
-        resuming = f", resuming at epoch {resumed_at + 1}" if resumed_at is not None else ""
+        resumed_at, batches_done = backup.saved_position()
+        resuming = ""
+        if resumed_at is not None:
+            resuming = f", resuming at epoch {resumed_at + 1}" + (
+                f", batch {batches_done + 1}" if batches_done else "")
         print(
             f"Phase {phase.name}: epochs {phase.first_epoch + 1}-{last_epoch}{resuming}, "
             f"training {trained}, {_count_trainable(model):,} trainable weights, "
@@ -340,6 +344,24 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             # replaces the checkpoint when it does better.
             initial_value_threshold=progress.best_top1,
         )
+        watcher = PreemptionWatcher(backup if backup_on_preemption else None,
+                                    steps_per_epoch)
+        callbacks = [
+            StopOnNaN(paths),
+            # Restores before HistoryWriter learns the first epoch to run.
+            backup,
+            LearningRateLogger(),
+            keras.callbacks.TensorBoard(
+                paths.tensorboard,
+                profile_batch=(profile_batches or 0) if not progress.phases else 0,
+            ),
+            checkpoint,
+            HistoryWriter(paths.history, phase.name),
+            ProgressWriter(progress, phase.name, checkpoint),
+            *(phase_callbacks(phase) if phase_callbacks else []),
+            # Last, so that an epoch it stops at is recorded by all the others.
+            watcher,
+        ]
         # With --batchnorm=train, the moving statistics follow the weights
         # closely, so that each epoch's validation and the best checkpoint mean
         # something; they are recomputed after the phase. compile_for_phase
@@ -349,38 +371,83 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         tracking_batchnorm = (
             model_lib.batchnorm_momentum(backbone, TRACKING_BATCHNORM_MOMENTUM)
             if trains_batchnorm else contextlib.nullcontext())
-        with tracking_batchnorm:
+
+        def fit(first_epoch, end_epoch, steps):
             fit_model.fit(
-                fit_data,
-                validation_data=fit_validation,
-                initial_epoch=phase.first_epoch,
-                epochs=last_epoch,
-                steps_per_epoch=steps_per_epoch,
-                callbacks=[
-                    StopOnNaN(paths),
-                    # Restores before HistoryWriter learns the first epoch to run.
-                    backup,
-                    PreemptionWatcher(backup if backup_on_preemption else None),
-                    LearningRateLogger(),
-                    keras.callbacks.TensorBoard(
-                        paths.tensorboard,
-                        profile_batch=(profile_batches or 0) if not progress.phases else 0,
-                    ),
-                    checkpoint,
-                    HistoryWriter(paths.history, phase.name),
-                    ProgressWriter(progress, phase.name, checkpoint),
-                    *(phase_callbacks(phase) if phase_callbacks else []),
-                ],
-                verbose=verbose,
+                fit_data, validation_data=fit_validation, initial_epoch=first_epoch,
+                epochs=end_epoch, steps_per_epoch=steps, callbacks=callbacks,
+                # The input pipeline shuffles; fit can't shuffle a dataset.
+                shuffle=False, verbose=verbose,
             )
+
+        with tracking_batchnorm:
+            if batches_done:
+                # A SIGTERM stopped this epoch part-way: train only its
+                # remaining batches, so the optimizer's step count (and with it
+                # the learning-rate schedule) goes on exactly as it would have.
+                watcher.batches_before = batches_done
+                fit(resumed_at, resumed_at + 1, steps_per_epoch - batches_done)
+                watcher.batches_before = 0
+            if not batches_done or resumed_at + 1 < last_epoch:
+                fit(phase.first_epoch, last_epoch, steps_per_epoch)
         if trains_batchnorm:
-            _recompute_batchnorm_statistics(model, backbone, train_batches,
-                                            validation_batches, progress, phase.name)
+            validation = _recompute_batchnorm_statistics(
+                model, backbone, train_batches, validation_batches,
+                progress.phases[phase.name]["validation"]["top1"])
+            progress.record_validation(phase.name, validation)
         _save_weights(model, paths.phase_end_weights(phase.name))
         progress.complete_phase(phase.name)
         backup.delete()
         restore_from = None
     return progress.validation_by_phase()
+
+
+EXPORT_BEST, EXPORT_LAST = "best", "last"
+
+
+def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
+                           train_batchnorm, train_batches, validation_batches):
+    """Loads the weights the run evaluates and exports, after training.
+
+    They are read from the run folder, also when training was done by an
+    earlier process, so a rerun after a kill during the export exports the
+    trained weights.
+
+    Args:
+        model, backbone: as for `train_two_phases`.
+        choice: `best`: the epoch with the best validation top-1 across both
+            phases (`checkpoints/best.weights.h5`); `last`: the last epoch.
+        phases: the `PhasePlan`s trained.
+        paths: `RunPaths`.
+        unfreeze, train_batchnorm: as for `train_two_phases`. With
+            `train_batchnorm`, weights from fine-tuning get BatchNormalization
+            statistics recomputed for them, as the last epoch's already have.
+        train_batches, validation_batches: for that recompute.
+
+    Returns:
+        `{"weights": choice, "epoch" (counted from 1), "phase", "validation"}`:
+        which weights these are and their validation metrics.
+    """
+    progress = Progress(paths.progress)
+    last = [phase for phase in phases if phase.epochs][-1]
+    best = progress.best
+    if choice == EXPORT_LAST or best is None:
+        _load_weights(model, paths.phase_end_weights(last.name))
+        return {"weights": EXPORT_LAST, "epoch": last.first_epoch + last.epochs,
+                "phase": last.name, "validation": progress.phases[last.name]["validation"]}
+    # The checkpoint also holds the optimizer of the phase that wrote it, which
+    # the export doesn't need (and the model's current optimizer doesn't fit).
+    model.load_weights(paths.best_checkpoint,
+                       objects_to_skip=[model.optimizer] if model.optimizer else None)
+    validation = best["validation"]
+    if train_batchnorm and best["phase"] == FINETUNE_PHASE:
+        # The same layers as in phase 2, also when phase 2 ran in an earlier
+        # process and this one never unfroze them.
+        model_lib.unfreeze_backbone(backbone, unfreeze, train_batchnorm)
+        validation = _recompute_batchnorm_statistics(
+            model, backbone, train_batches, validation_batches, validation["top1"])
+    return {"weights": EXPORT_BEST, "epoch": best["epoch"] + 1, "phase": best["phase"],
+            "validation": validation}
 
 
 # BatchNormalization momentum while it trains (--batchnorm=train): the moving
@@ -393,22 +460,37 @@ BATCHNORM_STATISTICS_BATCHES = 100
 
 
 def _recompute_batchnorm_statistics(model, backbone, train_batches, validation_batches,
-                                    progress, phase):
-    """After phase 2 with `--batchnorm=train`: see
-    `tl_keras.model.recompute_batchnorm_statistics`. Validates again, since
-    the last epoch's validation ran with the old statistics, and records it."""
-    before = progress.phases.get(phase, {}).get("validation", {}).get("top1")
+                                    validated_top1=None):
+    """With `--batchnorm=train`: see `tl_keras.model.recompute_batchnorm_statistics`.
+
+    Validates again, since validation until now ran with the old statistics.
+
+    Returns:
+        The validation metrics with the new statistics.
+    """
     used = model_lib.recompute_batchnorm_statistics(
         model, backbone,
         (images for images, _ in
          train_batches.take(BATCHNORM_STATISTICS_BATCHES).as_numpy_iterator()))
-    results = model.evaluate(validation_batches, return_dict=True, verbose=0)
-    validation = {name: float(results[name]) for name in ("loss", "top1", "top5")}
-    progress.record_epoch(phase, validation, progress.best_top1)
-    change = f" (was {before:.2%})" if before is not None else ""
+    validation = validation_metrics(
+        model.evaluate(validation_batches, return_dict=True, verbose=0))
+    change = f" (was {validated_top1:.2%})" if validated_top1 is not None else ""
     print(f"Recomputed BatchNormalization statistics over {used} training batches with "
-          f"the final weights: validation top-1 {validation['top1']:.2%}{change}.",
+          f"these weights: validation top-1 {validation['top1']:.2%}{change}.",
           flush=True)
+    return validation
+
+
+def validation_metrics(results, prefix=""):
+    """Keras' validation results under the names metrics.json uses.
+
+    Keras' `loss` is the compiled loss: cross-entropy against labels smoothed
+    by --label_smoothing. It is named for that, apart from the test split's
+    `nll`, which is computed without smoothing (`tl_keras.evaluate`).
+    """
+    return {"top1": float(results[f"{prefix}top1"]),
+            "top5": float(results[f"{prefix}top5"]),
+            "label_smoothed_loss": float(results[f"{prefix}loss"])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,11 +515,12 @@ class ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
 
 class Progress:
     """`progress.json`: which phases are complete, their last validation
-    metrics and the best validation top-1 so far, rewritten atomically."""
+    metrics, and the epoch with the best validation top-1 so far (the one
+    `checkpoints/best.weights.h5` holds), rewritten atomically."""
 
     def __init__(self, path):
         self.path = path
-        self.state = {"phases": {}, "best_top1": None}
+        self.state = {"phases": {}, "best": None}
         if os.path.exists(path):
             with open(path) as file:
                 self.state = json.load(file)
@@ -447,15 +530,27 @@ class Progress:
         return self.state["phases"]
 
     @property
+    def best(self):
+        """`{"epoch" (from 0), "phase", "validation"}` of the best epoch, or None."""
+        return self.state.get("best")
+
+    @property
     def best_top1(self):
-        return self.state["best_top1"]
+        return self.best["validation"]["top1"] if self.best else None
 
     def phase_complete(self, phase):
         return self.phases.get(phase, {}).get("complete", False)
 
-    def record_epoch(self, phase, validation, best_top1):
+    def record_epoch(self, phase, epoch, validation, is_best):
         self.phases.setdefault(phase, {"complete": False})["validation"] = validation
-        self.state["best_top1"] = best_top1
+        if is_best:
+            self.state["best"] = {"epoch": epoch, "phase": phase, "validation": validation}
+        self._write()
+
+    def record_validation(self, phase, validation):
+        """Replaces a phase's last validation metrics (after its BatchNormalization
+        statistics were recomputed)."""
+        self.phases[phase]["validation"] = validation
         self._write()
 
     def complete_phase(self, phase):
@@ -474,7 +569,8 @@ class Progress:
 
 
 class ProgressWriter(keras.callbacks.Callback):
-    """Records each completed epoch's validation metrics and the best top-1."""
+    """Records each completed epoch's validation metrics, and whether the
+    checkpoint callback (which runs before it) kept it as the best."""
 
     def __init__(self, progress, phase, checkpoint):
         super().__init__()
@@ -483,12 +579,11 @@ class ProgressWriter(keras.callbacks.Callback):
         self.checkpoint = checkpoint
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        validation = {name: float(logs[f"val_{name}"]) for name in ("loss", "top1", "top5")}
+        validation = validation_metrics(logs or {}, prefix="val_")
         best = self.checkpoint.best
-        self.progress.record_epoch(
-            self.phase, validation, None if best in (None, -np.inf) else float(best)
-        )
+        improved = best not in (None, -np.inf) and (
+            self.progress.best_top1 is None or best > self.progress.best_top1)
+        self.progress.record_epoch(self.phase, epoch, validation, improved)
 
 
 class ResumableBackup(keras.callbacks.BackupAndRestore):
@@ -500,15 +595,22 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
 
     def saved_epoch(self):
         """The epoch a restore would start at, or None without a backup."""
-        if not os.path.exists(self._training_metadata_path):
-            return None
-        with open(self._training_metadata_path) as file:
-            return json.load(file)["epoch"]
+        return self.saved_position()[0]
 
-    def save_now(self, epoch):
-        """Saves the weights now, to restart `epoch` from them on the rerun, so
-        the batches it finished are not lost."""
+    def saved_position(self):
+        """(epoch, batches of it already trained) a restore starts at, or
+        (None, 0) without a backup. Batches are 0 for an end-of-epoch backup."""
+        if not os.path.exists(self._training_metadata_path):
+            return None, 0
+        with open(self._training_metadata_path) as file:
+            metadata = json.load(file)
+        return metadata["epoch"], metadata.get("batch", 0)
+
+    def save_now(self, epoch, batches_done):
+        """Saves the weights and optimizer now, `batches_done` batches into
+        `epoch`, so the rerun trains only the rest of that epoch."""
         self._current_epoch = epoch
+        self._last_batch_seen = batches_done
         self._save_model()
 
     def delete(self):
@@ -558,11 +660,24 @@ class StopOnNaN(keras.callbacks.Callback):
 
 class PreemptionWatcher(keras.callbacks.Callback):
     """On SIGTERM, finishes the current batch, saves a backup (unless given
-    none to save) and stops."""
+    none to save) and stops.
 
-    def __init__(self, backup):
+    Stopped after an epoch's last batch, it lets the epoch end (validation,
+    checkpoint, history, backup) and stops then, so the rerun starts a fresh
+    epoch; stopped earlier, the backup records how many of the epoch's batches
+    are done.
+
+    Attributes:
+        batches_before: batches of the current epoch trained before this fit
+            started (by the run a SIGTERM stopped); its batch numbers count on
+            from there.
+    """
+
+    def __init__(self, backup, steps_per_epoch):
         super().__init__()
         self.backup = backup
+        self.steps_per_epoch = steps_per_epoch
+        self.batches_before = 0
         self.received = False
         self.epoch = 0
         self._previous_handler = None
@@ -582,20 +697,29 @@ class PreemptionWatcher(keras.callbacks.Callback):
         self.received = True
 
     def on_train_batch_end(self, batch, logs=None):
-        if not self.received:
+        batches_done = self.batches_before + batch + 1
+        if not self.received or batches_done >= self.steps_per_epoch:
             return
         self.on_train_end()
         if self.backup is None:
             raise Preempted(
-                f"Received SIGTERM: stopped after batch {batch + 1} of epoch "
+                f"Received SIGTERM: stopped after batch {batches_done} of epoch "
                 f"{self.epoch + 1}. Rerun the same command on every worker to continue "
                 f"from the last completed epoch.")
-        self.backup.save_now(self.epoch)
+        self.backup.save_now(self.epoch, batches_done)
         raise Preempted(
-            f"Received SIGTERM: stopped after batch {batch + 1} of epoch "
+            f"Received SIGTERM: stopped after batch {batches_done} of epoch "
             f"{self.epoch + 1} and saved a backup to {self.backup.backup_dir}. "
             f"Rerun the same command to continue from there."
         )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.received:
+            return
+        self.on_train_end()
+        rerun = ("Rerun the same command to continue from there." if self.backup else
+                 "Rerun the same command on every worker to continue from there.")
+        raise Preempted(f"Received SIGTERM: stopped at the end of epoch {epoch + 1}. {rerun}")
 
 
 def resume_position(paths):
