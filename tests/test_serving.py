@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
+import sliced_mock
 from tl_keras import evaluate
 from tl_keras import flags
 from tl_keras import job
@@ -47,7 +47,7 @@ def test_report_matches_a_hand_computed_confusion_matrix():
 
 def test_evaluate_mode_reproduces_the_training_runs_test_metrics(finished_run, capsys):
     config, metrics = finished_run
-    with tfds.testing.mock_data(num_examples=64):
+    with sliced_mock.mock_data(num_examples=64):
         report = job.run_evaluation(flags.run_config(config.model_dir), "test")
 
     assert report["top1"] == pytest.approx(metrics["test"]["top1"])
@@ -186,7 +186,7 @@ def test_tensorboard_holds_the_promised_scalars_images_and_hparams(finished_run)
 def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
     from conftest import run_job
 
-    with tfds.testing.mock_data(num_examples=40):
+    with sliced_mock.mock_data(num_examples=40):
         config, _ = run_job(tmp_path, "--export_tflite", "--finetune_epochs=0",
                             "--batch_size=16", "--backbone=mobilenetv3small")
 

@@ -50,7 +50,8 @@ _TRAIN_SPLIT = flags.DEFINE_string(
 _VAL_SPLIT = flags.DEFINE_string(
     "val_split", "",
     "Validation split. Empty: the dataset's `validation` split if it has one, else "
-    "the last --val_fraction of --train_split, the same examples every run.")
+    "the last --val_fraction of each part of --train_split, as TFDS slices, the same "
+    "examples every run. One that overlaps --train_split is refused.")
 _TEST_SPLIT = flags.DEFINE_string(
     "test_split", "test", "Split read once, by the final evaluation.")
 _VAL_FRACTION = flags.DEFINE_float(
