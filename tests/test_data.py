@@ -1,4 +1,4 @@
-"""TFDS splits: carving validation from train, refusing overlaps."""
+"""TFDS splits: carving validation from train, refusing overlaps, missing classes."""
 
 import re
 
@@ -121,3 +121,13 @@ def test_disjoint_validation_splits_are_accepted(data_dir, train_split, val_spli
     splits = _load(data_dir, train_split=train_split, val_split=val_split)
     assert not set(_numbers(splits.train)) & set(_numbers(splits.validation))
 
+
+def test_a_split_without_some_class_is_named(data_dir, capsys):
+    splits = _load(data_dir, val_split="test", classes=("even", "never"))
+    assert splits.sizes["train"] == 20
+    assert ("Note: the train split has no examples of never; the validation split has "
+            "no examples of never; the test split has no examples of never") in \
+        capsys.readouterr().out
+
+    with pytest.raises(UsageError, match="the validation split has no examples of never"):
+        _load(data_dir, val_split="test", classes=("even", "never"), strict=True)

@@ -44,7 +44,7 @@ class Splits:
 
 
 def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, *,
-              classes=(), train_examples_per_class=None, seed=0):
+              classes=(), train_examples_per_class=None, seed=0, strict=False):
     """Loads a TFDS dataset by name, downloading and preparing it if needed.
 
     Args:
@@ -59,6 +59,9 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
         train_examples_per_class: keep this many training examples per class,
             chosen by `seed`; None keeps all.
         seed: picks the per-class examples.
+        strict: make a split without examples of some class an error; checked
+            only with `classes` or `train_examples_per_class`, which read the
+            labels anyway. Default False.
 
     Returns:
         `Splits`.
@@ -66,7 +69,8 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
     Raises:
         UsageError: for an unknown dataset or split, a validation split that
             overlaps the training split, a dataset without (image, label)
-            supervision, or a download that failed.
+            supervision, a download that failed, or (with `strict`) a split
+            without examples of some class.
     """
     builder = _builder(name, data_dir)
     _check_supervision(builder)
@@ -98,7 +102,7 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
     image_feature = builder.info.features[builder.info.supervised_keys[0]]
     image_shape = tuple(image_feature.shape)
     class_names, datasets, sizes = _select(
-        list(label_feature.names), datasets, classes, train_examples_per_class, seed
+        list(label_feature.names), datasets, classes, train_examples_per_class, seed, strict
     )
     return Splits(
         **datasets,
@@ -109,8 +113,11 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
     )
 
 
-def _select(class_names, datasets, classes, train_examples_per_class, seed):
+def _select(class_names, datasets, classes, train_examples_per_class, seed, strict):
     """Applies `--classes` to every split and the per-class cap to train.
+
+    Only here are the labels read, so only here does a split without some
+    class get noticed: a whole TFDS dataset isn't read an extra time for it.
 
     Returns:
         (class names, datasets by split, sizes by split).
@@ -118,7 +125,7 @@ def _select(class_names, datasets, classes, train_examples_per_class, seed):
     if not classes and not train_examples_per_class:
         return class_names, datasets, {s: _count(d) for s, d in datasets.items()}
     names, old_to_new = subsets.class_mapping(class_names, classes)
-    selected, sizes = {}, {}
+    selected, sizes, kept_labels = {}, {}, {}
     for split, dataset in datasets.items():
         # One pass over the labels decides which examples stay.
         labels = old_to_new[np.fromiter(
@@ -137,6 +144,8 @@ def _select(class_names, datasets, classes, train_examples_per_class, seed):
             keep[kept_positions] = True
         selected[split] = _filter(dataset, keep, old_to_new)
         sizes[split] = int(keep.sum())
+        kept_labels[split] = labels[keep]
+    subsets.check_every_class_present(kept_labels, names, strict)
     return names, selected, sizes
 
 

@@ -66,7 +66,8 @@ _TRAIN_EXAMPLES_PER_CLASS = flags.DEFINE_integer(
     "Keep this many training images per class, chosen by --seed (few-shot runs).")
 _STRICT_DATA = flags.DEFINE_boolean(
     "strict_data", False,
-    "Make any unreadable image file an error instead of skipping it.")
+    "Make any unreadable image file, and a split without examples of some class, "
+    "an error instead of a note.")
 _AUGMENT = flags.DEFINE_enum(
     "augment", "none", ["none", "basic", "randaugment"],
     "Training augmentation: basic is a random resized crop and horizontal flip; "
