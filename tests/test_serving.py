@@ -1,11 +1,11 @@
-"""After training: the report, evaluate and predict modes, both serving
-signatures, saved_model_cli's view and the TensorBoard logs."""
+"""After training: the report, evaluate and predict modes, the serving
+signatures, saved_model_cli's view against the README and the TensorBoard logs."""
 
 import csv
 import io
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 
@@ -16,6 +16,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 import sliced_mock
+from conftest import REPO_ROOT
 from tl_keras import evaluate
 from tl_keras import flags
 from tl_keras import job
@@ -141,19 +142,69 @@ def test_bad_serving_input_says_what_is_wrong(signatures):
         signatures["serving_bytes"](image_bytes=tf.constant([b"hello, not an image"]))
 
 
-def test_saved_model_cli_shows_both_signatures(finished_run):
-    config, _ = finished_run
-    cli = shutil.which("saved_model_cli", path=os.path.dirname(sys.executable))
+def _readme_signatures():
+    """{signature: {(input|output, name): (dtype, shape text)}} from the
+    README's Serving section: a `### `name`` heading, then a table."""
+    with open(os.path.join(REPO_ROOT, "README.md")) as file:
+        readme = file.read()
+    serving = re.search(r"^## Serving\n(.*?)^## ", readme, re.S | re.M).group(1)
+    signatures = {}
+    for name, body in re.findall(r"^### `(\w+)`\n(.*?)(?=^### |\Z)", serving, re.S | re.M):
+        rows = re.findall(r"^\| (input|output) \| `(\w+)` \| (\w+) \| `(\[.*\])` \|$",
+                          body, re.M)
+        signatures[name] = {(kind, tensor): (dtype, shape) for kind, tensor, dtype, shape in rows}
+    return signatures
+
+
+def _cli_signatures(saved_model):
+    """The same, from `saved_model_cli show --all`, shapes as tuples."""
     result = subprocess.run(
-        [cli, "show", "--dir", os.path.join(config.model_dir, "saved_model"), "--all"],
+        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show",
+         "--dir", saved_model, "--all"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    for expected in ("signature_def['serving_default']", "signature_def['serving_bytes']",
-                     "inputs['images']", "inputs['image_bytes']",
-                     "outputs['probabilities']", "outputs['top_k_indices']",
-                     "outputs['top_k_classes']", "shape: (-1, -1, -1, 3)"):
-        assert expected in result.stdout
+    dtypes = {"DT_UINT8": "uint8", "DT_FLOAT": "float32", "DT_INT32": "int32",
+              "DT_STRING": "string"}
+    signatures = {}
+    for name, body in re.findall(r"^signature_def\['(\w+)'\]:\n(.*?)Method name",
+                                 result.stdout, re.S | re.M):
+        if name == "__saved_model_init_op":
+            continue
+        tensors = re.findall(
+            r"(input|output)s\['(\w+)'\] tensor_info:\n\s+dtype: (\w+)\n\s+shape: \((.*?)\)",
+            body)
+        signatures[name] = {
+            (kind, tensor): (dtypes[dtype], tuple(int(d) for d in shape.split(",") if d.strip()))
+            for kind, tensor, dtype, shape in tensors
+        }
+    return signatures
+
+
+def test_the_readmes_serving_tables_are_what_saved_model_cli_shows(tmp_path):
+    import keras
+
+    from tl_keras import export
+
+    # Three classes, fewer than the five top-k outputs, so a shape that
+    # confuses `classes`, 5 and min(5, classes) shows.
+    class_names = ["ant", "bee", "cat"]
+    inputs = keras.Input((None, None, 3), dtype="uint8")
+    features = keras.layers.GlobalAveragePooling2D()(keras.ops.cast(inputs, "float32"))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(features))
+    export.export_saved_model(model, str(tmp_path / "saved_model"), class_names, image_size=32)
+
+    shown = _cli_signatures(str(tmp_path / "saved_model"))
+    documented = _readme_signatures()
+
+    assert sorted(documented) == sorted(shown) == ["probabilities", "serving_bytes",
+                                                   "serving_default"]
+    sizes = {"batch": -1, "height": -1, "width": -1, "classes": len(class_names), "min": min}
+    for signature, tensors in documented.items():
+        assert sorted(tensors) == sorted(shown[signature]), signature
+        for key, (dtype, shape) in tensors.items():
+            expected = (dtype, tuple(eval(shape, {"__builtins__": {}}, sizes)))
+            assert expected == shown[signature][key], (signature, key, shape)
 
 
 def _tags(directory):
