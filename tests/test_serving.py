@@ -64,8 +64,13 @@ def test_evaluate_mode_reproduces_the_training_runs_test_metrics(finished_run, c
 
 def test_training_writes_training_curves(finished_run):
     config, _ = finished_run
-    path = os.path.join(config.model_dir, "plots", "training_curves.png")
-    assert Image.open(path).format == "PNG"
+    image = Image.open(os.path.join(config.model_dir, "plots", "training_curves.png"))
+    assert image.format == "PNG"
+    # Two panels side by side, 11 x 4 inches at 80 dpi, trimmed to what they draw.
+    width, height = image.size
+    assert 700 <= width <= 1000 and 250 <= height <= 400, image.size
+    pixels = np.asarray(image.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # lines and text, not blank
 
 
 def _encoded(image, fmt):
@@ -235,6 +240,8 @@ def test_tensorboard_holds_the_promised_scalars_images_and_hparams(finished_run)
 
 
 def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
+    pytest.importorskip("tensorflow.lite.python.lite",
+                        reason="this TensorFlow has no TFLite converter")
     from conftest import run_job
 
     with sliced_mock.mock_data(num_examples=40):
@@ -242,8 +249,9 @@ def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
                             "--batch_size=16", "--backbone=mobilenetv3small")
 
     out = capsys.readouterr().out
-    if "Skipped the TFLite export" in out:
-        pytest.skip(out[out.index("Skipped the TFLite export"):].splitlines()[0])
+    # The run goes on without model.tflite when the converter fails; here
+    # that is a regression to see.
+    assert "Skipped the TFLite export" not in out
     assert "its probabilities are within 0.0001 of the SavedModel's" in out
     assert os.path.getsize(os.path.join(config.model_dir, "model.tflite")) > 0
 
