@@ -7,7 +7,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 from absl.testing import flagsaver
 
@@ -21,6 +20,7 @@ tf.config.set_logical_device_configuration(
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+import sliced_mock  # noqa: E402
 from tl_keras import flags  # noqa: E402  (after the device setup above)
 
 SMOKE_FLAGS = os.path.join(REPO_ROOT, "configs", "smoke.flags")
@@ -51,15 +51,15 @@ def run_job(tmp_path, *args):
 def finished_run(tmp_path_factory):
     """One smoke run on mock CIFAR-10: one head epoch, two fine-tuning epochs."""
     tmp_path = tmp_path_factory.mktemp("smoke")
-    with tfds.testing.mock_data(num_examples=64):
+    with sliced_mock.mock_data(num_examples=64):
         return run_job(tmp_path, "--head_epochs=1", "--finetune_epochs=2",
                        "--profile_batches=1,1")
 
 
 @pytest.fixture
 def mock_tfds():
-    """Mocks every TFDS dataset with random examples: 64 in each split."""
-    with tfds.testing.mock_data(num_examples=64):
+    """Mocks every TFDS dataset with random examples: 64 in each split, sliced as TFDS slices."""
+    with sliced_mock.mock_data(num_examples=64):
         yield
 
 

@@ -14,29 +14,34 @@ from tl_keras import precision
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 
 
-@pytest.mark.parametrize("setting, has_tpu, capabilities, expected", [
-    ("auto", False, [], "float32"),                  # CPU
-    ("auto", False, [(8, 0)], "mixed_bfloat16"),     # A100
-    ("auto", False, [(9, 0), (9, 0)], "mixed_bfloat16"),  # H100s
-    ("auto", False, [(7, 0)], "mixed_float16"),      # V100: loss scaling
-    ("auto", False, [(8, 6), (7, 5)], "mixed_float16"),  # the oldest GPU decides
-    ("auto", True, [], "mixed_bfloat16"),            # TPU
-    ("off", False, [(9, 0)], "float32"),
-    ("float16", False, [], "mixed_float16"),
-    ("bfloat16", False, [], "mixed_bfloat16"),
+@pytest.mark.parametrize("setting, has_tpu, capabilities, expected, reason", [
+    ("auto", False, [], "float32",                   # CPU
+     "no GPU: mixed precision is slower than float32 on CPUs"),
+    ("auto", False, [(8, 0)], "mixed_bfloat16", "GPU compute capability 8.0"),  # A100
+    ("auto", False, [(9, 0), (9, 0)], "mixed_bfloat16",  # H100s
+     "GPU compute capability 9.0"),
+    ("auto", False, [(7, 0)], "mixed_float16",       # V100: loss scaling
+     "GPU compute capability 7.0"),
+    ("auto", False, [(8, 6), (7, 5)], "mixed_float16",  # the oldest GPU decides
+     "GPU compute capability 7.5"),
+    ("auto", True, [], "mixed_bfloat16", "TPUs compute in bfloat16"),  # TPU
+    ("off", False, [(9, 0)], "float32", "--mixed_precision=off"),
+    ("float16", False, [], "mixed_float16", "--mixed_precision=float16"),
+    ("bfloat16", False, [], "mixed_bfloat16", "--mixed_precision=bfloat16"),
 ])
-def test_mixed_precision_choice(setting, has_tpu, capabilities, expected):
-    policy, reason = precision.choose_dtype_policy(setting, has_tpu, capabilities)
-    assert policy == expected
-    assert reason
+def test_mixed_precision_choice(setting, has_tpu, capabilities, expected, reason):
+    assert precision.choose_dtype_policy(setting, has_tpu, capabilities) == (expected, reason)
 
 
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")),
+                    reason="this host has a GPU, so auto rightly picks mixed precision")
 def test_auto_mixed_precision_on_this_cpu_is_float32():
     assert precision.resolve_mixed_precision("auto")[0] == "float32"
 
 
 def _run_under_jax(tmp_path, *flags):
-    environment = dict(os.environ, KERAS_BACKEND="jax")
+    # JAX on the CPU alone, so a GPU host runs what these tests expect of a CPU.
+    environment = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
     return subprocess.run(
         [sys.executable, LAUNCHER, f"--flagfile={SMOKE_FLAGS}", "--batch_size=8",
          "--backbone=mobilenetv3small", f"--model_dir={tmp_path / 'run'}", *flags],

@@ -3,16 +3,16 @@
 import csv
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 
+import sliced_mock
 from conftest import parse_config, run_job
 
 
 def _head_after_phase_one(tmp_path, *flags):
     import keras
 
-    with tfds.testing.mock_data(num_examples=64):
+    with sliced_mock.mock_data(num_examples=64):
         # 58 training images in one batch: full-batch steps, so the order the
         # two pipelines shuffle into cannot matter.
         config, metrics = run_job(

@@ -6,6 +6,7 @@ import sys
 import urllib.error
 
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 
@@ -48,6 +49,8 @@ def test_backbone_names_are_case_insensitive():
     assert config.image_size == 384  # its native size
 
 
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")),
+                    reason="mirrors over the GPUs there, not the two logical CPUs")
 def test_batch_that_replicas_cannot_split_fails_before_any_work(tmp_path, mock_tfds):
     config, _ = parse_config(
         "--strategy=mirrored", "--batch_size=33", f"--model_dir={tmp_path / 'run'}"

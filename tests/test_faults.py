@@ -91,11 +91,17 @@ def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(tmp_path, uni
     resumed = [float(row["learning_rate"]) for row in _history(model_dir)]
     reference = [float(row["learning_rate"]) for row in _history(uninterrupted)]
     np.testing.assert_allclose(resumed, reference, rtol=1e-6)
-    # Weights can't match the uninterrupted run bit for bit: the rerun's input
-    # pipeline starts its shuffle sequence again, so it sees the examples of
-    # the resumed epochs in another order. Its losses stay in the same range.
+    # The epochs before the kill trained as the uninterrupted run's did.
+    # Later weights can't match bit for bit: the rerun's input pipeline starts
+    # its shuffle sequence again, so it sees the examples of the resumed epochs
+    # in another order. Still, it ends nearer the uninterrupted run's final
+    # validation loss than that run moved in those epochs: a rerun that lost
+    # or skipped them would not.
     losses = [float(row["val_loss"]) for row in _history(model_dir)]
-    assert all(np.isfinite(losses))
+    reference = [float(row["val_loss"]) for row in _history(uninterrupted)]
+    np.testing.assert_allclose(losses[:2], reference[:2], rtol=1e-5)
+    assert abs(losses[-1] - reference[-1]) < abs(reference[-1] - reference[1]), \
+        (losses, reference)
     assert os.path.isdir(model_dir / "saved_model")
     assert not os.path.exists(model_dir / "backup" / "finetune")
     assert not os.path.exists(model_dir / "run.lock")

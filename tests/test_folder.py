@@ -247,3 +247,18 @@ def test_evaluation_batches_are_never_augmented(examples):
     images = np.concatenate([images.numpy() for images, _ in batches])
     expected = np.stack([image.numpy() for image, _ in examples])
     np.testing.assert_array_equal(images, expected)
+
+
+def test_a_class_too_small_to_split_is_named(tmp_path, capsys):
+    _class_folder(str(tmp_path), "common", 10)
+    _class_folder(str(tmp_path), "rare", 1)
+
+    splits = _load(tmp_path)
+
+    assert splits.sizes == {"train": 7, "validation": 2, "test": 2}
+    assert ("Note: the test split has no examples of rare; the validation split has no "
+            "examples of rare; their metrics there will have support 0.") in \
+        capsys.readouterr().out
+    with pytest.raises(UsageError, match="The test split has no examples of rare; the "
+                                         "validation split has no examples of rare"):
+        _load(tmp_path, strict=True)

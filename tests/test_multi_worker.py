@@ -296,3 +296,25 @@ def test_sigterm_across_workers_saves_no_mid_epoch_backup():
     watcher._on_sigterm(None, None)
     with pytest.raises(train.Preempted, match=r"batch 5 of epoch 3.*from the last completed"):
         watcher.on_train_batch_end(4)
+
+
+def test_a_keras_whose_internals_changed_is_refused_for_multi_worker(monkeypatch):
+    import keras
+    from keras.src.backend.tensorflow import trainer
+
+    monkeypatch.setattr(trainer, "_tl_keras_multi_worker_fix", False, raising=False)
+    monkeypatch.setattr(trainer, "reduce_per_replica", lambda values, strategy: values)
+
+    with pytest.raises(UsageError) as raised:
+        distribute._fix_keras_fit_for_multi_worker()
+
+    message = str(raised.value)
+    assert f"the installed Keras {keras.__version__}" in message
+    assert "trainer.reduce_per_replica is (values, strategy), not " \
+           "(values, strategy, reduction)" in message
+    assert "tested with keras>=3.12,<3.16" in message
+
+
+def test_the_tested_keras_range_is_the_one_pyproject_requires():
+    with open(os.path.join(REPO_ROOT, "pyproject.toml")) as file:
+        assert f'"keras{distribute.TESTED_KERAS}"' in file.read()

@@ -44,7 +44,7 @@ class Splits:
 
 
 def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, *,
-              classes=(), train_examples_per_class=None, seed=0):
+              classes=(), train_examples_per_class=None, seed=0, strict=False):
     """Loads a TFDS dataset by name, downloading and preparing it if needed.
 
     Args:
@@ -59,13 +59,18 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
         train_examples_per_class: keep this many training examples per class,
             chosen by `seed`; None keeps all.
         seed: picks the per-class examples.
+        strict: make a split without examples of some class an error; checked
+            only with `classes` or `train_examples_per_class`, which read the
+            labels anyway. Default False.
 
     Returns:
         `Splits`.
 
     Raises:
-        UsageError: for an unknown dataset or split, a dataset without
-            (image, label) supervision, or a download that failed.
+        UsageError: for an unknown dataset or split, a validation split that
+            overlaps the training split, a dataset without (image, label)
+            supervision, a download that failed, or (with `strict`) a split
+            without examples of some class.
     """
     builder = _builder(name, data_dir)
     _check_supervision(builder)
@@ -80,27 +85,24 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
     for flag, split in (("train", train_split), ("val", val_split), ("test", test_split)):
         if split is not None:
             _check_split(builder, flag, split, available)
+    if val_split is None:
+        read_for_training, val_split = _carve(train_split, val_fraction, builder.info.splits)
+        validation_source = f"the last {val_fraction:.0%} of {train_split}: {val_split}"
+    else:
+        _check_disjoint(train_split, val_split, builder.info.splits)
+        read_for_training, validation_source = train_split, val_split
 
     def read(split):
-        # A fixed file order: shuffling is the pipeline's job, and carving a
-        # validation split out of train must pick the same examples every run.
+        # A fixed file order: shuffling is the pipeline's job.
         return builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
 
-    train = read(train_split)
-    if val_split is None:
-        train, validation = _carve(train, val_fraction)
-        validation_source = f"the last {val_fraction:.0%} of {train_split}"
-    else:
-        validation = read(val_split)
-        validation_source = val_split
-    test = read(test_split)
-
+    datasets = {"train": read(read_for_training), "validation": read(val_split),
+                "test": read(test_split)}
     label_feature = builder.info.features[builder.info.supervised_keys[1]]
     image_feature = builder.info.features[builder.info.supervised_keys[0]]
     image_shape = tuple(image_feature.shape)
-    datasets = {"train": train, "validation": validation, "test": test}
     class_names, datasets, sizes = _select(
-        list(label_feature.names), datasets, classes, train_examples_per_class, seed
+        list(label_feature.names), datasets, classes, train_examples_per_class, seed, strict
     )
     return Splits(
         **datasets,
@@ -111,8 +113,11 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
     )
 
 
-def _select(class_names, datasets, classes, train_examples_per_class, seed):
+def _select(class_names, datasets, classes, train_examples_per_class, seed, strict):
     """Applies `--classes` to every split and the per-class cap to train.
+
+    Only here are the labels read, so only here does a split without some
+    class get noticed: a whole TFDS dataset isn't read an extra time for it.
 
     Returns:
         (class names, datasets by split, sizes by split).
@@ -120,7 +125,7 @@ def _select(class_names, datasets, classes, train_examples_per_class, seed):
     if not classes and not train_examples_per_class:
         return class_names, datasets, {s: _count(d) for s, d in datasets.items()}
     names, old_to_new = subsets.class_mapping(class_names, classes)
-    selected, sizes = {}, {}
+    selected, sizes, kept_labels = {}, {}, {}
     for split, dataset in datasets.items():
         # One pass over the labels decides which examples stay.
         labels = old_to_new[np.fromiter(
@@ -139,6 +144,8 @@ def _select(class_names, datasets, classes, train_examples_per_class, seed):
             keep[kept_positions] = True
         selected[split] = _filter(dataset, keep, old_to_new)
         sizes[split] = int(keep.sum())
+        kept_labels[split] = labels[keep]
+    subsets.check_every_class_present(kept_labels, names, strict)
     return names, selected, sizes
 
 
@@ -215,16 +222,109 @@ def _check_split(builder, flag, split, available):
         )
 
 
-def _carve(dataset, val_fraction):
-    """Holds out the last `val_fraction` of a dataset, the same examples each run."""
-    total = _count(dataset)
-    held_out = max(1, round(total * val_fraction))
-    if held_out >= total:
-        raise UsageError(
-            f"--val_fraction={val_fraction} leaves no training examples out of "
-            f"{total}; pass a smaller fraction or a --val_split."
-        )
-    return dataset.take(total - held_out), dataset.skip(total - held_out)
+def _carve(train_split, val_fraction, split_infos):
+    """Holds out the last `val_fraction` of each part of a TFDS split spec.
+
+    Both results are TFDS slices, so they are disjoint however TFDS orders
+    the examples it reads. Of 50,000 examples, `train` becomes
+    `train[0:45000]` and `train[45000:50000]`; each part of a sum gives its
+    own last fraction.
+
+    Args:
+        train_split: `--train_split`, e.g. `train`, `train[:50%]`, `train+test`.
+        val_fraction: the fraction of each part held out.
+        split_infos: the dataset's `builder.info.splits`.
+
+    Returns:
+        (the split spec to train on, the split spec to validate on).
+
+    Raises:
+        UsageError: for a part too small to give examples to both.
+    """
+    kept, held_out = [], []
+    for part in _parts(train_split):
+        unit, start, end = _bounds(part, split_infos)
+        if unit == "%":
+            cut = end - (end - start) * val_fraction
+        else:
+            cut = end - max(1, round((end - start) * val_fraction))
+            if cut <= start:
+                raise UsageError(
+                    f"--train_split={train_split}: {_slice(part.split_name, unit, start, end)} "
+                    f"has too few examples to hold out --val_fraction={val_fraction} "
+                    f"and train on the rest; pass a --val_split."
+                )
+        kept.append(_slice(part.split_name, unit, start, cut))
+        held_out.append(_slice(part.split_name, unit, cut, end))
+    return "+".join(kept), "+".join(held_out)
+
+
+def _check_disjoint(train_split, val_split, split_infos):
+    """Refuses a validation split that shares examples with the training split.
+
+    Parts that read the same TFDS split are compared by their slice bounds.
+
+    Raises:
+        UsageError: naming both splits and the slices they share.
+    """
+    for train_part in _parts(train_split):
+        for val_part in _parts(val_split):
+            if train_part.split_name != val_part.split_name:
+                continue
+            train_unit, train_start, train_end = _bounds(train_part, split_infos)
+            _, val_start, val_end = _bounds(val_part, split_infos)
+            if train_end <= val_start or val_end <= train_start:
+                continue
+            name = train_part.split_name
+            raise UsageError(
+                f"--train_split={train_split} and --val_split={val_split} overlap: "
+                f"{_slice(name, train_unit, train_start, train_end)} and "
+                f"{_slice(name, train_unit, val_start, val_end)} share examples, so "
+                f"validation would score examples the model trains on. Pass slices "
+                f"that don't overlap (e.g. --train_split=train[:90%] "
+                f"--val_split=train[90%:]), or leave --val_split empty to carve it."
+            )
+
+
+def _parts(split):
+    """The `tfds.core.ReadInstruction` of each `+`-separated part of a split spec."""
+    try:
+        parts = [tfds.core.ReadInstruction.from_spec(part) for part in split.split("+")]
+    except ValueError as error:
+        raise UsageError(f"Can't read the split {split!r}: {error}") from error
+    if not all(isinstance(part, tfds.core.ReadInstruction) for part in parts):
+        raise UsageError(f"Name the splits in {split!r} (e.g. train+test) instead of all.")
+    return parts
+
+
+def _bounds(part, split_infos):
+    """A part's (unit, start, end), in examples from the dataset's split sizes.
+
+    A mocked dataset (in tests) has no split sizes: its whole splits and
+    percent slices are bounded in percent instead, which TFDS maps to the
+    same examples whatever their count.
+    """
+    if part.split_name in split_infos:
+        try:
+            [absolute] = part.to_absolute(split_infos)
+        except ValueError as error:
+            raise UsageError(f"Can't read {part!r}: {error}") from error
+        # TFDS writes None for a bound at either end.
+        end = split_infos[part.split_name].num_examples if absolute.to is None else absolute.to
+        return "abs", absolute.from_ or 0, end
+    if part.unit == "%" or (part.from_ is None and part.to is None):
+        start = 0 if part.from_ is None else part.from_ + (100 if part.from_ < 0 else 0)
+        end = 100 if part.to is None else part.to + (100 if part.to < 0 else 0)
+        return "%", start, end
+    raise UsageError(
+        f"Can't tell which examples {part.split_name}[{part.from_}:{part.to}] holds: "
+        f"the dataset doesn't record its split sizes. Slice it in percent instead."
+    )
+
+
+def _slice(split_name, unit, start, end):
+    suffix = "%" if unit == "%" else ""
+    return f"{split_name}[{start:g}{suffix}:{end:g}{suffix}]"
 
 
 def _count(dataset):

@@ -6,6 +6,7 @@ own `keras.distribution.DataParallel`. The compute dtype is `tl_keras.precision`
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 
@@ -199,6 +200,43 @@ def gather_from_workers(strategy, values):
     return gather().numpy().tolist()
 
 
+# The Keras releases `_fix_keras_fit_for_multi_worker` fits (3.15.1 tested),
+# as pyproject.toml pins them.
+TESTED_KERAS = ">=3.12,<3.16"
+
+# The Keras internals the fix replaces or calls, with the signatures it was
+# written against (in keras.src.backend.tensorflow.trainer).
+_PATCHED_SIGNATURES = {
+    "_collective_all_reduce_multi_worker": "(strategy)",
+    "reduce_per_replica": "(values, strategy, reduction)",
+    "TensorFlowTrainer._maybe_symbolic_build": "(self, iterator=None, data_batch=None)",
+}
+
+
+def _check_keras_internals(trainer):
+    """Refuses to patch a Keras whose internals differ from those the fix expects.
+
+    Raises:
+        UsageError: naming the installed Keras, what changed, and the tested range.
+    """
+    for path, expected in _PATCHED_SIGNATURES.items():
+        target = trainer
+        try:
+            for name in path.split("."):
+                target = getattr(target, name)
+            found = str(inspect.signature(target))
+        except (AttributeError, TypeError, ValueError):
+            found = "missing"
+        if found != expected:
+            raise UsageError(
+                f"--strategy=multi_worker works around two bugs of Keras' fit "
+                f"(keras-team/keras#20585) by patching Keras internals, which differ "
+                f"in the installed Keras {keras.__version__}: "
+                f"keras.src.backend.tensorflow.trainer.{path} is {found}, not "
+                f"{expected}. tl_keras is tested with keras{TESTED_KERAS}: "
+                f"pip install 'keras{TESTED_KERAS}'.")
+
+
 def _fix_keras_fit_for_multi_worker():
     """Works around two bugs of Keras 3's `fit` under MultiWorkerMirroredStrategy
     (keras-team/keras#20585), for this process.
@@ -213,11 +251,16 @@ def _fix_keras_fit_for_multi_worker():
 
     Only code paths taken under MultiWorkerMirroredStrategy change; the
     two-worker test (tests/test_multi_worker.py) fails if a Keras release
-    breaks this.
+    breaks this, and a Keras whose patched functions take other arguments is
+    refused.
+
+    Raises:
+        UsageError: on a Keras whose internals the fix doesn't fit.
     """
     from keras.src import tree
     from keras.src.backend.tensorflow import trainer
 
+    _check_keras_internals(trainer)
     if getattr(trainer, "_tl_keras_multi_worker_fix", False):
         return
     multi_worker = trainer._collective_all_reduce_multi_worker

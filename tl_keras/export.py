@@ -26,7 +26,7 @@ _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
 
 def export_saved_model(model, path, class_names, image_size, resize="stretch",
                        top_k=DEFAULT_TOP_K):
-    """Exports a SavedModel with two serving signatures.
+    """Exports a SavedModel with three signatures (README.md's Serving tables).
 
     `serving_default`: input `images`, uint8 `[batch, height, width, 3]` of any
     height and width.
@@ -34,7 +34,10 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
     GIF or BMP images (what TF Serving's REST API receives as base64).
 
     Both return `probabilities` float32 `[batch, classes]`, `top_k_indices`
-    int32 `[batch, k]` and `top_k_classes` string `[batch, k]`, best first.
+    int32 `[batch, k]` and `top_k_classes` string `[batch, k]`, best first,
+    where k is `min(top_k, classes)`.
+    `probabilities`: the bare model; input `images` as above, output
+    `output_0` float32 `[batch, classes]`.
 
     Args:
         model: the classifier from `tl_keras.model.build_classifier`.

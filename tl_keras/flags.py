@@ -51,7 +51,8 @@ _TRAIN_SPLIT = flags.DEFINE_string(
 _VAL_SPLIT = flags.DEFINE_string(
     "val_split", "",
     "Validation split. Empty: the dataset's `validation` split if it has one, else "
-    "the last --val_fraction of --train_split, the same examples every run.")
+    "the last --val_fraction of each part of --train_split, as TFDS slices, the same "
+    "examples every run. One that overlaps --train_split is refused.")
 _TEST_SPLIT = flags.DEFINE_string(
     "test_split", "test", "Split read once, by the final evaluation.")
 _VAL_FRACTION = flags.DEFINE_float(
@@ -66,7 +67,8 @@ _TRAIN_EXAMPLES_PER_CLASS = flags.DEFINE_integer(
     "Keep this many training images per class, chosen by --seed (few-shot runs).")
 _STRICT_DATA = flags.DEFINE_boolean(
     "strict_data", False,
-    "Make any unreadable image file an error instead of skipping it.")
+    "Make any unreadable image file, and a split without examples of some class, "
+    "an error instead of a note.")
 _AUGMENT = flags.DEFINE_enum(
     "augment", "none", ["none", "basic", "randaugment"],
     "Training augmentation: basic is a random resized crop and horizontal flip; "

@@ -48,7 +48,8 @@ def load_folder(dataset, *, val_fraction, seed, strict, classes,
         dataset: `folder:PATH`.
         val_fraction: the fraction of each class held out when carving.
         seed: picks the held-out and subset examples.
-        strict: make any unreadable file an error instead of skipping it.
+        strict: make any unreadable file, or a split without images of some
+            class, an error instead of a note.
         classes: class names to keep, in their new label order; empty keeps all.
         train_examples_per_class: keep this many training images per class;
             None keeps all.
@@ -58,7 +59,8 @@ def load_folder(dataset, *, val_fraction, seed, strict, classes,
 
     Raises:
         UsageError: for a missing folder, an empty class folder, fewer than two
-            classes, an unknown class, or (with `strict`) an unreadable file.
+            classes, an unknown class, or (with `strict`) an unreadable file or a
+            split without images of some class.
     """
     root = dataset[len(PREFIX):]
     if not os.path.isdir(root):
@@ -90,6 +92,9 @@ def load_folder(dataset, *, val_fraction, seed, strict, classes,
 
     class_names, listed = _select(
         class_names, listed, classes, train_examples_per_class, seed
+    )
+    subsets.check_every_class_present(
+        {split: files.labels for split, files in listed.items()}, class_names, strict
     )
     # Listed class by class, the files would reach the pipeline's shuffle
     # buffer (smaller than a big split) a few classes at a time: mix them first.

@@ -323,6 +323,7 @@ def load_splits(config):
             config.dataset, config.data_dir, config.train_split, config.val_split,
             config.test_split, config.val_fraction, classes=config.classes,
             train_examples_per_class=config.train_examples_per_class, seed=config.seed,
+            strict=config.strict_data,
         )
     print(
         f"Dataset {config.dataset}: {splits.num_classes} classes; "

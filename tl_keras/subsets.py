@@ -38,6 +38,37 @@ def stratified_indices(labels, fraction, rng, split_name):
     return picked
 
 
+def check_every_class_present(labels_by_split, class_names, strict):
+    """Says which splits hold no example of some class, before any training.
+
+    Such a class goes unmeasured there (its support is 0 in the evaluation).
+
+    Args:
+        labels_by_split: the labels of each split, by split name.
+        class_names: the class names, by label.
+        strict: raise instead of printing a note.
+
+    Raises:
+        UsageError: with `strict`, naming each split and the classes it lacks.
+    """
+    gaps = []
+    for split, labels in labels_by_split.items():
+        missing = np.setdiff1d(np.arange(len(class_names)), labels)
+        if len(missing):
+            names = ", ".join(class_names[label] for label in missing)
+            gaps.append(f"the {split} split has no examples of {names}")
+    if not gaps:
+        return
+    problem = "; ".join(gaps)
+    if strict:
+        raise UsageError(
+            f"{problem[0].upper()}{problem[1:]} (--strict_data). Add examples of "
+            f"those classes, or drop --strict_data to go on without them there."
+        )
+    print(f"Note: {problem}; their metrics there will have support 0. "
+          f"--strict_data makes this an error.", flush=True)
+
+
 def class_mapping(class_names, classes):
     """Maps old labels to the order `--classes` gives.
 
