@@ -437,8 +437,11 @@ def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
                 "phase": last.name, "validation": progress.phases[last.name]["validation"]}
     # The checkpoint also holds the optimizer of the phase that wrote it, which
     # the export doesn't need (and the model's current optimizer doesn't fit).
+    # (A classifier whose only phase trained its head on cached features was
+    # never compiled, and has no optimizer.)
+    optimizer = getattr(model, "optimizer", None)
     model.load_weights(paths.best_checkpoint,
-                       objects_to_skip=[model.optimizer] if model.optimizer else None)
+                       objects_to_skip=[optimizer] if optimizer else None)
     validation = best["validation"]
     if train_batchnorm and best["phase"] == FINETUNE_PHASE:
         # The same layers as in phase 2, also when phase 2 ran in an earlier
