@@ -153,6 +153,32 @@ def test_an_image_of_another_size_is_resized_as_the_model_would(tmp_path, resize
         test[0][0], _resized_file(tmp_path / "test" / "a" / "000.jpg", resize))
 
 
+def test_large_jpegs_come_down_to_the_input_size_on_the_cpu(tmp_path):
+    for split, count in (("train", 3), ("test", 1)):
+        for name in ("a", "b"):
+            # Smooth content, as in photos, which a reduced-scale decode keeps.
+            for index in range(count):
+                path = tmp_path / split / name / f"{index}.jpg"
+                os.makedirs(path.parent, exist_ok=True)
+                coarse = np.random.default_rng(index).integers(0, 256, (4, 4, 3), np.uint8)
+                Image.fromarray(coarse).resize((300, 140), Image.BILINEAR).save(path)
+
+    splits = _load(tmp_path, resize="crop", val_fraction=0.34)
+
+    assert splits.image_shape == (32, 32, 3)
+    # Evaluation: exactly the model's resize of the full image.
+    test = _decode_all(splits.test)
+    np.testing.assert_array_equal(test[0][0], _resized_file(tmp_path / "test" / "a" / "0.jpg",
+                                                            "crop"))
+    # Training decodes them at a quarter of their size (140 px / 4 >= 32),
+    # then resizes the same way: nearly the same pixels for far less work.
+    train = np.stack([image for image, _ in _decode_all(splits.train)]).astype(int)
+    full = np.stack([_resized_file(path, "crop") for path in tmp_path.glob("train/*/*")])
+    # Mean absolute difference to the closest full-scale image, in 0..255 levels.
+    closest = np.abs(train[:, None] - full[None]).mean(axis=(2, 3, 4)).min(axis=1)
+    assert 0 < closest.min() and closest.max() < 2
+
+
 @pytest.mark.parametrize("val_name, test_name", [("val", "test"), ("Validation", "TEST")])
 def test_split_folders_are_used_as_they_are(tmp_path, val_name, test_name):
     for split, count in (("train", 6), (val_name, 2), (test_name, 3)):

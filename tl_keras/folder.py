@@ -31,6 +31,9 @@ SPLIT_FOLDER_NAMES = {
 # Image sizes are compared this many files at a time, so the check stops soon
 # after the first image of another size.
 _SIZE_CHECK_BATCH = 64
+# libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 of its size, for a fraction of
+# the work of a full decode.
+_JPEG_SCALE_DENOMINATORS = (1, 2, 4, 8)
 _SKIPPED_FILES_SHOWN = 5
 
 
@@ -108,7 +111,9 @@ def load_folder(dataset, *, image_size, resize, val_fraction, seed, strict, clas
         _decoded, image_shape=image_shape, image_size=image_size, resize=resize
     )
     return Splits(
-        train=decoded(listed["train"]),
+        # Training alone may decode JPEGs at reduced scale: its pixels need not
+        # match serving's bit for bit, while evaluation's must.
+        train=decoded(listed["train"], reduce_jpeg=True),
         validation=decoded(listed["validation"]),
         test=decoded(listed["test"]),
         class_names=tuple(class_names),
@@ -316,7 +321,30 @@ def decode_image(contents):
     return image
 
 
-def _decoded(files, image_shape, image_size, resize):
+def _decode_reduced(contents, image_size):
+    """Like `decode_image`, but a JPEG at the smallest scale (1/1 to 1/8) that
+    leaves its shorter side at least `image_size`, so that what follows still
+    shrinks it, antialiased, and never enlarges it."""
+
+    def jpeg():
+        shorter = tf.reduce_min(tf.io.extract_jpeg_shape(contents)[:2])
+        # libjpeg rounds a scaled side up. The scales only get smaller, so the
+        # count of reduced ones that are large enough indexes the smallest.
+        scale_index = tf.add_n([
+            tf.cast((shorter + denominator - 1) // denominator >= image_size, tf.int32)
+            for denominator in _JPEG_SCALE_DENOMINATORS[1:]
+        ])
+        return tf.switch_case(scale_index, [
+            functools.partial(tf.io.decode_jpeg, contents, channels=3, ratio=denominator)
+            for denominator in _JPEG_SCALE_DENOMINATORS
+        ])
+
+    image = tf.cond(tf.io.is_jpeg(contents), jpeg, lambda: decode_image(contents))
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _decoded(files, image_shape, image_size, resize, reduce_jpeg=False):
     """(image, label) pairs read and decoded in parallel, in listing order.
 
     Args:
@@ -325,12 +353,16 @@ def _decoded(files, image_shape, image_size, resize):
             input shape, to which any image of another size is resized here.
         image_size: the model's input size.
         resize: `stretch` or `crop`, as the model resizes.
+        reduce_jpeg: decode large JPEGs at reduced scale (`_decode_reduced`).
+            Defaults to False.
     """
     labels = tf.constant(files.labels)
     paths = tf.constant(files.paths.astype(str))
+    decode = (functools.partial(_decode_reduced, image_size=image_size)
+              if reduce_jpeg else decode_image)
 
     def read(path, label):
-        image = decode_image(tf.io.read_file(path))
+        image = decode(tf.io.read_file(path))
         image = tf.cond(
             tf.reduce_all(tf.shape(image)[:2] == image_shape[:2]),
             lambda: image,
