@@ -30,8 +30,8 @@ def _class_folder(root, name, count, size=(24, 24)):
 
 
 def _load(root, **overrides):
-    options = dict(val_fraction=0.2, seed=0, strict=False, classes=(),
-                   train_examples_per_class=None)
+    options = dict(image_size=32, resize="stretch", val_fraction=0.2, seed=0,
+                   strict=False, classes=(), train_examples_per_class=None)
     options.update(overrides)
     return folder.load_folder(f"folder:{root}", **options)
 
@@ -56,11 +56,10 @@ def test_reads_every_format_as_rgb(tmp_path):
     images = _decode_all(splits.train) + _decode_all(splits.validation)
     assert len(images) == 6
     assert all(image.dtype == np.uint8 and image.shape[-1] == 3 for image, _ in images)
-    shapes = {image.shape for image, _ in images}
-    assert (20, 30, 3) in shapes and (40, 16, 3) in shapes and (33, 33, 3) in shapes
-    gray = next(image for image, _ in images if image.shape == (20, 30, 3))
-    assert (gray == 77).all()  # grayscale copied to all three channels
-    assert splits.image_shape is None  # sizes differ: the pipeline resizes
+    # Sizes differ, so each image is resized to the input size, as the model would.
+    assert splits.image_shape == (32, 32, 3)
+    assert {image.shape for image, _ in images} == {(32, 32, 3)}
+    assert any((image == 77).all() for image, _ in images)  # gray, in all three channels
 
 
 def test_bad_files_are_skipped_and_named(tmp_path, capsys):
@@ -128,6 +127,56 @@ def test_flat_folder_splits_by_class_deterministically(tmp_path):
     # smaller than the split still sees every class.
     train_labels = [label for _, label in _decode_all(splits.train)]
     assert train_labels != sorted(train_labels)
+
+
+def _resized_file(path, resize):
+    return pipeline.resize_uint8(
+        folder.decode_image(tf.io.read_file(str(path))), 32, resize).numpy()
+
+
+@pytest.mark.parametrize("resize", ["stretch", "crop"])
+def test_an_image_of_another_size_is_resized_as_the_model_would(tmp_path, resize):
+    for split, count in (("train", 4), ("test", 2)):
+        for name in ("a", "b"):
+            _class_folder(str(tmp_path / split), name, count)
+    _write_image(str(tmp_path / "test" / "b" / "wide.png"), size=(60, 20), fmt="PNG")
+
+    splits = _load(tmp_path, resize=resize)
+
+    # One image of another size: no shape is shared, so all travel at the
+    # input size, and none is squashed into the 24 px of the others first.
+    assert splits.image_shape == (32, 32, 3)
+    test = _decode_all(splits.test)
+    np.testing.assert_array_equal(
+        test[-1][0], _resized_file(tmp_path / "test" / "b" / "wide.png", resize))
+    np.testing.assert_array_equal(
+        test[0][0], _resized_file(tmp_path / "test" / "a" / "000.jpg", resize))
+
+
+def test_large_jpegs_come_down_to_the_input_size_on_the_cpu(tmp_path):
+    for split, count in (("train", 3), ("test", 1)):
+        for name in ("a", "b"):
+            # Smooth content, as in photos, which a reduced-scale decode keeps.
+            for index in range(count):
+                path = tmp_path / split / name / f"{index}.jpg"
+                os.makedirs(path.parent, exist_ok=True)
+                coarse = np.random.default_rng(index).integers(0, 256, (4, 4, 3), np.uint8)
+                Image.fromarray(coarse).resize((300, 140), Image.BILINEAR).save(path)
+
+    splits = _load(tmp_path, resize="crop", val_fraction=0.34)
+
+    assert splits.image_shape == (32, 32, 3)
+    # Evaluation: exactly the model's resize of the full image.
+    test = _decode_all(splits.test)
+    np.testing.assert_array_equal(test[0][0], _resized_file(tmp_path / "test" / "a" / "0.jpg",
+                                                            "crop"))
+    # Training decodes them at a quarter of their size (140 px / 4 >= 32),
+    # then resizes the same way: nearly the same pixels for far less work.
+    train = np.stack([image for image, _ in _decode_all(splits.train)]).astype(int)
+    full = np.stack([_resized_file(path, "crop") for path in tmp_path.glob("train/*/*")])
+    # Mean absolute difference to the closest full-scale image, in 0..255 levels.
+    closest = np.abs(train[:, None] - full[None]).mean(axis=(2, 3, 4)).min(axis=1)
+    assert 0 < closest.min() and closest.max() < 2
 
 
 @pytest.mark.parametrize("val_name, test_name", [("val", "test"), ("Validation", "TEST")])

@@ -114,8 +114,8 @@ def signatures(finished_run):
     return serving.signatures
 
 
-@pytest.mark.parametrize("height, width, tolerance", [(32, 32, 1e-6), (48, 40, 2e-2)])
-def test_both_signatures_agree_on_the_same_images(signatures, height, width, tolerance):
+@pytest.mark.parametrize("height, width", [(32, 32), (48, 40), (20, 28)])
+def test_both_signatures_agree_on_the_same_images(signatures, height, width):
     rng = np.random.default_rng(1)
     encoded = [_encoded(rng.integers(0, 256, (height, width, 3), np.uint8), "JPEG")
                for _ in range(3)]
@@ -124,13 +124,12 @@ def test_both_signatures_agree_on_the_same_images(signatures, height, width, tol
     from_bytes = signatures["serving_bytes"](image_bytes=tf.constant(encoded))
     from_pixels = signatures["serving_default"](images=decoded)
 
-    # At the model's size both see the same pixels; at another size the bytes
-    # path resizes before batching and rounds to uint8.
+    # The bytes path resizes before batching and rounds to uint8, and the
+    # model rounds its own resize the same way: the same pixels at any size.
     np.testing.assert_allclose(from_bytes["probabilities"].numpy(),
-                               from_pixels["probabilities"].numpy(), atol=tolerance)
-    if tolerance < 1e-3:
-        np.testing.assert_array_equal(from_bytes["top_k_indices"].numpy(),
-                                      from_pixels["top_k_indices"].numpy())
+                               from_pixels["probabilities"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(from_bytes["top_k_indices"].numpy(),
+                                  from_pixels["top_k_indices"].numpy())
     classes = from_pixels["top_k_classes"].numpy()
     assert classes.shape == (3, 5) and classes.dtype == object
 

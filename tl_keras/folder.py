@@ -7,12 +7,13 @@ skipped with their names printed (or refused under `--strict_data`).
 """
 
 import concurrent.futures
+import functools
 import os
 
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import subsets
+from tl_keras import pipeline, subsets
 from tl_keras.data import Splits
 from tl_keras.errors import UsageError
 
@@ -27,8 +28,12 @@ SPLIT_FOLDER_NAMES = {
     "test": ("test", "testing", "eval"),
 }
 
-# How many images are decoded to learn whether every image has one size.
-_SHAPE_PROBE_SIZE = 64
+# Image sizes are compared this many files at a time, so the check stops soon
+# after the first image of another size.
+_SIZE_CHECK_BATCH = 64
+# libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 of its size, for a fraction of
+# the work of a full decode.
+_JPEG_SCALE_DENOMINATORS = (1, 2, 4, 8)
 _SKIPPED_FILES_SHOWN = 5
 
 
@@ -36,7 +41,7 @@ def is_folder_dataset(dataset):
     return dataset.startswith(PREFIX)
 
 
-def load_folder(dataset, *, val_fraction, seed, strict, classes,
+def load_folder(dataset, *, image_size, resize, val_fraction, seed, strict, classes,
                 train_examples_per_class):
     """Lists an image folder and splits it into train, validation and test.
 
@@ -44,8 +49,13 @@ def load_folder(dataset, *, val_fraction, seed, strict, classes,
     every class (stratified), chosen by `seed`; with a `train` folder but no
     validation folder, validation is carved from train the same way.
 
+    Images larger than the model's input are brought down to it here, on the
+    CPU, as the model itself would resize them; see `_common_image_shape`.
+
     Args:
         dataset: `folder:PATH`.
+        image_size: the model's input size.
+        resize: `stretch` or `crop`, as the model resizes.
         val_fraction: the fraction of each class held out when carving.
         seed: picks the held-out and subset examples.
         strict: make any unreadable file, or a split without images of some
@@ -99,11 +109,18 @@ def load_folder(dataset, *, val_fraction, seed, strict, classes,
     # Listed class by class, the files would reach the pipeline's shuffle
     # buffer (smaller than a big split) a few classes at a time: mix them first.
     listed["train"] = listed["train"].shuffled(np.random.default_rng(seed))
-    image_shape = _common_image_shape(listed["train"].paths[:_SHAPE_PROBE_SIZE])
+    image_shape = _common_image_shape(
+        np.concatenate([files.paths for files in listed.values()]), image_size
+    )
+    decoded = functools.partial(
+        _decoded, image_shape=image_shape, image_size=image_size, resize=resize
+    )
     return Splits(
-        train=_decoded(listed["train"], image_shape),
-        validation=_decoded(listed["validation"], image_shape),
-        test=_decoded(listed["test"], image_shape),
+        # Training alone may decode JPEGs at reduced scale: its pixels need not
+        # match serving's bit for bit, while evaluation's must.
+        train=decoded(listed["train"], reduce_jpeg=True),
+        validation=decoded(listed["validation"]),
+        test=decoded(listed["test"]),
         class_names=tuple(class_names),
         sizes={split: len(files) for split, files in listed.items()},
         image_shape=image_shape,
@@ -266,12 +283,37 @@ def image_file_problem(path):
     return "not a JPEG, PNG, GIF or BMP file"
 
 
-def _common_image_shape(paths):
-    """The one (height, width, 3) of the probed images, or None if they differ."""
-    shapes = {
-        tuple(decode_image(tf.io.read_file(path)).shape) for path in paths
-    }
-    return shapes.pop() if len(shapes) == 1 else None
+def _common_image_shape(paths, image_size):
+    """The one (height, width, 3) every image of every split travels at.
+
+    Images that fit within the model's input travel at their own size when they
+    all share one, and the model resizes them on the accelerator: small images
+    stay small, in memory and on their way to it. Otherwise the answer is the
+    input size, and `_decoded` brings every image of another size to it with
+    the model's own resize, so that evaluation sees the pixels the exported
+    model computes from the same file.
+    """
+    input_shape = (image_size, image_size, 3)
+    first = _height_width(tf.io.read_file(paths[0])).numpy()
+    if first.max() > image_size:
+        return input_shape
+    sizes = tf.data.Dataset.from_tensor_slices(paths.astype(str)).map(
+        lambda path: _height_width(tf.io.read_file(path)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).batch(_SIZE_CHECK_BATCH)
+    for batch in sizes:
+        if (batch.numpy() != first).any():
+            return input_shape
+    return (*first, 3)
+
+
+def _height_width(contents):
+    # A JPEG's size is in its header; other formats must be decoded.
+    return tf.cond(
+        tf.io.is_jpeg(contents),
+        lambda: tf.io.extract_jpeg_shape(contents)[:2],
+        lambda: tf.shape(decode_image(contents))[:2],
+    )
 
 
 def decode_image(contents):
@@ -284,23 +326,56 @@ def decode_image(contents):
     return image
 
 
-def _decoded(files, image_shape):
-    """(image, label) pairs read and decoded in parallel, in listing order."""
+def _decode_reduced(contents, image_size):
+    """Like `decode_image`, but a JPEG at the smallest scale (1/1 to 1/8) that
+    leaves its shorter side at least `image_size`, so that what follows still
+    shrinks it, antialiased, and never enlarges it."""
+
+    def jpeg():
+        shorter = tf.reduce_min(tf.io.extract_jpeg_shape(contents)[:2])
+        # libjpeg rounds a scaled side up. The scales only get smaller, so the
+        # count of reduced ones that are large enough indexes the smallest.
+        scale_index = tf.add_n([
+            tf.cast((shorter + denominator - 1) // denominator >= image_size, tf.int32)
+            for denominator in _JPEG_SCALE_DENOMINATORS[1:]
+        ])
+        return tf.switch_case(scale_index, [
+            functools.partial(tf.io.decode_jpeg, contents, channels=3, ratio=denominator)
+            for denominator in _JPEG_SCALE_DENOMINATORS
+        ])
+
+    image = tf.cond(tf.io.is_jpeg(contents), jpeg, lambda: decode_image(contents))
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _decoded(files, image_shape, image_size, resize, reduce_jpeg=False):
+    """(image, label) pairs read and decoded in parallel, in listing order.
+
+    Args:
+        files: a `FileList`.
+        image_shape: from `_common_image_shape`: every image's own shape, or the
+            input shape, to which any image of another size is resized here.
+        image_size: the model's input size.
+        resize: `stretch` or `crop`, as the model resizes.
+        reduce_jpeg: decode large JPEGs at reduced scale (`_decode_reduced`).
+            Defaults to False.
+    """
     labels = tf.constant(files.labels)
     paths = tf.constant(files.paths.astype(str))
+    decode = (functools.partial(_decode_reduced, image_size=image_size)
+              if reduce_jpeg else decode_image)
 
     def read(path, label):
-        image = decode_image(tf.io.read_file(path))
-        if image_shape is not None:
-            # The probe saw one size; an odd image out is resized to it so
-            # batching never fails on it.
-            image = tf.cond(
-                tf.reduce_all(tf.shape(image)[:2] == image_shape[:2]),
-                lambda: image,
-                lambda: tf.cast(tf.image.resize(image, image_shape[:2]), tf.uint8),
-            )
-            image = tf.ensure_shape(image, image_shape)
-        return image, label
+        image = decode(tf.io.read_file(path))
+        image = tf.cond(
+            tf.reduce_all(tf.shape(image)[:2] == image_shape[:2]),
+            lambda: image,
+            # The model's resize, antialiased when it shrinks; evaluation
+            # differs from serving the original only by rounding to uint8.
+            lambda: pipeline.resize_uint8(image, image_size, resize),
+        )
+        return tf.ensure_shape(image, image_shape), label
 
     return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
         read, num_parallel_calls=tf.data.AUTOTUNE

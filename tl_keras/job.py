@@ -314,7 +314,8 @@ def load_splits(config):
     """The run's examples, from a TFDS dataset or an image folder."""
     if folder.is_folder_dataset(config.dataset):
         splits = folder.load_folder(
-            config.dataset, val_fraction=config.val_fraction, seed=config.seed,
+            config.dataset, image_size=config.image_size, resize=config.resize,
+            val_fraction=config.val_fraction, seed=config.seed,
             strict=config.strict_data, classes=config.classes,
             train_examples_per_class=config.train_examples_per_class,
         )

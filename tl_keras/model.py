@@ -119,9 +119,10 @@ def backbone_spec(name):
 class ImagePreprocessing(keras.layers.Layer):
     """Turns uint8 RGB images of any size into the backbone's expected input.
 
-    Resizes to `image_size` and applies the backbone family's own
-    `preprocess_input`. It computes in float32 whatever the global dtype policy,
-    because ImageNet mean subtraction loses precision in float16.
+    Resizes to `image_size`, rounding to whole uint8 levels, and applies the
+    backbone family's own `preprocess_input`. It computes in float32 whatever
+    the global dtype policy, because ImageNet mean subtraction loses precision
+    in float16.
 
     Args:
         backbone: the backbone's name; selects its `preprocess_input`.
@@ -153,6 +154,10 @@ class ImagePreprocessing(keras.layers.Layer):
             antialias=True,
             crop_to_aspect_ratio=self.resize == "crop",
         )
+        # Whole levels, as `pipeline.resize_uint8` leaves the images the input
+        # pipeline resizes: an image resized there or here is then the same
+        # pixels, so evaluation and serving agree.
+        images = ops.clip(ops.round(images), 0, 255)
         return self._preprocess_input(images)
 
     def compute_output_shape(self, input_shape):
