@@ -89,8 +89,9 @@ _WEIGHTS = flags.DEFINE_string(
     "such as a previous run's backbone.weights.h5.")
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", None,
-    "Square size images are resized to inside the model (default: the "
-    "backbone's native size, e.g. 224 for resnet50).")
+    "Square size the backbone sees (default: its native size, e.g. 224 for "
+    "resnet50). Smaller images are resized inside the model; larger folder "
+    "images are brought down on the CPU first, as the model would resize them.")
 _DROPOUT = flags.DEFINE_float("dropout", 0.2, "Dropout rate before the head.")
 _RESIZE = flags.DEFINE_enum(
     "resize", "stretch", ["stretch", "crop"],
