@@ -1,13 +1,11 @@
 """Transfer learning for image classification: python run.py --flagfile=configs/cifar100.flags"""
 
-import os
 import sys
 
-# Hide TensorFlow's C++ start-up notices (CPU features, CUDA probing); its
-# warnings and errors still show.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+from tl_keras import console
 
-import logging  # noqa: E402
+# Before TensorFlow loads: its C++ logging reads its level as it does.
+console.quiet_startup(sys.argv)
 
 from absl import app  # noqa: E402
 
@@ -18,11 +16,7 @@ from tl_keras.errors import UsageError  # noqa: E402
 
 
 def main(argv):
-    # TensorFlow's Python INFO records (each collective op it sets up, each
-    # renamed SavedModel input) would bury the run's own progress lines.
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # flags.parse refuses anything that isn't a flag.
     settings = flags.mode()
     try:
         if settings["mode"] == "evaluate":

@@ -34,7 +34,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tl_keras import console  # noqa: E402
+
+# Before TensorFlow loads, as in run.py: library chatter off unless --verbosity.
+console.quiet_startup(sys.argv)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

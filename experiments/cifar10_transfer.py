@@ -179,7 +179,11 @@ class Runner:
         """
         self.count += 1
         model_dir = os.path.join(self.work_dir, name)
-        command = [sys.executable, RUN_PY, *COMMON_FLAGS, *run_flags,
+        # Each run is as quiet as run.py is by default; --verbosity given
+        # here brings the library lines back in the runs' logs too.
+        verbosity = ([f"--verbosity={flags.FLAGS.verbosity}"]
+                     if flags.FLAGS["verbosity"].present else [])
+        command = [sys.executable, RUN_PY, *COMMON_FLAGS, *run_flags, *verbosity,
                    f"--model_dir={model_dir}"]
         finished = os.path.exists(os.path.join(model_dir, "COMPLETE"))
         if finished and name in self.times:

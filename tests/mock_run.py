@@ -4,12 +4,11 @@
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 
-import run  # noqa: E402
+import run  # noqa: E402  (first: it quiets the libraries before TensorFlow loads)
 import sliced_mock  # noqa: E402
 from tl_keras import flags  # noqa: E402
 

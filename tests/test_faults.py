@@ -69,7 +69,7 @@ def _epochs_and_phases(model_dir):
     return [(int(row["epoch"]), row["phase"]) for row in _history(model_dir)]
 
 
-EXPECTED_TIMELINE = [(0, "head"), (1, "finetune"), (2, "finetune"), (3, "finetune")]
+EXPECTED_TIMELINE = [(1, "head"), (2, "finetune"), (3, "finetune"), (4, "finetune")]
 
 
 def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(tmp_path, uninterrupted):

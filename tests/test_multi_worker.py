@@ -114,7 +114,7 @@ def test_two_workers_killed_in_phase_two_resume_as_one(cluster_run):
     assert epochs == _epoch_lines(worker_output)
 
     # The chief wrote the run, each epoch once, and exported it.
-    assert _history(model_dir) == [0, 1, 2, 3]
+    assert _history(model_dir) == [1, 2, 3, 4]
     serving = tf.saved_model.load(str(model_dir / "saved_model"))
     outputs = serving.signatures["serving_default"](images=tf.zeros([2, 40, 50, 3], tf.uint8))
     assert outputs["probabilities"].shape == (2, 10)

@@ -1,6 +1,8 @@
 """Which weights each phase changes, and that BatchNormalization never moves
 unless --batchnorm=train asks it to."""
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -298,5 +300,10 @@ def test_backbone_weights_from_one_run_seed_another_with_a_new_head(tmp_path):
 def test_weights_of_another_architecture_are_refused(tmp_path):
     path = str(tmp_path / "mobilenet.weights.h5")
     model_lib.build_backbone("mobilenetv3small", IMAGE_SIZE, "none").save_weights(path)
-    with pytest.raises(UsageError, match="doesn't fit the resnet50 backbone"):
+    with warnings.catch_warnings(record=True) as caught, \
+            pytest.raises(UsageError, match="doesn't fit the resnet50 backbone") as refused:
+        warnings.simplefilter("always")
         model_lib.build_backbone("resnet50", IMAGE_SIZE, path)
+    # The refusal alone: not Keras' warning for every layer, nor its layer list.
+    assert not caught
+    assert len(str(refused.value).splitlines()) == 2

@@ -39,7 +39,7 @@ def test_history_numbers_epochs_across_both_phases(finished_run):
     with open(os.path.join(config.model_dir, "history.csv")) as file:
         rows = list(csv.DictReader(file))
     assert [(int(r["epoch"]), r["phase"]) for r in rows] == [
-        (0, "head"), (1, "finetune"), (2, "finetune")
+        (1, "head"), (2, "finetune"), (3, "finetune")
     ]
     for row in rows:
         assert {"loss", "top1", "val_loss", "val_top1", "learning_rate"} <= set(row)

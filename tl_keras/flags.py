@@ -296,19 +296,105 @@ def _validate_warmup(values):
 def parse(argv):
     """Parses the command line; the `flags_parser` for `absl.app.run`.
 
-    A bad flag or a missing flagfile ends the program with a one-line message
-    and exit status 2, before any work starts.
+    `--help` and `--helpshort` print the tool's flags, grouped. A bad flag, a
+    missing flagfile, or a word that isn't a flag ends the program with a
+    one-line message and exit status 2, before any work starts.
     """
+    if any(argument in _HELP_ARGUMENTS for argument in argv[1:]):
+        print(usage())
+        sys.exit(0)
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except flags.Error as error:
-        message = str(error)
+        message = str(error).removeprefix("ERROR:: ")  # absl's, before our "error: "
         if "flagfile" in message:
             configs = sorted(glob.glob(os.path.join("configs", "*.flags")))
             if configs:
                 message += f" (available: {', '.join(configs)})"
-        print(f"error: {message}\nSee --helpshort for the flags.", file=sys.stderr)
-        sys.exit(2)
+        _exit_with_usage_error(message)
+    if len(remaining) > 1:
+        _exit_with_usage_error(_not_a_flag(argv[1:], remaining[1]))
+    return remaining
+
+
+def _exit_with_usage_error(message):
+    print(f"error: {message}\nSee --helpshort for the flags.", file=sys.stderr)
+    sys.exit(2)
+
+
+def _not_a_flag(arguments, word):
+    """Says where `word`, which absl took for an argument, came from, and the
+    flag it likely meant."""
+    origin = _flagfile_line(arguments, word, seen=set())
+    where = f"{origin[0]}, line {origin[1]}: " if origin else ""
+    return (f"{where}{word!r} is not a flag: flags start with --, as in "
+            f"--{word.lstrip('-')}.")
+
+
+def _flagfile_line(arguments, word, seen):
+    """(path, line number) of the line `word` in the flagfiles `arguments` name
+    (nested ones included), or None."""
+    for argument in arguments:
+        if not argument.lstrip("-").startswith("flagfile="):
+            continue
+        path = argument.split("=", 1)[1]
+        if path in seen or not os.path.isfile(path):
+            continue
+        seen.add(path)
+        with open(path) as file:
+            lines = [line.strip() for line in file]
+        for number, line in enumerate(lines, start=1):
+            if line == word:
+                return path, number
+        found = _flagfile_line(lines, word, seen)
+        if found:
+            return found
+    return None
+
+
+_HELP_ARGUMENTS = frozenset({"--help", "-help", "--helpshort", "-helpshort", "-?"})
+
+# The groups --helpshort lists the flags in, each flag once.
+HELP_GROUPS = (
+    ("Data", (_DATASET, _DATA_DIR, _TRAIN_SPLIT, _VAL_SPLIT, _TEST_SPLIT, _VAL_FRACTION,
+              _CLASSES, _TRAIN_EXAMPLES_PER_CLASS, _STRICT_DATA, _AUGMENT, _MIXUP,
+              _CUTMIX)),
+    ("Model", (_BACKBONE, _WEIGHTS, _IMAGE_SIZE, _RESIZE, _DROPOUT)),
+    ("Training", (_BATCH_SIZE, _HEAD_EPOCHS, _HEAD_LEARNING_RATE, _FINETUNE_EPOCHS,
+                  _FINETUNE_LEARNING_RATE, _WARMUP_EPOCHS, _LR_SCALING, _UNFREEZE,
+                  _BATCHNORM, _OPTIMIZER, _WEIGHT_DECAY, _LABEL_SMOOTHING,
+                  _EXPORT_WEIGHTS, _CACHE_FEATURES, _STEPS_PER_EPOCH)),
+    ("Run", (_MODEL_DIR, _OVERWRITE, _SEED, _MIXED_PRECISION, _JIT_COMPILE, _STRATEGY,
+             _TPU, _EXPORT_TFLITE, _PROFILE_BATCHES)),
+    ("Modes", (_MODE, _SPLIT, _IMAGES, _TOP_K, _OUTPUT)),
+)
+
+
+def usage():
+    """The `--helpshort` text: the tool's own flags by group, with their defaults."""
+    lines = ["Transfer learning for image classification.",
+             "Usage: python run.py [--flagfile=configs/cifar100.flags] [--flag=value ...]",
+             "A flag given after --flagfile wins."]
+    for title, holders in HELP_GROUPS:
+        lines += ["", f"{title}:"]
+        for holder in holders:
+            flag = flags.FLAGS[holder.name]
+            lines.append(f"  --{flag.name}{_shown_default(flag.default)}")
+            lines.append(flags.text_wrap(flag.help, indent="      "))
+    lines += ["", "Library log lines (TensorFlow's, absl's, Python warnings) are off;",
+              "--verbosity=0 (INFO) or 1 (DEBUG) shows them.",
+              "--helpfull also lists absl's and TensorFlow's own flags."]
+    return "\n".join(lines)
+
+
+def _shown_default(default):
+    if default is None or default == [] or default == "":
+        return ""
+    if isinstance(default, bool):
+        return "=true" if default else "=false"
+    if isinstance(default, list):
+        return "=" + ",".join(default)
+    return f"={default:g}" if isinstance(default, float) else f"={default}"
 
 
 def mode():

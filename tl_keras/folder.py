@@ -13,7 +13,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import pipeline, subsets
+from tl_keras import pipeline
+from tl_keras import progress
+from tl_keras import subsets
 from tl_keras.data import Splits
 from tl_keras.errors import UsageError
 
@@ -83,7 +85,13 @@ def load_folder(dataset, *, image_size, resize, val_fraction, seed, strict, clas
     for split in ("validation", "test"):
         if split in split_dirs:
             listed[split] = _list_files(split_dirs[split], class_names)
-    listed = {split: _drop_unreadable(files, strict) for split, files in listed.items()}
+    total = sum(len(files) for files in listed.values())
+    with progress.step(f"Checking {total:,} image files", total, unit="file") as checking:
+        problems = {split: _problems(files, checking.advance)
+                    for split, files in listed.items()}
+        checking.result = f"Checked {total:,} image files"
+    listed = {split: _drop_unreadable(files, problems[split], strict)
+              for split, files in listed.items()}
 
     carve_from = listed["train"]
     rng = np.random.default_rng(seed)
@@ -231,10 +239,19 @@ def _describe(split_dir, root):
     return os.path.relpath(split_dir, root) + "/" if split_dir else "the folder"
 
 
-def _drop_unreadable(files, strict):
-    """Finds files that can't be images, by their first and last bytes."""
+def _problems(files, checked):
+    """Why each file can't be an image (None if it can), by its first and last
+    bytes; calls `checked()` after each file."""
+    problems = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        problems = list(pool.map(image_file_problem, files.paths, chunksize=256))
+        for problem in pool.map(image_file_problem, files.paths, chunksize=256):
+            problems.append(problem)
+            checked()
+    return problems
+
+
+def _drop_unreadable(files, problems, strict):
+    """Drops the files `problems` says can't be images, naming them."""
     bad = [i for i, problem in enumerate(problems) if problem]
     if not bad:
         return files

@@ -8,11 +8,12 @@ import csv
 import dataclasses
 import json
 import os
-import time
+import shlex
 
 import keras
 import numpy as np
 
+from tl_keras import console
 from tl_keras import data
 from tl_keras import distribute
 from tl_keras import evaluate
@@ -24,6 +25,7 @@ from tl_keras import pipeline
 from tl_keras import plots
 from tl_keras import precision
 from tl_keras import predict
+from tl_keras import progress
 from tl_keras import rundir
 from tl_keras import train
 from tl_keras.errors import UsageError
@@ -56,11 +58,19 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
     policy, reason = precision.resolve_mixed_precision(config.mixed_precision)
     keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(config.seed)
+    # First, so that weights that can't load (a file of another architecture,
+    # no network) are refused before anything else is printed.
+    with strategy.scope():
+        backbone = model_lib.build_backbone(
+            config.backbone, config.image_size, config.weights
+        )
     print(
         f"Strategy: {distribute.describe(strategy)} with {strategy.num_replicas_in_sync} "
         f"replica(s); dtype policy {policy} ({reason}).",
         flush=True,
     )
+    print(f"Backbone: {backbone.name} at {config.image_size}x{config.image_size} px, "
+          f"weights {config.weights}.", flush=True)
     role = distribute.worker_role(strategy)
     if role.num_workers > 1 and role.is_chief:
         print(f"The chief writes the run's outputs to {config.model_dir}; the other "
@@ -89,8 +99,10 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
                 return json.load(file)
         if state == rundir.RESUME:
             print(f"Resuming the interrupted run in {config.model_dir}.", flush=True)
-        metrics = _train_evaluate_export(config, strategy, role, flagfile_text, state,
-                                         verbose)
+        else:
+            print(f"Run folder: {config.model_dir}", flush=True)
+        metrics = _train_evaluate_export(config, strategy, role, backbone, flagfile_text,
+                                         state, verbose)
         rundir.mark_complete(config.model_dir)
         if not role.is_chief:
             rundir.discard_worker_outputs(config.model_dir)
@@ -126,7 +138,8 @@ def _agreed_state(strategy, role, model_dir, state):
     return state
 
 
-def _train_evaluate_export(config, strategy, role, flagfile_text, state, verbose):
+def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, state,
+                           verbose):
     splits = load_splits(config)
     steps = train.steps_per_epoch(
         splits.sizes["train"], config.batch_size, config.steps_per_epoch
@@ -140,9 +153,6 @@ def _train_evaluate_export(config, strategy, role, flagfile_text, state, verbose
 
     train_batchnorm = config.batchnorm == "train"
     with strategy.scope():
-        backbone = model_lib.build_backbone(
-            config.backbone, config.image_size, config.weights
-        )
         classifier = model_lib.build_classifier(
             backbone, config.backbone, splits.num_classes, config.image_size,
             config.dropout, config.resize, train_batchnorm=train_batchnorm,
@@ -178,6 +188,7 @@ def _train_evaluate_export(config, strategy, role, flagfile_text, state, verbose
         finetune_learning_rate=config.finetune_learning_rate * scale,
         warmup_epochs=config.warmup_epochs,
     )
+    timers = {phase.name: train.PhaseTimer() for phase in phases}
     validation_by_phase = train.train_two_phases(
         classifier, backbone,
         train_batches=train_batches,
@@ -193,8 +204,10 @@ def _train_evaluate_export(config, strategy, role, flagfile_text, state, verbose
         jit_compile=_jit_compile(config.jit_compile),
         scope=strategy.scope,
         paths=paths,
-        phase_callbacks=lambda phase: [monitor.PhaseMonitor(
-            run_log, phase, steps, validation_batches, splits.class_names, classifier)],
+        phase_callbacks=lambda phase: [
+            timers[phase.name],
+            monitor.PhaseMonitor(run_log, phase, steps, validation_batches,
+                                 splits.class_names, classifier)],
         profile_batches=config.profile_batches,
         cached_features=(
             (lambda: _cache_features(classifier, config, splits))
@@ -230,17 +243,56 @@ def _train_evaluate_export(config, strategy, role, flagfile_text, state, verbose
         flush=True,
     )
 
-    export.export_saved_model(
-        model, os.path.join(config.model_dir, "saved_model"),
-        class_names=splits.class_names, image_size=config.image_size, resize=config.resize,
-    )
-    export.save_keras_model(model, os.path.join(config.model_dir, "model.keras"))
-    model.get_layer(backbone.name).save_weights(
-        os.path.join(config.model_dir, "backbone.weights.h5"))
-    print(f"Wrote saved_model/, model.keras and backbone.weights.h5 to {config.model_dir}.")
+    files = "saved_model/, model.keras and backbone.weights.h5"
+    with progress.step(f"Exporting {files}", total=3, unit="file") as exporting:
+        export.export_saved_model(
+            model, os.path.join(config.model_dir, "saved_model"),
+            class_names=splits.class_names, image_size=config.image_size,
+            resize=config.resize,
+        )
+        exporting.advance()
+        export.save_keras_model(model, os.path.join(config.model_dir, "model.keras"))
+        exporting.advance()
+        model.get_layer(backbone.name).save_weights(
+            os.path.join(config.model_dir, "backbone.weights.h5"))
+        exporting.advance()
+        exporting.result = f"Wrote {files} to {config.model_dir}"
     if config.export_tflite:
         _export_checked_tflite(model, config, test.first_images)
+    if role.is_chief:
+        print(_summary(config, test_metrics, exported, phases, timers, splits))
     return {"validation": validation_by_phase, "test": test_metrics, "exported": exported}
+
+
+def _summary(config, test_metrics, exported, phases, timers, splits):
+    """The run's last lines: results, time, outputs, and where to look next."""
+    run = shlex.quote(config.model_dir)
+    lines = [
+        "",
+        f"Done. Test ({config.test_split}, {splits.sizes['test']:,} images): top-1 "
+        f"{test_metrics['top1']:.2%}, top-5 {test_metrics['top5']:.2%}.",
+        f"Exported the {_describe_export(exported)}.",
+    ]
+    for phase in phases:
+        timer = timers[phase.name]
+        if not phase.epochs:
+            continue
+        if not timer.steps:
+            lines.append(f"Phase {phase.name}: trained by an earlier run of this command.")
+            continue
+        speed = timer.steps * config.batch_size / max(timer.training_seconds, 1e-9)
+        lines.append(f"Phase {phase.name}: {timer.seconds:.1f} s, training at "
+                     f"{speed:,.0f} images/s.")
+    lines += [
+        f"Outputs in {config.model_dir}: saved_model/, model.keras, metrics.json, "
+        f"history.csv, plots/, tensorboard/.",
+        "Look further:",
+        f"  tensorboard --logdir {shlex.quote(os.path.join(config.model_dir, 'tensorboard'))}",
+        f"  python run.py --mode=evaluate --model_dir={run}",
+        f"  python run.py --mode=predict --model_dir={run} --images=PATH",
+        f"  saved_model_cli show --dir {shlex.quote(os.path.join(config.model_dir, 'saved_model'))} --all",
+    ]
+    return "\n".join(lines)
 
 
 def _describe_export(exported):
@@ -358,9 +410,23 @@ _FEATURE_MEMORY_LIMIT_BYTES = 4 * 1024**3
 
 def _cache_features(classifier, config, splits):
     """Runs the backbone once over train and validation; see `train.CachedFeatures`."""
+    images = splits.sizes["train"] + splits.sizes["validation"]
+    with progress.step(f"Computing the backbone features of {images:,} images",
+                       total=images, unit="image") as computing:
+        features, places = _computed_features(classifier, config, splits,
+                                              computing.advance)
+        computing.result = (
+            f"Computed backbone features of {splits.sizes['train']:,} train and "
+            f"{splits.sizes['validation']:,} validation images once "
+            f"({', '.join(sorted(places))})")
+    return features
+
+
+def _computed_features(classifier, config, splits, computed):
+    """`train.CachedFeatures`, and where they are kept; calls `computed(count)`
+    after each batch of `count` images."""
     extractor = model_lib.feature_extractor(classifier)
     dimensions = extractor.output.shape[-1]
-    start = time.perf_counter()
     datasets, places = {}, set()
     for split in ("train", "validation"):
         count = splits.sizes[split]
@@ -381,14 +447,13 @@ def _cache_features(classifier, config, splits):
             features[position:position + batch] = extractor.predict(images, verbose=0)
             labels[position:position + batch] = np.argmax(one_hot, axis=1)
             position += batch
+            computed(batch)
         datasets[split] = pipeline.feature_batches(
             features, labels, num_classes=splits.num_classes,
             batch_size=config.batch_size, seed=config.seed if split == "train" else None,
         )
-    print(f"Computed backbone features of {splits.sizes['train']:,} train and "
-          f"{splits.sizes['validation']:,} validation images once, in "
-          f"{time.perf_counter() - start:.1f} s ({', '.join(sorted(places))}).", flush=True)
-    return train.CachedFeatures(train=datasets["train"], validation=datasets["validation"])
+    return (train.CachedFeatures(train=datasets["train"], validation=datasets["validation"]),
+            places)
 
 
 def _hparams(config):
@@ -431,20 +496,25 @@ TFLITE_CHECK_IMAGES = 32
 
 def _export_checked_tflite(model, config, test_images):
     path = os.path.join(config.model_dir, "model.tflite")
-    problem = export.export_tflite(model, path, config.image_size)
-    if problem:
-        print(f"Skipped the TFLite export: the converter failed ({problem}).")
-        return
-    sized = np.stack([
-        pipeline.resize_uint8(image, config.image_size, config.resize).numpy()
-        for image in test_images
-    ])
-    difference = export.tflite_max_difference(path, predict.load_serving(config.model_dir),
-                                              sized)
-    verdict = "within" if difference <= TFLITE_TOLERANCE else "NOT within"
-    print(f"Wrote model.tflite: on {len(sized)} test images its probabilities are "
-          f"{verdict} {TFLITE_TOLERANCE:g} of the SavedModel's (largest difference "
-          f"{difference:.2e}).")
+    with progress.step("Converting to model.tflite and checking it", total=2,
+                       unit="part") as converting, console.native_chatter_dropped():
+        problem = export.export_tflite(model, path, config.image_size)
+        converting.advance()
+        if problem:
+            converting.result = f"Skipped the TFLite export: the converter failed ({problem})"
+            return
+        sized = np.stack([
+            pipeline.resize_uint8(image, config.image_size, config.resize).numpy()
+            for image in test_images
+        ])
+        difference = export.tflite_max_difference(
+            path, predict.load_serving(config.model_dir), sized)
+        converting.advance()
+        verdict = "within" if difference <= TFLITE_TOLERANCE else "NOT within"
+        converting.result = (
+            f"Wrote model.tflite: on {len(sized)} test images its probabilities are "
+            f"{verdict} {TFLITE_TOLERANCE:g} of the SavedModel's (largest difference "
+            f"{difference:.2e})")
     if difference > TFLITE_TOLERANCE:
         raise RuntimeError(f"model.tflite differs from the SavedModel by {difference:.2e}.")
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import warnings
 
 import keras
 from keras import ops
@@ -226,14 +227,22 @@ def _load_backbone_weights(backbone, path):
             f"--weights={path}: no such file. Pass imagenet, none, or the path "
             f"of a weights file (for example RUN/backbone.weights.h5)."
         )
-    try:
-        backbone.load_weights(path)
-    except Exception as error:
-        raise UsageError(
-            f"--weights={path} doesn't fit the {backbone.name} backbone: {error}\n"
-            f"The file must hold weights of the same backbone architecture, "
-            f"without its classification top."
-        ) from error
+    # A file of another architecture makes Keras warn once per layer before it
+    # fails; the error below says all of it in one line.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            backbone.load_weights(path)
+        except Exception as error:
+            keras_summary = str(error).split("\n")[0]
+            raise UsageError(
+                f"--weights={path} doesn't fit the {backbone.name} backbone "
+                f"({keras_summary})\nThe file must hold weights of the same backbone "
+                f"architecture, without its classification top."
+            ) from error
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                               warning.lineno)
 
 
 def build_classifier(backbone, backbone_name, num_classes, image_size, dropout,

@@ -58,7 +58,7 @@ def training_curves(rows, head_epochs):
         rows: `history.csv` rows as dicts.
         head_epochs: the number of head-phase epochs, where the line goes.
     """
-    epochs = [int(row["epoch"]) + 1 for row in rows]
+    epochs = [int(row["epoch"]) for row in rows]
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4))
     for axes, metric, label in ((loss_axes, "loss", "loss"),
                                 (accuracy_axes, "top1", "top-1 accuracy")):

@@ -54,6 +54,8 @@ def image_files(spec):
         found = [spec]
     else:
         found = [path for path in glob.glob(spec, recursive=True) if os.path.isfile(path)]
+    if not found and not glob.has_magic(spec) and not os.path.exists(spec):
+        raise UsageError(f"--images={spec}: no such file or folder.")
     if not found:
         raise UsageError(f"--images={spec}: no image files there.")
     return sorted(found)

@@ -13,11 +13,13 @@ import math
 import os
 import shutil
 import signal
+import time
 
 import keras
 import numpy as np
 
 from tl_keras import model as model_lib
+from tl_keras import progress
 from tl_keras.errors import UsageError
 
 HEAD_PHASE = "head"
@@ -151,10 +153,44 @@ class LearningRateLogger(keras.callbacks.Callback):
             )
 
 
+class PhaseTimer(keras.callbacks.Callback):
+    """Measures a phase as this process trains it: its wall time, and the time
+    and number of its training steps (validation left out), for images/s.
+
+    Keras calls `on_test_begin` for each epoch's validation, which ends the
+    epoch's training steps.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = 0.0
+        self.training_seconds = 0.0
+        self.steps = 0
+        self._started = self._epoch_started = None
+
+    def on_train_begin(self, logs=None):
+        self._started = time.perf_counter()
+
+    def on_train_end(self, logs=None):
+        self.seconds += time.perf_counter() - self._started
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_started = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+
+    def on_test_begin(self, logs=None):
+        if self._epoch_started is not None:
+            self.training_seconds += time.perf_counter() - self._epoch_started
+            self._epoch_started = None
+
+
 class HistoryWriter(keras.callbacks.Callback):
     """Appends one row per completed epoch, with its phase, to a CSV file.
 
-    The header is written once, from the first epoch's log keys, so both phases
+    Epochs are counted from 1 in the file, as the console counts them. The
+    header is written once, from the first epoch's log keys, so both phases
     share one file and one timeline. A resumed run first drops the rows of the
     epochs it is about to redo.
     """
@@ -177,13 +213,14 @@ class HistoryWriter(keras.callbacks.Callback):
             return
         with open(self.path, newline="") as file:
             rows = list(csv.reader(file))
-        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) < epoch]
+        # Rows count from 1; Keras' `epoch` from 0, so it is row epoch + 1.
+        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= epoch]
         if len(kept) < len(rows):
             with open(self.path, "w", newline="") as file:
                 csv.writer(file).writerows(kept)
 
     def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch, "phase": self.phase, **(logs or {})}
+        row = {"epoch": epoch + 1, "phase": self.phase, **(logs or {})}
         exists = os.path.exists(self.path) and os.path.getsize(self.path) > 0
         if exists:
             with open(self.path, newline="") as file:
@@ -471,17 +508,31 @@ def _recompute_batchnorm_statistics(model, backbone, train_batches, validation_b
     Returns:
         The validation metrics with the new statistics.
     """
-    used = model_lib.recompute_batchnorm_statistics(
-        model, backbone,
-        (images for images, _ in
-         train_batches.take(BATCHNORM_STATISTICS_BATCHES).as_numpy_iterator()))
-    validation = validation_metrics(
-        model.evaluate(validation_batches, return_dict=True, verbose=0))
-    change = f" (was {validated_top1:.2%})" if validated_top1 is not None else ""
-    print(f"Recomputed BatchNormalization statistics over {used} training batches with "
-          f"these weights: validation top-1 {validation['top1']:.2%}{change}.",
-          flush=True)
+    batches = train_batches.take(BATCHNORM_STATISTICS_BATCHES)
+    with progress.step("Recomputing BatchNormalization statistics",
+                       _known_length(batches), unit="batch") as recomputing:
+
+        def images():
+            for batch_images, _ in batches.as_numpy_iterator():
+                yield batch_images
+                recomputing.advance()
+
+        used = model_lib.recompute_batchnorm_statistics(model, backbone, images())
+        validation = validation_metrics(
+            model.evaluate(validation_batches, return_dict=True, verbose=0))
+        change = f" (was {validated_top1:.2%})" if validated_top1 is not None else ""
+        recomputing.result = (
+            f"Recomputed BatchNormalization statistics over {used} training batches "
+            f"with these weights: validation top-1 {validation['top1']:.2%}{change}")
     return validation
+
+
+def _known_length(batches):
+    """The number of batches, or None when the dataset can't say."""
+    try:
+        return len(batches)
+    except TypeError:
+        return None
 
 
 def validation_metrics(results, prefix=""):
