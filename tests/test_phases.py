@@ -307,3 +307,35 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     # The refusal alone: not Keras' warning for every layer, nor its layer list.
     assert not caught
     assert len(str(refused.value).splitlines()) == 2
+
+
+def test_recomputed_statistics_can_make_the_last_epoch_the_best(tmp_path, monkeypatch):
+    """With --batchnorm=train, epochs validate on moving statistics that lag
+    the weights; the last epoch, validated again with recomputed statistics,
+    competes for the export with that better figure, and isn't recomputed twice."""
+    classifier, backbone = _build("none", train_batchnorm=True)
+    recomputed = {"top1": 1.0, "top5": 1.0, "label_smoothed_loss": 0.01}
+    calls = []
+
+    def recompute(model, *args):
+        calls.append(args)
+        return recomputed
+
+    monkeypatch.setattr(train, "_recompute_batchnorm_statistics", recompute)
+    _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=2,
+           unfreeze="conv5_block3_1_conv", train_batchnorm=True)
+
+    paths = train.RunPaths(str(tmp_path))
+    best = train.Progress(paths.progress).best
+    assert (best["phase"], best["epoch"], best["validation"]) == ("finetune", 2, recomputed)
+    exported = train.restore_export_weights(
+        classifier, backbone, "best", phases=train.plan_phases(
+            head_epochs=1, head_learning_rate=1e-2, finetune_epochs=2,
+            finetune_learning_rate=1e-2, warmup_epochs=0),
+        paths=paths, unfreeze="conv5_block3_1_conv", train_batchnorm=True,
+        train_batches=_batches(), validation_batches=_batches())
+    assert (exported["epoch"], exported["validation"]) == (3, recomputed)
+    assert len(calls) == 1
+    with np.load(paths.phase_end_weights("finetune")) as last:
+        for index, weight in enumerate(classifier.get_weights()):
+            np.testing.assert_array_equal(weight, last[f"arr_{index}"])

@@ -432,6 +432,12 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
                 model, backbone, train_batches, validation_batches,
                 progress.phases[phase.name]["validation"]["top1"])
             progress.record_validation(phase.name, validation)
+            if validation["top1"] > (progress.best_top1 or 0.0):
+                # Validated with its own statistics, the last epoch can beat
+                # the epoch chosen on statistics that lagged the weights.
+                model.save_weights(paths.best_checkpoint)
+                progress.record_best(phase.name, last_epoch - 1, validation,
+                                     statistics_recomputed=True)
         _save_weights(model, paths.phase_end_weights(phase.name))
         progress.complete_phase(phase.name)
         backup.delete()
@@ -480,7 +486,8 @@ def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
     model.load_weights(paths.best_checkpoint,
                        objects_to_skip=[optimizer] if optimizer else None)
     validation = best["validation"]
-    if train_batchnorm and best["phase"] == FINETUNE_PHASE:
+    if (train_batchnorm and best["phase"] == FINETUNE_PHASE
+            and not best.get("statistics_recomputed")):
         # The same layers as in phase 2, also when phase 2 ran in an earlier
         # process and this one never unfroze them.
         model_lib.unfreeze_backbone(backbone, unfreeze, train_batchnorm)
@@ -598,8 +605,18 @@ class Progress:
     def record_epoch(self, phase, epoch, validation, is_best):
         self.phases.setdefault(phase, {"complete": False})["validation"] = validation
         if is_best:
-            self.state["best"] = {"epoch": epoch, "phase": phase, "validation": validation}
+            self._set_best(phase, epoch, validation, statistics_recomputed=False)
         self._write()
+
+    def record_best(self, phase, epoch, validation, statistics_recomputed):
+        """Notes the epoch whose weights `checkpoints/best.weights.h5` holds,
+        and whether their BatchNormalization statistics were recomputed."""
+        self._set_best(phase, epoch, validation, statistics_recomputed)
+        self._write()
+
+    def _set_best(self, phase, epoch, validation, statistics_recomputed):
+        self.state["best"] = {"epoch": epoch, "phase": phase, "validation": validation,
+                              "statistics_recomputed": statistics_recomputed}
 
     def record_validation(self, phase, validation):
         """Replaces a phase's last validation metrics (after its BatchNormalization
