@@ -12,6 +12,7 @@ the command line or in a flagfile, turns them back on, and a
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -71,9 +72,11 @@ def quiet_startup(argv):
     app.call_after_init(lambda: logging.set_verbosity(logging.ERROR))
     with native_chatter_dropped():
         # TensorFlow's libraries print notices as they load, before its log
-        # level applies.
+        # level applies. Under another Keras backend TensorFlow may not be
+        # installed at all (the GPU machines here have JAX alone).
         for library in ("tensorflow", "keras"):
-            importlib.import_module(library)
+            if importlib.util.find_spec(library):
+                importlib.import_module(library)
 
 
 @contextlib.contextmanager

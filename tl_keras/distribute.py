@@ -39,6 +39,10 @@ def describe(strategy):
         role = worker_role(strategy)
         chief = ", the chief" if role.is_chief else ""
         return f"MultiWorkerMirroredStrategy ({role.name}{chief}, of {role.num_workers} workers)"
+    if strategy is tf.distribute.get_strategy():
+        # TensorFlow's default strategy, whose class name is private; --strategy=auto
+        # picks it only on a machine without GPUs.
+        return "the CPU (TensorFlow's default strategy)"
     return type(strategy).__name__
 
 
