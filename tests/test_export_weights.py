@@ -3,6 +3,7 @@ computing in float32, in every exported file and the test metrics alike."""
 
 import json
 import os
+from unittest import mock
 
 import keras
 import numpy as np
@@ -11,6 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_job
+from tl_keras import job
 from tl_keras import model as model_lib
 from tl_keras import train
 
@@ -35,12 +37,44 @@ def bfloat16_run(tmp_path_factory):
     comes before the last."""
     tmp_path = tmp_path_factory.mktemp("bfloat16")
     _write_dark_and_bright_images(tmp_path / "images")
-    config, metrics = run_job(
-        tmp_path, f"--dataset=folder:{tmp_path / 'images'}", "--batch_size=8",
-        "--head_epochs=2", "--head_learning_rate=1e-2", "--finetune_epochs=1",
-        "--warmup_epochs=0", "--finetune_learning_rate=1e-2",
-        "--mixed_precision=bfloat16", "--export_tflite")
-    return config, metrics
+    reads = _TestSplitReads()
+    with mock.patch.object(job, "evaluation_batches", reads.wrap(job.evaluation_batches)):
+        config, metrics = run_job(
+            tmp_path, f"--dataset=folder:{tmp_path / 'images'}", "--batch_size=8",
+            "--head_epochs=2", "--head_learning_rate=1e-2", "--finetune_epochs=1",
+            "--warmup_epochs=0", "--finetune_learning_rate=1e-2",
+            "--mixed_precision=bfloat16", "--export_tflite")
+    return config, metrics, reads.count
+
+
+class _TestSplitReads:
+    """Counts the passes over the test split's batches."""
+
+    def __init__(self):
+        self.count = 0
+
+    def wrap(self, evaluation_batches):
+        def counted(config, splits, split):
+            batches = evaluation_batches(config, splits, split)
+            return _CountedIterable(batches, self) if split == "test" else batches
+        return counted
+
+
+class _CountedIterable:
+    """Passes over a dataset, counted; nothing else of it is reachable."""
+
+    def __init__(self, batches, reads):
+        self.batches, self.reads = batches, reads
+
+    def __iter__(self):
+        self.reads.count += 1
+        return iter(self.batches)
+
+
+def test_the_test_split_is_read_once(bfloat16_run):
+    """The evaluation, the worst-mistakes grid and the TFLite check share one pass."""
+    _, _, reads = bfloat16_run
+    assert reads == 1
 
 
 def _weights_in(path, model):
@@ -49,7 +83,7 @@ def _weights_in(path, model):
 
 
 def test_every_export_and_the_test_metrics_come_from_the_best_epoch(bfloat16_run, capsys):
-    config, metrics = bfloat16_run
+    config, metrics, _ = bfloat16_run
     validation_top1 = [epoch["top1"] for epoch in _history_validation(config.model_dir)]
     assert max(validation_top1[:2]) == 1.0  # the head phase reached the best possible
 
@@ -84,7 +118,7 @@ def test_every_export_and_the_test_metrics_come_from_the_best_epoch(bfloat16_run
 
 
 def test_exports_compute_in_float32_after_bfloat16_training(bfloat16_run):
-    config, _ = bfloat16_run
+    config, _, _ = bfloat16_run
     model = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"))
     policies = {layer.dtype_policy.name for layer in model.get_layer("resnet50").layers}
     assert policies == {"float32"}
@@ -123,7 +157,7 @@ def _log(probabilities):
 
 
 def test_export_weights_last_restores_the_last_epoch(bfloat16_run):
-    config, _ = bfloat16_run
+    config, _, _ = bfloat16_run
     model = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"))
     paths = train.RunPaths(config.model_dir)
     phases = train.plan_phases(head_epochs=2, head_learning_rate=1e-2, finetune_epochs=1,

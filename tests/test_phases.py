@@ -339,3 +339,20 @@ def test_recomputed_statistics_can_make_the_last_epoch_the_best(tmp_path, monkey
     with np.load(paths.phase_end_weights("finetune")) as last:
         for index, weight in enumerate(classifier.get_weights()):
             np.testing.assert_array_equal(weight, last[f"arr_{index}"])
+
+
+def test_fit_leaves_shuffling_to_the_input_pipeline(tmp_path, monkeypatch):
+    # Keras can't shuffle a dataset, and warns on every phase when asked to.
+    classifier, backbone = _build("none")
+    shuffles = []
+    fit = keras.Model.fit
+
+    def recording_fit(self, *args, **kwargs):
+        shuffles.append(kwargs.get("shuffle", True))
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", recording_fit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=0)
+    assert shuffles == [False]
