@@ -164,7 +164,8 @@ def test_export_weights_last_restores_the_last_epoch(bfloat16_run):
                                finetune_learning_rate=1e-2, warmup_epochs=0)
     exported = train.restore_export_weights(
         model, model.get_layer("resnet50"), "last", phases=phases, paths=paths,
-        unfreeze="all", train_batchnorm=False, train_batches=None, validation_batches=None)
+        unfreeze="all", train_batchnorm=False, label_smoothing=0.0, train_batches=None,
+        validation_batches=None)
     assert (exported["weights"], exported["epoch"], exported["phase"]) == (
         "last", 3, "finetune")
     with np.load(paths.phase_end_weights("finetune")) as last:
@@ -172,25 +173,29 @@ def test_export_weights_last_restores_the_last_epoch(bfloat16_run):
             np.testing.assert_array_equal(weight, last[f"arr_{index}"])
 
 
-def test_best_weights_get_batchnorm_statistics_of_their_own(tmp_path, capsys):
+@pytest.mark.parametrize("last_top1", [0.0, 1.0])
+def test_best_weights_get_batchnorm_statistics_of_their_own(tmp_path, capsys, last_top1):
     """With --batchnorm=train, the recompute applies to the best epoch's
-    weights when they are the ones exported, not only to the last epoch's."""
+    weights when they are the ones exported, not only to the last epoch's;
+    if they then validate below the last epoch, the last epoch's are best.
+    The classifier was never compiled: phase 2 ran in a process before a kill."""
     backbone = model_lib.build_backbone("mobilenetv3small", 32, "none")
     classifier = model_lib.build_classifier(backbone, "mobilenetv3small", 2, 32, 0.0,
                                             train_batchnorm=True)
-    classifier.compile(loss="categorical_crossentropy", metrics=[
-        keras.metrics.CategoricalAccuracy(name="top1"),
-        keras.metrics.TopKCategoricalAccuracy(k=2, name="top5")])
+    paths = train.RunPaths(str(tmp_path))
+    os.makedirs(os.path.dirname(paths.best_checkpoint))
+    train._save_weights(classifier, paths.phase_end_weights("finetune"))
+    last_weights = classifier.get_weights()
     batchnorm = [layer for layer in backbone.layers
                  if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in batchnorm:
         layer.moving_mean.assign(np.full(layer.moving_mean.shape, 7.0, np.float32))
-    paths = train.RunPaths(str(tmp_path))
-    os.makedirs(os.path.dirname(paths.best_checkpoint))
     classifier.save_weights(paths.best_checkpoint)
     progress = train.Progress(paths.progress)
     validation = {"top1": 0.5, "top5": 1.0, "label_smoothed_loss": 0.7}
     progress.record_epoch("finetune", 1, validation, is_best=True)
+    last_validation = {"top1": last_top1, "top5": 1.0, "label_smoothed_loss": 0.7}
+    progress.record_epoch("finetune", 2, last_validation, is_best=False)
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
@@ -200,13 +205,19 @@ def test_best_weights_get_batchnorm_statistics_of_their_own(tmp_path, capsys):
                                finetune_learning_rate=1e-3, warmup_epochs=0)
     exported = train.restore_export_weights(
         classifier, backbone, "best", phases=phases, paths=paths, unfreeze="all",
-        train_batchnorm=True, train_batches=batches, validation_batches=batches)
+        train_batchnorm=True, label_smoothing=0.0, train_batches=batches,
+        validation_batches=batches)
 
-    assert (exported["epoch"], exported["phase"]) == (2, "finetune")
     assert "Recomputed BatchNormalization statistics over 2 training batches" in \
         capsys.readouterr().out
-    assert all(not np.allclose(layer.moving_mean.numpy(), 7.0) for layer in batchnorm)
-    assert exported["validation"] != validation
+    if last_top1 == 0.0:
+        assert (exported["epoch"], exported["phase"]) == (2, "finetune")
+        assert all(not np.allclose(layer.moving_mean.numpy(), 7.0) for layer in batchnorm)
+        assert exported["validation"] != validation
+    else:
+        assert (exported["epoch"], exported["validation"]) == (3, last_validation)
+        for weight, expected in zip(classifier.get_weights(), last_weights):
+            np.testing.assert_array_equal(weight, expected)
 
 
 def _history_validation(model_dir):

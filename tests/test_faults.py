@@ -151,7 +151,7 @@ def test_a_complete_run_is_not_retrained_without_overwrite(uninterrupted):
 def test_overwrite_deletes_only_what_the_earlier_run_wrote(tmp_path, capsys):
     model_dir = tmp_path / "run"
     os.makedirs(model_dir / "saved_model")
-    (model_dir / rundir.COMPLETE_FILE).write_text("done\n")
+    rundir.mark_complete(str(model_dir))
     (model_dir / "history.csv").write_text("epoch,phase\n0,head\n")
     (model_dir / ".export-abc").mkdir()  # left by a kill during an export
     (model_dir / "notes.md").write_text("my notes on this run")
@@ -166,13 +166,16 @@ def test_overwrite_deletes_only_what_the_earlier_run_wrote(tmp_path, capsys):
 def test_a_folder_that_holds_no_run_is_refused_and_left_alone(tmp_path, overwrite):
     (tmp_path / "thesis.tex").write_text("three years of work")
     (tmp_path / "src").mkdir()
+    # Names a run writes too, but not written by one.
+    (tmp_path / "flags.txt").write_text("--my_tool_option=1\n")
+    (tmp_path / "COMPLETE").write_text("done\n")
     with pytest.raises(UsageError) as refused:
         with rundir.claim(str(tmp_path), "--a=1\n", overwrite=overwrite):
             pass
     message = str(refused.value)
     assert f"--model_dir={tmp_path} is not empty and holds no tl_keras run" in message
-    assert "it holds src, thesis.tex" in message
-    assert sorted(os.listdir(tmp_path)) == ["src", "thesis.tex"]
+    assert "it holds COMPLETE, flags.txt, src, thesis.tex" in message
+    assert sorted(os.listdir(tmp_path)) == ["COMPLETE", "flags.txt", "src", "thesis.tex"]
     assert (tmp_path / "thesis.tex").read_text() == "three years of work"
 
 
@@ -211,7 +214,7 @@ def test_a_stale_lock_is_taken_over(tmp_path):
 def test_an_unfinished_run_with_other_flags_is_refused(tmp_path):
     model_dir = tmp_path / "run"
     os.makedirs(model_dir)
-    (model_dir / "flags.txt").write_text("# header\n--batch_size=8\n--seed=1\n")
+    (model_dir / "flags.txt").write_text(f"{rundir.FLAGS_HEADER}\n--batch_size=8\n--seed=1\n")
     with pytest.raises(UsageError,
                        match=r"other flags \(stored --seed=1, given --seed=2\)"):
         with rundir.claim(str(model_dir), "--batch_size=8\n--seed=2\n", overwrite=False):

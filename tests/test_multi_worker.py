@@ -208,7 +208,7 @@ def test_the_chief_leaves_the_workers_folders_to_them(tmp_path):
     model_dir = str(tmp_path)
     os.makedirs(rundir.worker_dir(model_dir, "worker_1"))
     (tmp_path / "history.csv").write_text("epoch\n")
-    (tmp_path / rundir.FLAGS_FILE).write_text("--a\n")
+    (tmp_path / rundir.FLAGS_FILE).write_text(f"{rundir.FLAGS_HEADER}\n--a\n")
     with rundir.claim(model_dir, "--a\n", overwrite=True) as state:
         assert state == rundir.FRESH
     assert os.path.isdir(rundir.worker_dir(model_dir, "worker_1"))

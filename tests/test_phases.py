@@ -1,6 +1,7 @@
 """Which weights each phase changes, and that BatchNormalization never moves
 unless --batchnorm=train asks it to."""
 
+import os
 import warnings
 
 import numpy as np
@@ -333,7 +334,7 @@ def test_recomputed_statistics_can_make_the_last_epoch_the_best(tmp_path, monkey
             head_epochs=1, head_learning_rate=1e-2, finetune_epochs=2,
             finetune_learning_rate=1e-2, warmup_epochs=0),
         paths=paths, unfreeze="conv5_block3_1_conv", train_batchnorm=True,
-        train_batches=_batches(), validation_batches=_batches())
+        label_smoothing=0.0, train_batches=_batches(), validation_batches=_batches())
     assert (exported["epoch"], exported["validation"]) == (3, recomputed)
     assert len(calls) == 1
     with np.load(paths.phase_end_weights("finetune")) as last:
@@ -356,3 +357,56 @@ def test_fit_leaves_shuffling_to_the_input_pipeline(tmp_path, monkeypatch):
         warnings.simplefilter("error", UserWarning)
         _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=0)
     assert shuffles == [False]
+
+
+def test_an_epoch_is_recorded_before_it_is_backed_up(tmp_path):
+    """A kill between the two must never leave a backup of an epoch that
+    history.csv or progress.json lack: the rerun would skip it."""
+    import csv
+
+    classifier, backbone = _build("none")
+    paths = train.RunPaths(str(tmp_path))
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            with open(paths.history, newline="") as file:
+                rows = [int(row["epoch"]) for row in csv.DictReader(file)]
+            recorded = train.Progress(paths.progress).phases["head"]["validation"]
+            backed_up, _ = train.ResumableBackup(paths.backup_dir("head")).saved_position()
+            seen.append((rows[-1], recorded is not None, backed_up))
+
+    _train(classifier, backbone, tmp_path, head_epochs=2, finetune_epochs=0,
+           phase_callbacks=lambda phase: [Spy()])
+    # Epochs count from 1 in history.csv; the backup names the epoch to start at.
+    assert seen == [(1, True, None), (2, True, 1)]
+
+
+def test_pending_best_weights_are_kept_only_once_recorded(tmp_path):
+    paths = train.RunPaths(str(tmp_path))
+    os.makedirs(os.path.dirname(paths.best_checkpoint))
+    progress = train.Progress(paths.progress)
+    validation = {"top1": 0.5, "top5": 1.0, "label_smoothed_loss": 0.7}
+
+    # Killed after the checkpoint wrote epoch 2's weights, before progress.json
+    # recorded them: they are dropped, and epoch 1's stay the best.
+    progress.record_epoch("head", 0, validation, is_best=True)
+    with open(paths.pending_best_checkpoint, "w") as file:
+        file.write("epoch 1")
+    train._promote_pending_best(progress, paths)
+    with open(paths.pending_best_checkpoint, "w") as file:
+        file.write("epoch 2")
+    train._settle_pending_best(train.Progress(paths.progress), paths)
+    assert not os.path.exists(paths.pending_best_checkpoint)
+    with open(paths.best_checkpoint) as file:
+        assert file.read() == "epoch 1"
+
+    # Killed after progress.json recorded epoch 2, before the rename: kept.
+    with open(paths.pending_best_checkpoint, "w") as file:
+        file.write("epoch 2")
+    progress.record_epoch("head", 1, validation, is_best=True)
+    settled = train.Progress(paths.progress)
+    train._settle_pending_best(settled, paths)
+    with open(paths.best_checkpoint) as file:
+        assert file.read() == "epoch 2"
+    assert not settled.best_pending and not os.path.exists(paths.pending_best_checkpoint)

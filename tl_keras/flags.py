@@ -15,6 +15,7 @@ from absl.testing import flagsaver
 
 from tl_keras import distribute
 from tl_keras import model as model_lib
+from tl_keras import rundir
 from tl_keras.config import Config
 from tl_keras.errors import UsageError
 
@@ -415,7 +416,7 @@ def run_config(model_dir):
     Raises:
         UsageError: when `model_dir` holds no `flags.txt`.
     """
-    path = os.path.join(model_dir, "flags.txt")
+    path = os.path.join(model_dir, rundir.FLAGS_FILE)
     if not os.path.isfile(path):
         raise UsageError(
             f"No flags.txt in {model_dir}: --model_dir must be a training run's folder.")
@@ -482,7 +483,7 @@ def to_flagfile():
     Every tl_keras flag is written, defaults included, so a later change of a
     default doesn't change what the rerun does.
     """
-    lines = ["# The effective flags of this run; rerun with --flagfile=THIS_FILE."]
+    lines = [rundir.FLAGS_HEADER]
     for flag in sorted(flags.FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
         if flag.value is not None and flag.name not in _MODE_FLAGS:
             lines.append(flag.serialize())

@@ -222,7 +222,8 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
         exported = train.restore_export_weights(
             classifier, backbone, config.export_weights, phases=phases, paths=paths,
             unfreeze=config.unfreeze, train_batchnorm=train_batchnorm,
-            train_batches=train_batches, validation_batches=validation_batches)
+            label_smoothing=config.label_smoothing, train_batches=train_batches,
+            validation_batches=validation_batches)
     print(f"Evaluating and exporting the {_describe_export(exported)}.", flush=True)
     # Served on CPUs too: whatever the training dtype policy, everything from
     # here on computes in float32, so the test metrics are the export's own.

@@ -301,7 +301,14 @@ def float32_copy(classifier):
     float32_config = _float32_policies(config)
     if float32_config == config:
         return classifier
-    copy = keras.Model.from_config(float32_config)
+    # Under a float32 global policy too, for any layer that builds layers of
+    # its own without passing its dtype on.
+    global_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        copy = keras.Model.from_config(float32_config)
+    finally:
+        keras.config.set_dtype_policy(global_policy)
     copy.set_weights(classifier.get_weights())
     return copy
 

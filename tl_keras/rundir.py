@@ -22,9 +22,14 @@ WORKERS_DIR = "workers"
 
 FRESH, RESUME, COMPLETE = "fresh", "resume", "complete"
 
-# Any of these marks a folder as a run's: only such a folder is resumed or,
-# with --overwrite, cleared.
-_RUN_MARKERS = (FLAGS_FILE, "progress.json", COMPLETE_FILE)
+# The first line of every flags.txt, and the whole of every COMPLETE file: a
+# folder holding either is a run's, and only such a folder is resumed or,
+# with --overwrite, cleared. Their text, not just their names, is checked,
+# since a folder of the user's may well hold a flags.txt of its own. (A run
+# writes flags.txt before anything else; a worker's folder keeps only
+# COMPLETE once the run is done.)
+FLAGS_HEADER = "# The effective flags of this run; rerun with --flagfile=THIS_FILE."
+_COMPLETE_TEXT = "This run finished; rerunning it does nothing without --overwrite.\n"
 # Everything a run writes at the top of its folder. --overwrite deletes these
 # and nothing else, so a file of the user's beside a run survives.
 RUN_OUTPUTS = frozenset({
@@ -70,7 +75,7 @@ def claim(model_dir, flagfile_text, overwrite):
 
 def mark_complete(model_dir):
     with open(os.path.join(model_dir, COMPLETE_FILE), "w") as file:
-        file.write("This run finished; rerunning it does nothing without --overwrite.\n")
+        file.write(_COMPLETE_TEXT)
 
 
 def worker_dir(model_dir, worker_name):
@@ -94,7 +99,7 @@ def _decide(model_dir, flagfile_text, overwrite):
     entries = set(os.listdir(model_dir)) - {LOCK_FILE, WORKERS_DIR}
     if not entries:
         return FRESH
-    if not any(marker in entries for marker in _RUN_MARKERS):
+    if not _holds_a_run(model_dir):
         raise UsageError(_not_a_run_message(model_dir, entries))
     if overwrite:
         _delete_run_outputs(model_dir, entries)
@@ -121,11 +126,24 @@ def _not_a_run_message(model_dir, entries):
     more = f" and {len(entries) - len(shown)} more" if len(entries) > len(shown) else ""
     return (
         f"--model_dir={model_dir} is not empty and holds no tl_keras run (no "
-        f"{', '.join(_RUN_MARKERS)}): it holds {', '.join(shown)}{more}. A run "
+        f"{FLAGS_FILE} or {COMPLETE_FILE} written by one): it holds "
+        f"{', '.join(shown)}{more}. A run "
         f"writes only into an empty folder or its own; --overwrite deletes only "
         f"what a run wrote, so it doesn't apply here. Pick a new --model_dir, "
         f"such as {os.path.join(model_dir, 'run')}."
     )
+
+
+def _holds_a_run(model_dir):
+    def starts_with(name, text):
+        try:
+            with open(os.path.join(model_dir, name)) as file:
+                return file.read(len(text)) == text
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    return (starts_with(FLAGS_FILE, FLAGS_HEADER + "\n")
+            or starts_with(COMPLETE_FILE, _COMPLETE_TEXT))
 
 
 def _delete_run_outputs(model_dir, entries):

@@ -132,12 +132,14 @@ def compile_for_phase(model, phase, *, steps_per_epoch, optimizer, weight_decay,
             optimizer, learning_rate_schedule(phase, steps_per_epoch), weight_decay
         ),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-        metrics=[
-            keras.metrics.CategoricalAccuracy(name="top1"),
-            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
-        ],
+        metrics=_metrics(num_classes),
         jit_compile=jit_compile,
     )
+
+
+def _metrics(num_classes):
+    return [keras.metrics.CategoricalAccuracy(name="top1"),
+            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -249,6 +251,12 @@ class RunPaths:
         return os.path.join(self.model_dir, "checkpoints", "best.weights.h5")
 
     @property
+    def pending_best_checkpoint(self):
+        """Where a new best epoch's weights are written, until progress.json
+        has recorded which epoch they are (see `ProgressWriter`)."""
+        return os.path.join(self.model_dir, "checkpoints", "best.pending.weights.h5")
+
+    @property
     def history(self):
         return os.path.join(self.model_dir, "history.csv")
 
@@ -319,6 +327,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
     """
     os.makedirs(os.path.dirname(paths.best_checkpoint), exist_ok=True)
     progress = Progress(paths.progress)
+    _settle_pending_best(progress, paths)
     restore_from = None
     for phase in phases:
         if phase.epochs == 0:
@@ -372,7 +381,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         )
         checkpoint = ClassifierCheckpoint(
             model,
-            paths.best_checkpoint,
+            paths.pending_best_checkpoint,
             monitor="val_top1",
             mode="max",
             save_best_only=True,
@@ -385,8 +394,6 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
                                     steps_per_epoch)
         callbacks = [
             StopOnNaN(paths),
-            # Restores before HistoryWriter learns the first epoch to run.
-            backup,
             LearningRateLogger(),
             keras.callbacks.TensorBoard(
                 paths.tensorboard,
@@ -394,8 +401,13 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             ),
             checkpoint,
             HistoryWriter(paths.history, phase.name),
-            ProgressWriter(progress, phase.name, checkpoint),
+            ProgressWriter(progress, phase.name, checkpoint, paths),
             *(phase_callbacks(phase) if phase_callbacks else []),
+            # After every callback that records the epoch, so that a kill
+            # never leaves a backup of an epoch that history.csv or
+            # progress.json lack. (Its restore, in on_train_begin, still comes
+            # before any epoch starts.)
+            backup,
             # Last, so that an epoch it stops at is recorded by all the others.
             watcher,
         ]
@@ -435,9 +447,10 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             if validation["top1"] > (progress.best_top1 or 0.0):
                 # Validated with its own statistics, the last epoch can beat
                 # the epoch chosen on statistics that lagged the weights.
-                model.save_weights(paths.best_checkpoint)
+                model.save_weights(paths.pending_best_checkpoint)
                 progress.record_best(phase.name, last_epoch - 1, validation,
                                      statistics_recomputed=True)
+                _promote_pending_best(progress, paths)
         _save_weights(model, paths.phase_end_weights(phase.name))
         progress.complete_phase(phase.name)
         backup.delete()
@@ -449,7 +462,8 @@ EXPORT_BEST, EXPORT_LAST = "best", "last"
 
 
 def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
-                           train_batchnorm, train_batches, validation_batches):
+                           train_batchnorm, label_smoothing, train_batches,
+                           validation_batches):
     """Loads the weights the run evaluates and exports, after training.
 
     They are read from the run folder, also when training was done by an
@@ -462,9 +476,11 @@ def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
             phases (`checkpoints/best.weights.h5`); `last`: the last epoch.
         phases: the `PhasePlan`s trained.
         paths: `RunPaths`.
-        unfreeze, train_batchnorm: as for `train_two_phases`. With
-            `train_batchnorm`, weights from fine-tuning get BatchNormalization
-            statistics recomputed for them, as the last epoch's already have.
+        unfreeze, train_batchnorm, label_smoothing: as for `train_two_phases`.
+            With `train_batchnorm`, best weights from fine-tuning get
+            BatchNormalization statistics recomputed for them, as the last
+            epoch's already have; if they then validate below the last
+            epoch, the last epoch's weights are the best.
         train_batches, validation_batches: for that recompute.
 
     Returns:
@@ -472,12 +488,14 @@ def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
         which weights these are and their validation metrics.
     """
     progress = Progress(paths.progress)
-    last = [phase for phase in phases if phase.epochs][-1]
+    last_phase = [phase for phase in phases if phase.epochs][-1]
+    last = {"weights": choice, "epoch": last_phase.first_epoch + last_phase.epochs,
+            "phase": last_phase.name,
+            "validation": progress.phases[last_phase.name]["validation"]}
     best = progress.best
     if choice == EXPORT_LAST or best is None:
-        _load_weights(model, paths.phase_end_weights(last.name))
-        return {"weights": EXPORT_LAST, "epoch": last.first_epoch + last.epochs,
-                "phase": last.name, "validation": progress.phases[last.name]["validation"]}
+        _load_weights(model, paths.phase_end_weights(last_phase.name))
+        return {**last, "weights": EXPORT_LAST}
     # The checkpoint also holds the optimizer of the phase that wrote it, which
     # the export doesn't need (and the model's current optimizer doesn't fit).
     # (A classifier whose only phase trained its head on cached features was
@@ -489,10 +507,21 @@ def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
     if (train_batchnorm and best["phase"] == FINETUNE_PHASE
             and not best.get("statistics_recomputed")):
         # The same layers as in phase 2, also when phase 2 ran in an earlier
-        # process and this one never unfroze them.
+        # process and this one never unfroze (nor compiled) the model.
         model_lib.unfreeze_backbone(backbone, unfreeze, train_batchnorm)
+        if not getattr(model, "compiled", False):
+            model.compile(
+                loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+                metrics=_metrics(model.output_shape[-1]))
         validation = _recompute_batchnorm_statistics(
             model, backbone, train_batches, validation_batches, validation["top1"])
+        if validation["top1"] < last["validation"]["top1"]:
+            print(f"With their own statistics, the weights of epoch {best['epoch'] + 1} "
+                  f"validate below the last epoch's "
+                  f"({last['validation']['top1']:.2%}), which are the best, then.",
+                  flush=True)
+            _load_weights(model, paths.phase_end_weights(last_phase.name))
+            return last
     return {"weights": EXPORT_BEST, "epoch": best["epoch"] + 1, "phase": best["phase"],
             "validation": validation}
 
@@ -574,6 +603,28 @@ class ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
         super().set_model(self.classifier)
 
 
+def _promote_pending_best(progress, paths):
+    """Makes the pending best weights the best, once progress.json names their
+    epoch (and, in the same write, says they are pending), so that a kill at
+    any point leaves a state `_settle_pending_best` completes or undoes."""
+    os.replace(paths.pending_best_checkpoint, paths.best_checkpoint)
+    progress.set_best_pending(False)
+
+
+def _settle_pending_best(progress, paths):
+    """After a kill: finishes a promotion progress.json had recorded, or drops
+    pending weights it never recorded (written, or half-written, by the epoch
+    the kill interrupted), so that best.weights.h5 always holds the epoch
+    progress.json names."""
+    pending = os.path.exists(paths.pending_best_checkpoint)
+    if progress.best_pending and pending:
+        os.replace(paths.pending_best_checkpoint, paths.best_checkpoint)
+    elif pending:
+        os.remove(paths.pending_best_checkpoint)
+    if progress.best_pending:
+        progress.set_best_pending(False)
+
+
 class Progress:
     """`progress.json`: which phases are complete, their last validation
     metrics, and the epoch with the best validation top-1 so far (the one
@@ -599,6 +650,15 @@ class Progress:
     def best_top1(self):
         return self.best["validation"]["top1"] if self.best else None
 
+    @property
+    def best_pending(self):
+        """Whether the best epoch's weights may still be in the pending file."""
+        return self.state.get("best_pending", False)
+
+    def set_best_pending(self, pending):
+        self.state["best_pending"] = pending
+        self._write()
+
     def phase_complete(self, phase):
         return self.phases.get(phase, {}).get("complete", False)
 
@@ -615,8 +675,10 @@ class Progress:
         self._write()
 
     def _set_best(self, phase, epoch, validation, statistics_recomputed):
+        # Its weights are in the pending file until `_promote_pending_best`.
         self.state["best"] = {"epoch": epoch, "phase": phase, "validation": validation,
                               "statistics_recomputed": statistics_recomputed}
+        self.state["best_pending"] = True
 
     def record_validation(self, phase, validation):
         """Replaces a phase's last validation metrics (after its BatchNormalization
@@ -643,11 +705,12 @@ class ProgressWriter(keras.callbacks.Callback):
     """Records each completed epoch's validation metrics, and whether the
     checkpoint callback (which runs before it) kept it as the best."""
 
-    def __init__(self, progress, phase, checkpoint):
+    def __init__(self, progress, phase, checkpoint, paths):
         super().__init__()
         self.progress = progress
         self.phase = phase
         self.checkpoint = checkpoint
+        self.paths = paths
 
     def on_epoch_end(self, epoch, logs=None):
         validation = validation_metrics(logs or {}, prefix="val_")
@@ -655,6 +718,8 @@ class ProgressWriter(keras.callbacks.Callback):
         improved = best not in (None, -np.inf) and (
             self.progress.best_top1 is None or best > self.progress.best_top1)
         self.progress.record_epoch(self.phase, epoch, validation, improved)
+        if improved:
+            _promote_pending_best(self.progress, self.paths)
 
 
 class ResumableBackup(keras.callbacks.BackupAndRestore):
@@ -662,7 +727,10 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
     able to save on demand (on SIGTERM)."""
 
     def __init__(self, backup_dir):
-        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+        # double_checkpoint: a kill in the middle of a save (the end of a
+        # SIGTERM's grace period) leaves the previous backup to restore from.
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False,
+                         double_checkpoint=True)
 
     def saved_epoch(self):
         """The epoch a restore would start at, or None without a backup."""
