@@ -727,10 +727,7 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
     able to save on demand (on SIGTERM)."""
 
     def __init__(self, backup_dir):
-        # double_checkpoint: a kill in the middle of a save (the end of a
-        # SIGTERM's grace period) leaves the previous backup to restore from.
-        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False,
-                         double_checkpoint=True)
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
 
     def saved_epoch(self):
         """The epoch a restore would start at, or None without a backup."""
@@ -744,6 +741,20 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
         with open(self._training_metadata_path) as file:
             metadata = json.load(file)
         return metadata["epoch"], metadata.get("batch", 0)
+
+    def _save_model(self):
+        """Keras' save, but each file written beside its place and renamed into
+        it: Keras writes in place, and a kill in the middle (a SIGKILL, or the
+        end of a SIGTERM's grace period) would leave a backup no rerun can
+        read. The weights go first: a kill between the two renames restarts
+        the epoch they finished, rather than skipping one."""
+        os.makedirs(self.backup_dir, exist_ok=True)
+        pending = os.path.join(self.backup_dir, "pending.weights.h5")
+        self.model.save_weights(pending, overwrite=True)
+        os.replace(pending, self._weights_path)
+        with open(self._training_metadata_path + ".tmp", "w") as file:
+            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, file)
+        os.replace(self._training_metadata_path + ".tmp", self._training_metadata_path)
 
     def save_now(self, epoch, batches_done):
         """Saves the weights and optimizer now, `batches_done` batches into
