@@ -6,6 +6,7 @@ same numbers the same way.
 """
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -124,37 +125,39 @@ def write_evaluation(directory, report, split):
 
 class MostConfidentMistakes:
     """The most confident wrong predictions seen so far, with their images,
-    most confident first: kept while the data streams past once."""
+    most confident first: kept while the data streams past once.
+
+    Attributes:
+        kept: `Mistake`s, most confident first.
+    """
 
     def __init__(self, count=16):
         self.count = count
-        self._kept = []  # (confidence, position, image, label, predicted)
+        self.kept = []
         self._seen = 0
 
     def add(self, images, probabilities, labels):
         predicted = probabilities.argmax(axis=1)
         for offset in np.flatnonzero(predicted != labels):
-            self._kept.append((float(probabilities[offset, predicted[offset]]),
-                               self._seen + offset, images[offset], int(labels[offset]),
-                               int(predicted[offset])))
-        self._kept = sorted(self._kept, key=lambda kept: (-kept[0], kept[1]))[:self.count]
+            self.kept.append(Mistake(
+                confidence=float(probabilities[offset, predicted[offset]]),
+                position=self._seen + offset, image=images[offset],
+                label=int(labels[offset]), predicted=int(predicted[offset])))
+        self.kept = sorted(self.kept, key=lambda mistake: (-mistake.confidence,
+                                                           mistake.position))[:self.count]
         self._seen += len(labels)
 
-    @property
-    def confidences(self):
-        return [kept[0] for kept in self._kept]
 
-    @property
-    def images(self):
-        return [kept[2] for kept in self._kept]
+@dataclasses.dataclass(frozen=True)
+class Mistake:
+    """One wrong prediction: its confidence, its place in the split, the image,
+    the true and the predicted class."""
 
-    @property
-    def labels(self):
-        return [kept[3] for kept in self._kept]
-
-    @property
-    def predicted(self):
-        return [kept[4] for kept in self._kept]
+    confidence: float
+    position: int
+    image: object
+    label: int
+    predicted: int
 
 
 def write_metrics(path, validation_by_phase, test, exported):

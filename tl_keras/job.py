@@ -217,7 +217,17 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
         verbose=verbose,
     )
     _write_training_curves(paths, config.head_epochs)
+    return _evaluate_and_export(
+        config, strategy, role, classifier, backbone, splits, phases, paths, run_log,
+        timers, train_batches, validation_batches, validation_by_phase)
 
+
+def _evaluate_and_export(config, strategy, role, classifier, backbone, splits, phases,
+                         paths, run_log, timers, train_batches, validation_batches,
+                         validation_by_phase):
+    """After training: restores the weights to export, evaluates them on the
+    test split, writes every artifact from them, and prints the summary."""
+    train_batchnorm = config.batchnorm == "train"
     with strategy.scope():
         exported = train.restore_export_weights(
             classifier, backbone, config.export_weights, phases=phases, paths=paths,
@@ -478,14 +488,15 @@ def _write_training_curves(paths, head_epochs):
 
 
 def _log_worst_mistakes(run_log, mistakes, class_names, step):
-    if not mistakes.images:
+    if not mistakes.kept:
         return
     titles = [
-        f"true {class_names[label]}\npredicted {class_names[predicted]} ({confidence:.0%})"
-        for label, predicted, confidence in zip(
-            mistakes.labels, mistakes.predicted, mistakes.confidences)
+        f"true {class_names[mistake.label]}\npredicted {class_names[mistake.predicted]} "
+        f"({mistake.confidence:.0%})"
+        for mistake in mistakes.kept
     ]
-    run_log.image("test_worst_mistakes", plots.image_grid(mistakes.images, titles),
+    run_log.image("test_worst_mistakes",
+                  plots.image_grid([mistake.image for mistake in mistakes.kept], titles),
                   step=step, description="The most confident wrong test predictions.")
 
 
