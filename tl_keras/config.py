@@ -1,55 +1,213 @@
-"""The effective configuration of a run, as a plain object.
+"""The effective configuration of a run, as a plain object, and the definition
+of each of its options.
 
-Only `tl_keras.flags` builds it from the command line; every other module takes
-the values it needs as arguments, so library code never reads flags.
+Each field of `Config` is an option, defined once, here: its name, its type,
+and as metadata the flag that sets it (kind, default, choices, help text, help
+group). `tl_keras.flags` makes the absl flags and `to_config` from these
+fields, and a test checks the README's flag table against them. Only
+`tl_keras.flags` reads flags; every other module takes the values it needs as
+arguments, so library code never reads flags.
+
+A field has no default of its own: the flag's default is what a command line
+that leaves the flag out gets, and some flags (`--image_size`, `--model_dir`)
+default to None, which `tl_keras.flags.to_config` works out into a value.
 """
 
 import dataclasses
 
+# The strategy names are the distribution module's to define.
+from tl_keras.distribute import STRATEGIES
+
 
 @dataclasses.dataclass(frozen=True)
+class FlagSpec:
+    """How one option is set from the command line.
+
+    `kind` names the absl definer (`string`, `integer`, `float`, `boolean`,
+    `enum`, `list`); `choices` is set for `enum` only; `group` is the heading
+    `--helpshort` lists the flag under.
+    """
+    kind: str
+    default: object
+    help: str
+    group: str
+    choices: tuple = ()
+
+
+class OptionGroup:
+    """Makes the fields of the options `--helpshort` lists under one heading.
+
+    Each method returns a `dataclasses.field` with no default of its own, its
+    flag's `FlagSpec` under the metadata key `flag`; the methods are named, and
+    take their arguments in the order of, absl's `DEFINE_*`.
+    """
+
+    def __init__(self, title):
+        self.title = title
+
+    def _field(self, kind, default, help, choices=()):
+        spec = FlagSpec(kind=kind, default=default, help=help, group=self.title,
+                        choices=tuple(choices))
+        return dataclasses.field(metadata={"flag": spec})
+
+    def string(self, default, help):
+        return self._field("string", default, help)
+
+    def integer(self, default, help):
+        return self._field("integer", default, help)
+
+    def float(self, default, help):
+        return self._field("float", default, help)
+
+    def boolean(self, default, help):
+        return self._field("boolean", default, help)
+
+    def enum(self, default, choices, help):
+        return self._field("enum", default, help, choices)
+
+    def list(self, default, help):
+        return self._field("list", default, help)
+
+
+DATA = OptionGroup("Data")
+MODEL = OptionGroup("Model")
+TRAINING = OptionGroup("Training")
+RUN = OptionGroup("Run")
+
+
+def flag_spec(field):
+    """The `FlagSpec` of one of `dataclasses.fields(Config)`."""
+    return field.metadata["flag"]
+
+
+# The fields are in the order `--helpshort` lists them.
+@dataclasses.dataclass(frozen=True)
 class Config:
-    # Data.
-    dataset: str
-    data_dir: str | None
-    train_split: str
-    val_split: str
-    test_split: str
-    val_fraction: float
-    classes: tuple
-    train_examples_per_class: int | None
-    strict_data: bool
-    augment: str
-    mixup: float
-    cutmix: float
-    # Model.
-    backbone: str
-    weights: str
-    image_size: int
-    dropout: float
-    resize: str
-    # Training.
-    batch_size: int
-    head_epochs: int
-    head_learning_rate: float
-    finetune_epochs: int
-    finetune_learning_rate: float
-    unfreeze: str
-    batchnorm: str
-    optimizer: str
-    weight_decay: float
-    warmup_epochs: float
-    label_smoothing: float
-    lr_scaling: str
-    export_weights: str
-    # Runtime.
-    mixed_precision: str
-    jit_compile: str
-    strategy: str
-    tpu: str | None
-    model_dir: str
-    seed: int
-    steps_per_epoch: int | None
-    profile_batches: tuple | None
-    export_tflite: bool
-    cache_features: bool
+    dataset: str = DATA.string(
+        "cifar100",
+        "TFDS dataset name, e.g. cifar100; or folder:PATH for your own images in "
+        "PATH/<class>/* or PATH/<split>/<class>/*.")
+    data_dir: str | None = DATA.string(
+        None,
+        "Where TFDS keeps prepared datasets (default: TFDS's own, ~/tensorflow_datasets). "
+        "Point it at a prepared copy to run offline.")
+    train_split: str = DATA.string(
+        "train", "TFDS split to train on; slices such as train[:50%] work.")
+    val_split: str = DATA.string(
+        "",
+        "Validation split. Empty: the dataset's `validation` split if it has one, else "
+        "the last --val_fraction of each part of --train_split, as TFDS slices, the same "
+        "examples every run. One that overlaps --train_split is refused.")
+    test_split: str = DATA.string("test", "Split read once, by the final evaluation.")
+    val_fraction: float = DATA.float(
+        0.1,
+        "Fraction held out when carving validation from train (and, for a folder "
+        "without split folders, test too; stratified by class).")
+    classes: tuple = DATA.list(
+        [], "Keep only these classes (comma-separated names), renumbered in this order.")
+    train_examples_per_class: int | None = DATA.integer(
+        None, "Keep this many training images per class, chosen by --seed (few-shot runs).")
+    strict_data: bool = DATA.boolean(
+        False,
+        "Make any unreadable image file, and a split without examples of some class, "
+        "an error instead of a note.")
+    augment: str = DATA.enum(
+        "none", ["none", "basic", "randaugment"],
+        "Training augmentation: basic is a random resized crop and horizontal flip; "
+        "randaugment adds Keras' RandAugment. Never applied at evaluation or serving.")
+    mixup: float = DATA.float(0.0, "MixUp Beta alpha (e.g. 0.2); 0 is off.")
+    cutmix: float = DATA.float(
+        0.0, "CutMix Beta alpha (e.g. 1.0); 0 is off. With --mixup, each "
+        "batch uses one of the two.")
+
+    backbone: str = MODEL.string(
+        "resnet50",
+        "Keras Applications model, case-insensitive: resnet50, efficientnetv2s, "
+        "convnexttiny, mobilenetv3large, ...")
+    weights: str = MODEL.string(
+        "imagenet",
+        "Backbone weights: imagenet, none (random), or the path of a weights file, "
+        "such as a previous run's backbone.weights.h5.")
+    image_size: int = MODEL.integer(
+        None,
+        "Square size the backbone sees (default: its native size, e.g. 224 for "
+        "resnet50). Smaller images are resized inside the model; larger folder "
+        "images are brought down on the CPU first, as the model would resize them.")
+    resize: str = MODEL.enum(
+        "stretch", ["stretch", "crop"],
+        "How images become square --image_size: stretch resizes as they are; crop "
+        "takes the centre square first, keeping the aspect ratio. Training, "
+        "evaluation and the exported model all do the same.")
+    dropout: float = MODEL.float(0.2, "Dropout rate before the head.")
+
+    batch_size: int = TRAINING.integer(64, "Global batch size, split across all replicas.")
+    head_epochs: int = TRAINING.integer(
+        3, "Phase 1: epochs training the head on the frozen backbone.")
+    head_learning_rate: float = TRAINING.float(1e-3, "Phase 1 learning rate (constant).")
+    finetune_epochs: int = TRAINING.integer(
+        10, "Phase 2: epochs fine-tuning the unfrozen layers.")
+    finetune_learning_rate: float = TRAINING.float(
+        1e-4, "Phase 2 peak learning rate, reached after warmup, then cosine decay to 0.")
+    warmup_epochs: float = TRAINING.float(
+        1.0, "Phase 2 epochs of linear learning-rate warmup; fractions work, e.g. 0.5.")
+    lr_scaling: str = TRAINING.enum(
+        "none", ["none", "linear"],
+        "none: the learning rates apply as given, whatever --batch_size. linear: "
+        "they are for a global batch of 256 and scale with --batch_size/256.")
+    unfreeze: str = TRAINING.string(
+        "all",
+        "Phase 2 unfreezes: all; a number N of top backbone layers; or the name of "
+        "the first layer to unfreeze. BatchNormalization layers follow --batchnorm.")
+    batchnorm: str = TRAINING.enum(
+        "frozen", ["frozen", "train"],
+        "frozen keeps every BatchNormalization layer in inference mode with the "
+        "statistics its weights came with, the right choice for pretrained weights. "
+        "train lets the BatchNormalization layers phase 2 unfreezes normalise by "
+        "batch statistics and update theirs: the right choice when training a "
+        "backbone from scratch (--weights=none).")
+    optimizer: str = TRAINING.enum(
+        "adamw", ["adamw", "adam", "sgd", "rmsprop"],
+        "Optimizer for both phases (sgd uses Nesterov momentum 0.9).")
+    weight_decay: float = TRAINING.float(
+        0.05, "Decoupled weight decay; biases and normalisation parameters are exempt.")
+    label_smoothing: float = TRAINING.float(
+        0.1, "Label smoothing of the cross-entropy loss.")
+    export_weights: str = TRAINING.enum(
+        "best", ["best", "last"],
+        "Which weights the test evaluation and every exported file use: best, the "
+        "epoch with the best validation top-1 across both phases; last, the last epoch.")
+    cache_features: bool = TRAINING.boolean(
+        False,
+        "Phase 1: run the frozen backbone once over train and validation and train "
+        "the head on those features (much faster; no augmentation in phase 1).")
+    steps_per_epoch: int | None = TRAINING.integer(
+        None, "Cap on training steps per epoch, for quick runs (default: the whole split).")
+
+    model_dir: str = RUN.string(
+        None, "Where the run writes its outputs (default: runs/DATASET-BACKBONE).")
+    seed: int = RUN.integer(42, "Seed for weights, shuffling and dropout.")
+    mixed_precision: str = RUN.enum(
+        "auto", ["auto", "off", "bfloat16", "float16"],
+        "Compute dtype. auto: bfloat16 on GPUs of compute capability 8.0+ and TPUs, "
+        "float16 with loss scaling on older GPUs, float32 on CPUs.")
+    jit_compile: str = RUN.enum(
+        "auto", ["auto", "true", "false"],
+        "XLA-compile the train step. auto: Keras decides per model and backend.")
+    strategy: str = RUN.enum(
+        "auto", STRATEGIES,
+        "Where training runs. auto: MirroredStrategy over the GPUs if there are any, "
+        "else the CPU (under JAX: keras.distribution.DataParallel over the local "
+        "devices). The others are tf.distribute strategies: one_device, mirrored, "
+        "multi_worker (MultiWorkerMirroredStrategy over the cluster in TF_CONFIG), "
+        "tpu (TPUStrategy on --tpu).")
+    tpu: str | None = RUN.string(
+        None, "--strategy=tpu: the TPU's name, grpc://HOST:PORT, or local on a TPU VM.")
+    export_tflite: bool = RUN.boolean(
+        False,
+        "Also write model.tflite (float32, one --image_size image) and check it "
+        "against the SavedModel on test images.")
+    # The flag is START,END text; the field holds (START, END).
+    profile_batches: tuple | None = RUN.string(
+        None,
+        "START,END: write a profiler trace of these batches of the first phase to "
+        "TensorBoard (e.g. 10,20).")
