@@ -58,9 +58,10 @@ DEFINED = {flag.name: flag for flag in absl_flags.FLAGS.get_flags_for_module(fla
 def test_every_flag_has_a_readme_row_and_every_row_a_flag():
     documented = set(README_ROWS) - ABSL_FLAGS_IN_THE_TABLE
     undocumented = sorted(set(DEFINED) - documented)
-    assert not undocumented, f"flags without a row in the README's table: {undocumented}"
     unknown = sorted(documented - set(DEFINED))
-    assert not unknown, f"README rows for flags the tool doesn't define: {unknown}"
+    assert not undocumented and not unknown, (
+        f"flags without a row in the README's table: {undocumented}; "
+        f"README rows for flags the tool doesn't define: {unknown}")
     assert ABSL_FLAGS_IN_THE_TABLE <= set(absl_flags.FLAGS), "absl no longer defines these"
 
 
@@ -90,4 +91,5 @@ def test_the_readme_lists_all_of_an_enums_choices_or_none(name):
     choices = set(DEFINED[name].parser.enum_values)
     shown = set(CHOICE.findall(meaning))
     if shown & choices:
-        assert shown == choices, f"the README's row of --{name} lists {sorted(shown)}"
+        assert shown == choices, (
+            f"the README's row of --{name} lists {sorted(shown)}; its choices are {sorted(choices)}")
