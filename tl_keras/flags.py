@@ -2,7 +2,9 @@
 
 Each flag is made from the field that defines its option: `Config`'s, in
 `tl_keras.config`, for the options of the run, and `_ModeOptions`'s, here, for
-those of what this process does. This is the only module that reads flags. Validators run when the command line
+those of what this process does.
+
+This is the only module that reads flags. Validators run when the command line
 is parsed, before any data or model work, and say how to fix what they reject.
 """
 
