@@ -44,7 +44,7 @@ def _run_under_jax(tmp_path, *flags):
     environment = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
     return subprocess.run(
         [sys.executable, LAUNCHER, f"--flagfile={SMOKE_FLAGS}", "--batch_size=8",
-         "--backbone=mobilenetv3small", f"--model_dir={tmp_path / 'run'}", *flags],
+         "--backbone=mobilenet", f"--model_dir={tmp_path / 'run'}", *flags],
         cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600,
     )
 

@@ -16,7 +16,7 @@ from tl_keras.errors import UsageError
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 EPOCHS = 2
-RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--backbone=mobilenetv3small",
+RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--backbone=mobilenet",
              "--head_epochs=1", f"--finetune_epochs={EPOCHS - 1}", "--warmup_epochs=0.5",
              "--batch_size=8", "--steps_per_epoch=2", "--export_tflite"]
 # TensorFlow's C++ logging and absl's: severity letter, month, day, then a space.

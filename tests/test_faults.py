@@ -23,7 +23,7 @@ LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--head_epochs=1", "--finetune_epochs=3",
              "--batch_size=8", "--warmup_epochs=1", "--jit_compile=false",
              # Light: these tests are about the run's bookkeeping, not accuracy.
-             "--backbone=mobilenetv3small"]
+             "--backbone=mobilenet"]
 
 
 def _start(model_dir, *extra):

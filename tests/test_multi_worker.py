@@ -24,7 +24,7 @@ from tl_keras.errors import UsageError
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--head_epochs=1", "--finetune_epochs=3",
-             "--batch_size=8", "--jit_compile=false", "--backbone=mobilenetv3small",
+             "--batch_size=8", "--jit_compile=false", "--backbone=mobilenet",
              "--strategy=multi_worker"]
 
 
@@ -225,7 +225,7 @@ def test_linear_scaling_changes_the_learning_rate_the_run_trains_with(tmp_path, 
     from conftest import run_job
 
     run_job(tmp_path, "--lr_scaling=linear", "--batch_size=16", "--head_epochs=1",
-            "--finetune_epochs=0", "--backbone=mobilenetv3small", "--steps_per_epoch=2",
+            "--finetune_epochs=0", "--backbone=mobilenet", "--steps_per_epoch=2",
             "--head_learning_rate=1e-3")
     with open(tmp_path / "run" / "history.csv", newline="") as file:
         rows = list(csv.DictReader(file))

@@ -16,6 +16,13 @@ from tl_keras.errors import UsageError
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 32
+# The smallest of the backbones to trace and save (86 layers): these tests
+# check which weights move, not how well they learn.
+BACKBONE = "mobilenet"
+# Where a later block starts, and one layer within it.
+LATE_BLOCK = "conv_dw_13"
+LATE_LAYER = "conv_pw_13"
+_CONVOLUTIONS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 
 
 def _batches(num_examples=16, batch_size=8):
@@ -32,9 +39,9 @@ def _batches(num_examples=16, batch_size=8):
 
 def _build(weights_path, train_batchnorm=False):
     keras.utils.set_random_seed(1)
-    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, weights_path)
+    backbone = model_lib.build_backbone(BACKBONE, IMAGE_SIZE, weights_path)
     classifier = model_lib.build_classifier(
-        backbone, "resnet50", NUM_CLASSES, IMAGE_SIZE, dropout=0.0,
+        backbone, BACKBONE, NUM_CLASSES, IMAGE_SIZE, dropout=0.0,
         train_batchnorm=train_batchnorm,
     )
     return classifier, backbone
@@ -44,16 +51,22 @@ def _build(weights_path, train_batchnorm=False):
 def pretrained_weights(tmp_path_factory):
     """A backbone weights file, standing in for downloaded ImageNet weights.
 
-    Its BatchNormalization statistics are set away from their initial values
-    (mean 0, variance 1), so a test can tell whether training moved them.
+    Its BatchNormalization statistics are those of random images, as a trained
+    network's fit its data. With the initial ones (mean 0, variance 1) MobileNet's
+    activations grow from layer to layer until its ReLU6s saturate, and no
+    gradient reaches the early layers; and they differ from the initial values,
+    so a test can tell whether training moved them.
     """
     keras.utils.set_random_seed(0)
-    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
-    rng = np.random.default_rng(0)
+    backbone = model_lib.build_backbone(BACKBONE, IMAGE_SIZE, "none")
+    classifier = model_lib.build_classifier(backbone, BACKBONE, NUM_CLASSES, IMAGE_SIZE,
+                                            dropout=0.0, train_batchnorm=True)
+    images = np.random.default_rng(0).integers(0, 256, (32, IMAGE_SIZE, IMAGE_SIZE, 3),
+                                               dtype=np.uint8)
+    model_lib.recompute_batchnorm_statistics(classifier, backbone, [images])
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 2, layer.moving_variance.shape))
+            assert not np.allclose(layer.moving_variance, 1.0), layer.name
     path = str(tmp_path_factory.mktemp("weights") / "backbone.weights.h5")
     backbone.save_weights(path)
     return path
@@ -119,13 +132,14 @@ def test_finetune_changes_every_unfrozen_weight_but_no_batchnorm(tmp_path, pretr
     batchnorm = _batchnorm_weights(backbone)
     assert batchnorm, "the backbone should have BatchNormalization layers"
     assert not changed & batchnorm, "BatchNormalization weights or statistics moved"
-    convolutions = _weights_of(backbone, lambda l: isinstance(l, keras.layers.Conv2D))
+    convolutions = _weights_of(backbone, lambda l: isinstance(l, _CONVOLUTIONS))
     assert convolutions <= changed, "every convolution should train with --unfreeze=all"
 
 
-def test_trained_batchnorm_moves_only_where_unfrozen_and_only_in_phase_2(tmp_path):
-    # --batchnorm=train, for a backbone trained from scratch.
-    classifier, backbone = _build("none", train_batchnorm=True)
+def test_trained_batchnorm_moves_only_where_unfrozen_and_only_in_phase_2(
+        tmp_path, pretrained_weights):
+    # --batchnorm=train.
+    classifier, backbone = _build(pretrained_weights, train_batchnorm=True)
     before = _snapshot(classifier)
 
     _train(classifier, backbone, tmp_path / "head", head_epochs=1, finetune_epochs=0,
@@ -135,7 +149,7 @@ def test_trained_batchnorm_moves_only_where_unfrozen_and_only_in_phase_2(tmp_pat
         "phase 1 freezes the backbone, BatchNormalization statistics included")
 
     names = [layer.name for layer in backbone.layers]
-    first = "conv5_block1_1_conv"
+    first = LATE_BLOCK
     before = _snapshot(classifier)
     _train(classifier, backbone, tmp_path / "finetune", head_epochs=0, finetune_epochs=1,
            unfreeze=first, train_batchnorm=True)
@@ -150,12 +164,13 @@ def test_trained_batchnorm_moves_only_where_unfrozen_and_only_in_phase_2(tmp_pat
     assert not changed & earlier, "frozen BatchNormalization layers moved"
 
 
-def test_trained_batchnorm_statistics_follow_the_weights_during_phase_2(tmp_path):
-    # Each epoch's validation uses the moving statistics. At ResNet50's own
+def test_trained_batchnorm_statistics_follow_the_weights_during_phase_2(
+        tmp_path, pretrained_weights):
+    # Each epoch's validation uses the moving statistics. At the backbone's own
     # momentum of 0.99 they would still be mostly their initial values after a
     # short phase, and validation would report near chance.
-    classifier, backbone = _build("none", train_batchnorm=True)
-    first = "conv5_block1_1_conv"
+    classifier, backbone = _build(pretrained_weights, train_batchnorm=True)
+    first = LATE_BLOCK
     names = [layer.name for layer in backbone.layers]
     batchnorm = [layer for layer in backbone.layers
                  if isinstance(layer, keras.layers.BatchNormalization)]
@@ -239,7 +254,7 @@ def test_recomputed_batchnorm_statistics_are_those_of_the_batches():
 def test_finetune_from_a_layer_name_leaves_earlier_layers_alone(tmp_path, pretrained_weights):
     classifier, backbone = _build(pretrained_weights)
     names = [layer.name for layer in backbone.layers]
-    first = "conv5_block1_1_conv"
+    first = LATE_BLOCK
     before = _snapshot(classifier)
 
     _train(classifier, backbone, tmp_path, head_epochs=0, finetune_epochs=1, unfreeze=first)
@@ -249,7 +264,7 @@ def test_finetune_from_a_layer_name_leaves_earlier_layers_alone(tmp_path, pretra
     later_convolutions = _weights_of(
         backbone,
         lambda l: names.index(l.name) >= names.index(first)
-        and isinstance(l, keras.layers.Conv2D),
+        and isinstance(l, _CONVOLUTIONS),
     )
     assert not changed & earlier
     assert not changed & _batchnorm_weights(backbone)
@@ -324,7 +339,7 @@ def test_recomputed_statistics_can_make_the_last_epoch_the_best(tmp_path, monkey
 
     monkeypatch.setattr(train, "_recompute_batchnorm_statistics", recompute)
     _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=2,
-           unfreeze="conv5_block3_1_conv", train_batchnorm=True)
+           unfreeze=LATE_LAYER, train_batchnorm=True)
 
     paths = train.RunPaths(str(tmp_path))
     best = train.Progress(paths.progress).best
@@ -333,7 +348,7 @@ def test_recomputed_statistics_can_make_the_last_epoch_the_best(tmp_path, monkey
         classifier, backbone, "best", phases=train.plan_phases(
             head_epochs=1, head_learning_rate=1e-2, finetune_epochs=2,
             finetune_learning_rate=1e-2, warmup_epochs=0),
-        paths=paths, unfreeze="conv5_block3_1_conv", train_batchnorm=True,
+        paths=paths, unfreeze=LATE_LAYER, train_batchnorm=True,
         label_smoothing=0.0, train_batches=_batches(), validation_batches=_batches())
     assert (exported["epoch"], exported["validation"]) == (3, recomputed)
     assert len(calls) == 1

@@ -81,6 +81,8 @@ def test_saved_model_matches_the_keras_model(finished_run, height, width):
     expected = model.predict(images, verbose=0)
 
     assert served["probabilities"].shape == (4, 10)
+    # A model whose output ignores its input would match anything.
+    assert np.ptp(expected, axis=0).max() > 1e-3
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
 
 
@@ -114,7 +116,6 @@ def test_mirrored_strategy_trains_on_two_replicas(tmp_path, mock_tfds, capsys):
     config, metrics = _run(
         tmp_path, "--strategy=mirrored", "--head_epochs=1", "--finetune_epochs=1",
         "--warmup_epochs=0",
-        "--backbone=mobilenetv3small",
     )
     assert "MirroredStrategy with 2 replica(s)" in capsys.readouterr().out
     assert metrics["test"]["top1"] == pytest.approx(_saved_model_top1(config))
@@ -138,7 +139,7 @@ def test_a_messy_image_folder_trains_and_names_what_it_skipped(tmp_path, capsys)
 
     config, metrics = _run(
         tmp_path, f"--dataset=folder:{tmp_path / 'photos'}", "--batch_size=4",
-        "--augment=basic", "--mixup=0.2", "--resize=crop", "--backbone=mobilenetv3small",
+        "--augment=basic", "--mixup=0.2", "--resize=crop",
     )
 
     out = capsys.readouterr().out
