@@ -43,8 +43,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from tl_keras import backbones  # noqa: E402
+from tl_keras import classifier as classifier_lib  # noqa: E402
+from tl_keras import features  # noqa: E402
+from tl_keras import finetune  # noqa: E402
 from tl_keras import precision, train  # noqa: E402
-from tl_keras import model as model_lib  # noqa: E402
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet50", "Keras Applications backbone.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Input size.")
@@ -129,7 +132,7 @@ def _compile(model, phase, jit_compile):
 
 def _plain_keras_model(backbone_name, image_size, classes):
     """The reference: what one writes by hand from the Keras guides."""
-    spec = model_lib.backbone_spec(backbone_name)
+    spec = backbones.backbone_spec(backbone_name)
     backbone = spec.constructor(include_top=False, weights=None,
                                 input_shape=(image_size, image_size, 3), pooling="avg")
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8")
@@ -155,10 +158,10 @@ def _setup():
 def _model_to_time(name, size, classes):
     """One model and its two phase settings: (model, freeze, unfreeze)."""
     if name == "tl_keras":
-        backbone = model_lib.build_backbone(_BACKBONE.value, size, "none")
-        model = model_lib.build_classifier(backbone, _BACKBONE.value, classes, size, 0.2)
-        return (model, lambda: model_lib.freeze_backbone(backbone),
-                lambda: model_lib.unfreeze_backbone(backbone, "all"))
+        backbone = backbones.build_backbone(_BACKBONE.value, size, "none")
+        model = classifier_lib.build_classifier(backbone, _BACKBONE.value, classes, size, 0.2)
+        return (model, lambda: finetune.freeze_backbone(backbone),
+                lambda: finetune.unfreeze_backbone(backbone, "all"))
     model, backbone = _plain_keras_model(_BACKBONE.value, size, classes)
 
     def freeze():
@@ -205,10 +208,10 @@ def _timings_in_a_process(name):
 
 def _cached_head_epoch(jit_compile, head, fixed_batch, steps, classes):
     """Seconds of one head-phase epoch on images, and on cached features."""
-    backbone = model_lib.build_backbone(_BACKBONE.value, _IMAGE_SIZE.value, "none")
-    ours = model_lib.build_classifier(backbone, _BACKBONE.value, classes,
-                                      _IMAGE_SIZE.value, 0.2)
-    model_lib.freeze_backbone(backbone)
+    backbone = backbones.build_backbone(_BACKBONE.value, _IMAGE_SIZE.value, "none")
+    ours = classifier_lib.build_classifier(backbone, _BACKBONE.value, classes,
+                                           _IMAGE_SIZE.value, 0.2)
+    finetune.freeze_backbone(backbone)
     _compile(ours, head, jit_compile)
     fixed_batch.fit(ours, 1)  # Compile, warm up.
     fixed_batch.prepare(steps)
@@ -216,8 +219,8 @@ def _cached_head_epoch(jit_compile, head, fixed_batch, steps, classes):
     fixed_batch.fit(ours, steps)
     uncached = time.perf_counter() - start
     # The head trains on the backbone's features of the same batch.
-    features = model_lib.feature_extractor(ours).predict(fixed_batch.inputs, verbose=0)
-    head_model = model_lib.head_of(ours)
+    head_inputs = features.feature_extractor(ours).predict(fixed_batch.inputs, verbose=0)
+    head_model = features.head_of(ours)
     _compile(head_model, head, jit_compile)
     if keras.backend.backend() == "tensorflow":
         # The run's own path (`--cache_features`): shuffled tf.data batches read
@@ -225,13 +228,13 @@ def _cached_head_epoch(jit_compile, head, fixed_batch, steps, classes):
         from tl_keras import pipeline
 
         batches = pipeline.feature_batches(
-            np.tile(features, (steps, 1)), np.tile(np.argmax(fixed_batch.labels, 1), steps),
+            np.tile(head_inputs, (steps, 1)), np.tile(np.argmax(fixed_batch.labels, 1), steps),
             num_classes=classes, batch_size=fixed_batch.batch_size, seed=0)
 
         def fit_head(count):
             head_model.fit(batches, steps_per_epoch=count, epochs=1, verbose=0)
     else:
-        feature_batch = FixedBatch(features, fixed_batch.labels, fixed_batch.batch_size)
+        feature_batch = FixedBatch(head_inputs, fixed_batch.labels, fixed_batch.batch_size)
         feature_batch.prepare(steps)
 
         def fit_head(count):

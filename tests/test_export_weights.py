@@ -12,8 +12,9 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_job
+from tl_keras import backbones
+from tl_keras import classifier as classifier_lib
 from tl_keras import job
-from tl_keras import model as model_lib
 from tl_keras import train
 
 
@@ -145,8 +146,8 @@ def test_exports_compute_in_float32_after_bfloat16_training(bfloat16_run):
         images=tf.constant(images))["probabilities"].numpy())
     np.testing.assert_allclose(served, _log(model.predict(images, verbose=0)), atol=1e-3)
     keras.config.set_dtype_policy("mixed_bfloat16")
-    as_trained = model_lib.build_classifier(
-        model_lib.build_backbone("resnet50", 32, "none"), "resnet50", 2, 32, 0.1)
+    as_trained = classifier_lib.build_classifier(
+        backbones.build_backbone("resnet50", 32, "none"), "resnet50", 2, 32, 0.1)
     keras.config.set_dtype_policy("float32")
     as_trained.set_weights(model.get_weights())
     assert np.abs(_log(as_trained.predict(images, verbose=0)) - served).max() > 1e-2
@@ -179,9 +180,9 @@ def test_best_weights_get_batchnorm_statistics_of_their_own(tmp_path, capsys, la
     weights when they are the ones exported, not only to the last epoch's;
     if they then validate below the last epoch, the last epoch's are best.
     The classifier was never compiled: phase 2 ran in a process before a kill."""
-    backbone = model_lib.build_backbone("mobilenetv3small", 32, "none")
-    classifier = model_lib.build_classifier(backbone, "mobilenetv3small", 2, 32, 0.0,
-                                            train_batchnorm=True)
+    backbone = backbones.build_backbone("mobilenetv3small", 32, "none")
+    classifier = classifier_lib.build_classifier(backbone, "mobilenetv3small", 2, 32, 0.0,
+                                                 train_batchnorm=True)
     paths = train.RunPaths(str(tmp_path))
     os.makedirs(os.path.dirname(paths.best_checkpoint))
     train._save_weights(classifier, paths.phase_end_weights("finetune"))

@@ -9,7 +9,9 @@ import pytest
 import tensorflow as tf
 import keras
 
-from tl_keras import model as model_lib
+from tl_keras import backbones
+from tl_keras import classifier as classifier_lib
+from tl_keras import finetune
 from tl_keras import pipeline
 from tl_keras import train
 from tl_keras.errors import UsageError
@@ -32,8 +34,8 @@ def _batches(num_examples=16, batch_size=8):
 
 def _build(weights_path, train_batchnorm=False):
     keras.utils.set_random_seed(1)
-    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, weights_path)
-    classifier = model_lib.build_classifier(
+    backbone = backbones.build_backbone("resnet50", IMAGE_SIZE, weights_path)
+    classifier = classifier_lib.build_classifier(
         backbone, "resnet50", NUM_CLASSES, IMAGE_SIZE, dropout=0.0,
         train_batchnorm=train_batchnorm,
     )
@@ -48,7 +50,7 @@ def pretrained_weights(tmp_path_factory):
     (mean 0, variance 1), so a test can tell whether training moved them.
     """
     keras.utils.set_random_seed(0)
-    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
+    backbone = backbones.build_backbone("resnet50", IMAGE_SIZE, "none")
     rng = np.random.default_rng(0)
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -189,7 +191,7 @@ def test_batchnorm_momentum_reaches_the_traced_train_step():
     model.compile("sgd", "mse")
     constant = np.full((8, 1), 10.0, "float32")
 
-    with model_lib.batchnorm_momentum(model, 0.9):
+    with finetune.batchnorm_momentum(model, 0.9):
         model.fit(constant, np.zeros((8, 1), "float32"), batch_size=8, verbose=0)
 
     layer = model.get_layer("bn")
@@ -225,7 +227,7 @@ def test_recomputed_batchnorm_statistics_are_those_of_the_batches():
         return np.abs(inference - training).max()
 
     assert modes_differ() > 0.05, "the initial statistics should not fit these images"
-    used = model_lib.recompute_batchnorm_statistics(classifier, backbone, [images, images])
+    used = finetune.recompute_batchnorm_statistics(classifier, backbone, [images, images])
 
     assert used == 2
     # Averaged over the same batch twice, the moving statistics are that
@@ -262,7 +264,7 @@ def test_finetune_from_a_layer_name_leaves_earlier_layers_alone(tmp_path, pretra
     [("all", 0), ("10", -10), ("conv5_block3_out", "conv5_block3_out")],
 )
 def test_each_form_of_unfreeze(unfreeze, expected_first):
-    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
+    backbone = backbones.build_backbone("resnet50", IMAGE_SIZE, "none")
     layers = backbone.layers
     first = (
         [l.name for l in layers].index(expected_first)
@@ -270,7 +272,7 @@ def test_each_form_of_unfreeze(unfreeze, expected_first):
         else expected_first % len(layers)
     )
 
-    unfrozen = model_lib.unfreeze_backbone(backbone, unfreeze)
+    unfrozen = finetune.unfreeze_backbone(backbone, unfreeze)
 
     for index, layer in enumerate(layers):
         should_train = index >= first and not isinstance(layer, keras.layers.BatchNormalization)
@@ -279,19 +281,19 @@ def test_each_form_of_unfreeze(unfreeze, expected_first):
 
 
 def test_unfreeze_unknown_layer_names_the_closest():
-    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
+    backbone = backbones.build_backbone("resnet50", IMAGE_SIZE, "none")
     with pytest.raises(UsageError, match="conv5_block1_1_conv"):
-        model_lib.first_unfrozen_layer_index(backbone, "conv5_blok1_1_conv")
+        finetune.first_unfrozen_layer_index(backbone, "conv5_blok1_1_conv")
 
 
 def test_backbone_weights_from_one_run_seed_another_with_a_new_head(tmp_path):
-    source = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
-    model_lib.build_classifier(source, "resnet50", 5, IMAGE_SIZE, 0.0)
+    source = backbones.build_backbone("resnet50", IMAGE_SIZE, "none")
+    classifier_lib.build_classifier(source, "resnet50", 5, IMAGE_SIZE, 0.0)
     path = str(tmp_path / "backbone.weights.h5")
     source.save_weights(path)
 
-    target = model_lib.build_backbone("resnet50", IMAGE_SIZE, path)
-    classifier = model_lib.build_classifier(target, "resnet50", 7, IMAGE_SIZE, 0.0)
+    target = backbones.build_backbone("resnet50", IMAGE_SIZE, path)
+    classifier = classifier_lib.build_classifier(target, "resnet50", 7, IMAGE_SIZE, 0.0)
 
     assert classifier.output_shape == (None, 7)
     for mine, theirs in zip(target.weights, source.weights):
@@ -300,11 +302,11 @@ def test_backbone_weights_from_one_run_seed_another_with_a_new_head(tmp_path):
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
     path = str(tmp_path / "mobilenet.weights.h5")
-    model_lib.build_backbone("mobilenetv3small", IMAGE_SIZE, "none").save_weights(path)
+    backbones.build_backbone("mobilenetv3small", IMAGE_SIZE, "none").save_weights(path)
     with warnings.catch_warnings(record=True) as caught, \
             pytest.raises(UsageError, match="doesn't fit the resnet50 backbone") as refused:
         warnings.simplefilter("always")
-        model_lib.build_backbone("resnet50", IMAGE_SIZE, path)
+        backbones.build_backbone("resnet50", IMAGE_SIZE, path)
     # The refusal alone: not Keras' warning for every layer, nor its layer list.
     assert not caught
     assert len(str(refused.value).splitlines()) == 2

@@ -13,8 +13,8 @@ import sys
 from absl import flags
 from absl.testing import flagsaver
 
+from tl_keras import backbones
 from tl_keras import distribute
-from tl_keras import model as model_lib
 from tl_keras import rundir
 from tl_keras.config import Config
 from tl_keras.errors import UsageError
@@ -245,7 +245,7 @@ def _validate_cache_features(values):
 @flags.validator("backbone")
 def _validate_backbone(name):
     try:
-        model_lib.backbone_spec(name)
+        backbones.backbone_spec(name)
     except UsageError as error:
         raise flags.ValidationError(str(error)) from error
     return True
@@ -429,7 +429,7 @@ def run_config(model_dir):
 
 def to_config():
     """Converts the parsed flags into a `Config`."""
-    spec = model_lib.backbone_spec(_BACKBONE.value)
+    spec = backbones.backbone_spec(_BACKBONE.value)
     return Config(
         dataset=_DATASET.value.strip(),
         data_dir=_DATA_DIR.value,

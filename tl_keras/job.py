@@ -13,13 +13,16 @@ import shlex
 import keras
 import numpy as np
 
+from tl_keras import backbones
+from tl_keras import classifier as classifier_lib
 from tl_keras import console
 from tl_keras import data
 from tl_keras import distribute
 from tl_keras import evaluate
 from tl_keras import export
+from tl_keras import features
+from tl_keras import finetune
 from tl_keras import folder
-from tl_keras import model as model_lib
 from tl_keras import monitor
 from tl_keras import pipeline
 from tl_keras import plots
@@ -61,7 +64,7 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
     # First, so that weights that can't load (a file of another architecture,
     # no network) are refused before anything else is printed.
     with strategy.scope():
-        backbone = model_lib.build_backbone(
+        backbone = backbones.build_backbone(
             config.backbone, config.image_size, config.weights
         )
     print(
@@ -153,13 +156,13 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
 
     train_batchnorm = config.batchnorm == "train"
     with strategy.scope():
-        classifier = model_lib.build_classifier(
+        classifier = classifier_lib.build_classifier(
             backbone, config.backbone, splits.num_classes, config.image_size,
             config.dropout, config.resize, train_batchnorm=train_batchnorm,
         )
     if config.finetune_epochs:
         # Resolve --unfreeze now, so a bad layer name fails before phase 1.
-        model_lib.first_unfrozen_layer_index(backbone, config.unfreeze)
+        finetune.first_unfrozen_layer_index(backbone, config.unfreeze)
         if config.weights == "none" and not train_batchnorm:
             print("Note: --weights=none with --batchnorm=frozen keeps BatchNormalization "
                   "at its initial statistics, which normalise nothing. To train a "
@@ -210,7 +213,11 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
                                  splits.class_names, classifier)],
         profile_batches=config.profile_batches,
         cached_features=(
-            (lambda: _cache_features(classifier, config, splits))
+            (lambda: features.cache_features(
+                classifier, batches_of=lambda split: evaluation_batches(config, splits, split),
+                sizes=splits.sizes, num_classes=splits.num_classes,
+                batch_size=config.batch_size, seed=config.seed,
+                directory=os.path.join(config.model_dir, "features")))
             if config.cache_features else None
         ),
         backup_on_preemption=role.num_workers == 1,
@@ -237,7 +244,7 @@ def _evaluate_and_export(config, strategy, role, classifier, backbone, splits, p
     print(f"Evaluating and exporting the {_describe_export(exported)}.", flush=True)
     # Served on CPUs too: whatever the training dtype policy, everything from
     # here on computes in float32, so the test metrics are the export's own.
-    model = model_lib.float32_copy(classifier)
+    model = classifier_lib.float32_copy(classifier)
 
     test_batches = evaluation_batches(config, splits, "test")
     test = _evaluate_test_split(model, test_batches, splits.class_names,
@@ -413,58 +420,6 @@ def _batching(config, splits):
         num_classes=splits.num_classes, batch_size=config.batch_size,
         resize=config.resize,
     )
-
-
-# Features up to this size stay in memory; larger ones go to --model_dir/features.
-_FEATURE_MEMORY_LIMIT_BYTES = 4 * 1024**3
-
-
-def _cache_features(classifier, config, splits):
-    """Runs the backbone once over train and validation; see `train.CachedFeatures`."""
-    images = splits.sizes["train"] + splits.sizes["validation"]
-    with progress.step(f"Computing the backbone features of {images:,} images",
-                       total=images, unit="image") as computing:
-        features, places = _computed_features(classifier, config, splits,
-                                              computing.advance)
-        computing.result = (
-            f"Computed backbone features of {splits.sizes['train']:,} train and "
-            f"{splits.sizes['validation']:,} validation images once "
-            f"({', '.join(sorted(places))})")
-    return features
-
-
-def _computed_features(classifier, config, splits, computed):
-    """`train.CachedFeatures`, and where they are kept; calls `computed(count)`
-    after each batch of `count` images."""
-    extractor = model_lib.feature_extractor(classifier)
-    dimensions = extractor.output.shape[-1]
-    datasets, places = {}, set()
-    for split in ("train", "validation"):
-        count = splits.sizes[split]
-        if count * dimensions * 4 <= _FEATURE_MEMORY_LIMIT_BYTES:
-            features = np.empty((count, dimensions), np.float32)
-            places.add("in memory")
-        else:
-            directory = os.path.join(config.model_dir, "features")
-            os.makedirs(directory, exist_ok=True)
-            path = os.path.join(directory, f"{split}.npy")
-            features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                                 shape=(count, dimensions))
-            places.add(f"on disk in {directory}")
-        labels = np.empty(count, np.int64)
-        position = 0
-        for images, one_hot in evaluation_batches(config, splits, split):
-            batch = len(images)
-            features[position:position + batch] = extractor.predict(images, verbose=0)
-            labels[position:position + batch] = np.argmax(one_hot, axis=1)
-            position += batch
-            computed(batch)
-        datasets[split] = pipeline.feature_batches(
-            features, labels, num_classes=splits.num_classes,
-            batch_size=config.batch_size, seed=config.seed if split == "train" else None,
-        )
-    return (train.CachedFeatures(train=datasets["train"], validation=datasets["validation"]),
-            places)
 
 
 def _hparams(config):

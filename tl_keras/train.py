@@ -18,7 +18,8 @@ import time
 import keras
 import numpy as np
 
-from tl_keras import model as model_lib
+from tl_keras import features
+from tl_keras import finetune
 from tl_keras import progress
 from tl_keras.errors import UsageError
 
@@ -307,9 +308,9 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             for that phase.
         profile_batches: optional (first, last) batch of the first phase to
             write a profiler trace for.
-        cached_features: optional function returning `CachedFeatures`; the
-            head phase then trains on them instead of on images. Called only
-            if the head phase runs.
+        cached_features: optional function returning
+            `tl_keras.features.CachedFeatures`; the head phase then trains on
+            them instead of on images. Called only if the head phase runs.
         backup_on_preemption: on SIGTERM, back up the epoch in progress. Off
             for multi-worker runs, whose workers stop at different batches:
             the rerun resumes all of them from their last common epoch.
@@ -340,10 +341,10 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
             # Only weights carry over: each phase starts a new optimizer.
             _load_weights(model, restore_from)
         if phase.name == HEAD_PHASE:
-            model_lib.freeze_backbone(backbone)
+            finetune.freeze_backbone(backbone)
             trained = "the head"
         else:
-            unfrozen = model_lib.unfreeze_backbone(backbone, unfreeze, train_batchnorm)
+            unfrozen = finetune.unfreeze_backbone(backbone, unfreeze, train_batchnorm)
             batchnorm = ("BatchNormalization trains with them" if train_batchnorm
                          else "BatchNormalization stays frozen")
             trained = (
@@ -354,9 +355,9 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         if phase.name == HEAD_PHASE and cached_features:
             # The frozen backbone's features, computed once: the head trains on
             # them, and being the classifier's own layers, trains the classifier.
-            features = cached_features()
+            cached = cached_features()
             fit_model, fit_data, fit_validation = (
-                model_lib.head_of(model), features.train, features.validation)
+                features.head_of(model), cached.train, cached.validation)
             trained = "the head on cached backbone features"
         with scope():
             # Recompile after changing `trainable`: the compiled step captures
@@ -418,7 +419,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         # with this momentum.
         trains_batchnorm = train_batchnorm and phase.name != HEAD_PHASE
         tracking_batchnorm = (
-            model_lib.batchnorm_momentum(backbone, TRACKING_BATCHNORM_MOMENTUM)
+            finetune.batchnorm_momentum(backbone, TRACKING_BATCHNORM_MOMENTUM)
             if trains_batchnorm else contextlib.nullcontext())
 
         def fit(first_epoch, end_epoch, steps):
@@ -508,7 +509,7 @@ def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
             and not best.get("statistics_recomputed")):
         # The same layers as in phase 2, also when phase 2 ran in an earlier
         # process and this one never unfroze (nor compiled) the model.
-        model_lib.unfreeze_backbone(backbone, unfreeze, train_batchnorm)
+        finetune.unfreeze_backbone(backbone, unfreeze, train_batchnorm)
         if not getattr(model, "compiled", False):
             model.compile(
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
@@ -553,7 +554,7 @@ def _recompute_batchnorm_statistics(model, backbone, train_batches, validation_b
                 yield batch_images
                 recomputing.advance()
 
-        used = model_lib.recompute_batchnorm_statistics(model, backbone, images())
+        used = finetune.recompute_batchnorm_statistics(model, backbone, images())
         validation = validation_metrics(
             model.evaluate(validation_batches, return_dict=True, verbose=0))
         change = f" (was {validated_top1:.2%})" if validated_top1 is not None else ""
@@ -581,14 +582,6 @@ def validation_metrics(results, prefix=""):
     return {"top1": float(results[f"{prefix}top1"]),
             "top5": float(results[f"{prefix}top5"]),
             "label_smoothed_loss": float(results[f"{prefix}loss"])}
-
-
-@dataclasses.dataclass(frozen=True)
-class CachedFeatures:
-    """Batches of (backbone features, one-hot labels) for the head phase."""
-
-    train: object
-    validation: object
 
 
 class ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
