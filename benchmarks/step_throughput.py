@@ -47,7 +47,7 @@ from tl_keras import backbones  # noqa: E402
 from tl_keras import classifier as classifier_lib  # noqa: E402
 from tl_keras import features  # noqa: E402
 from tl_keras import finetune  # noqa: E402
-from tl_keras import precision, train  # noqa: E402
+from tl_keras import precision, recipe  # noqa: E402
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet50", "Keras Applications backbone.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Input size.")
@@ -125,7 +125,7 @@ def _seconds_per_fit(model, batch, steps, repeats):
 
 
 def _compile(model, phase, jit_compile):
-    train.compile_for_phase(
+    recipe.compile_for_phase(
         model, phase, steps_per_epoch=_STEPS.value, num_classes=_CLASSES.value,
         jit_compile=jit_compile, **_COMPILE)
 
@@ -149,7 +149,7 @@ def _setup():
         _MIXED_PRECISION.value, *precision.accelerators())
     keras.config.set_dtype_policy(policy)
     jit_compile = {"auto": "auto", "true": True, "false": False}[_JIT_COMPILE.value]
-    phases = train.plan_phases(head_epochs=1, head_learning_rate=1e-3,
+    phases = recipe.plan_phases(head_epochs=1, head_learning_rate=1e-3,
                                finetune_epochs=1, finetune_learning_rate=1e-4,
                                warmup_epochs=0)
     return jit_compile, policy, reason, phases

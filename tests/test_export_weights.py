@@ -15,6 +15,7 @@ from conftest import run_job
 from tl_keras import backbones
 from tl_keras import classifier as classifier_lib
 from tl_keras import job
+from tl_keras import recipe
 from tl_keras import train
 
 
@@ -161,7 +162,7 @@ def test_export_weights_last_restores_the_last_epoch(bfloat16_run):
     config, _, _ = bfloat16_run
     model = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"))
     paths = train.RunPaths(config.model_dir)
-    phases = train.plan_phases(head_epochs=2, head_learning_rate=1e-2, finetune_epochs=1,
+    phases = recipe.plan_phases(head_epochs=2, head_learning_rate=1e-2, finetune_epochs=1,
                                finetune_learning_rate=1e-2, warmup_epochs=0)
     exported = train.restore_export_weights(
         model, model.get_layer("resnet50"), "last", phases=phases, paths=paths,
@@ -202,7 +203,7 @@ def test_best_weights_get_batchnorm_statistics_of_their_own(tmp_path, capsys, la
     images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     batches = tf.data.Dataset.from_tensor_slices(
         (images, np.eye(2, dtype=np.float32)[np.arange(16) % 2])).batch(8)
-    phases = train.plan_phases(head_epochs=1, head_learning_rate=1e-3, finetune_epochs=2,
+    phases = recipe.plan_phases(head_epochs=1, head_learning_rate=1e-3, finetune_epochs=2,
                                finetune_learning_rate=1e-3, warmup_epochs=0)
     exported = train.restore_export_weights(
         classifier, backbone, "best", phases=phases, paths=paths, unfreeze="all",

@@ -18,6 +18,7 @@ from absl import flags as absl_flags
 from conftest import REPO_ROOT, SMOKE_FLAGS, parse_config
 from tl_keras import distribute
 from tl_keras import job
+from tl_keras import recipe
 from tl_keras import rundir
 from tl_keras import train
 from tl_keras.errors import UsageError
@@ -216,9 +217,9 @@ def test_the_chief_leaves_the_workers_folders_to_them(tmp_path):
 
 
 def test_linear_scaling_takes_the_learning_rates_to_be_for_a_batch_of_256():
-    assert train.learning_rate_scale(64, "none") == 1
-    assert train.learning_rate_scale(64, "linear") == 0.25
-    assert train.learning_rate_scale(1024, "linear") == 4
+    assert recipe.learning_rate_scale(64, "none") == 1
+    assert recipe.learning_rate_scale(64, "linear") == 0.25
+    assert recipe.learning_rate_scale(1024, "linear") == 4
 
 
 def test_linear_scaling_changes_the_learning_rate_the_run_trains_with(tmp_path, mock_tfds):

@@ -13,6 +13,7 @@ from tl_keras import backbones
 from tl_keras import classifier as classifier_lib
 from tl_keras import finetune
 from tl_keras import pipeline
+from tl_keras import recipe
 from tl_keras import train
 from tl_keras.errors import UsageError
 
@@ -76,7 +77,7 @@ def _train(model, backbone, tmp_path, *, head_epochs, finetune_epochs, unfreeze=
         model, backbone,
         train_batches=_batches(), validation_batches=_batches(),
         steps_per_epoch=2,
-        phases=train.plan_phases(
+        phases=recipe.plan_phases(
             head_epochs=head_epochs, head_learning_rate=1e-2,
             finetune_epochs=finetune_epochs, finetune_learning_rate=1e-2,
             warmup_epochs=0,
@@ -332,7 +333,7 @@ def test_recomputed_statistics_can_make_the_last_epoch_the_best(tmp_path, monkey
     best = train.Progress(paths.progress).best
     assert (best["phase"], best["epoch"], best["validation"]) == ("finetune", 2, recomputed)
     exported = train.restore_export_weights(
-        classifier, backbone, "best", phases=train.plan_phases(
+        classifier, backbone, "best", phases=recipe.plan_phases(
             head_epochs=1, head_learning_rate=1e-2, finetune_epochs=2,
             finetune_learning_rate=1e-2, warmup_epochs=0),
         paths=paths, unfreeze="conv5_block3_1_conv", train_batchnorm=True,

@@ -29,6 +29,7 @@ from tl_keras import plots
 from tl_keras import precision
 from tl_keras import predict
 from tl_keras import progress
+from tl_keras import recipe
 from tl_keras import rundir
 from tl_keras import train
 from tl_keras.errors import UsageError
@@ -144,7 +145,7 @@ def _agreed_state(strategy, role, model_dir, state):
 def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, state,
                            verbose):
     splits = load_splits(config)
-    steps = train.steps_per_epoch(
+    steps = recipe.training_steps_per_epoch(
         splits.sizes["train"], config.batch_size, config.steps_per_epoch
     )
     train_batches = pipeline.training_batches(
@@ -178,13 +179,13 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
     run_log = monitor.RunLog(paths.tensorboard)
     run_log.hparams(_hparams(config))
     run_log.training_inputs(train_batches, splits.class_names)
-    scale = train.learning_rate_scale(config.batch_size, config.lr_scaling)
+    scale = recipe.learning_rate_scale(config.batch_size, config.lr_scaling)
     if scale != 1:
         print(f"Learning rates scaled linearly to the global batch of {config.batch_size} "
-              f"(x{scale:g} of their values for {train.LINEAR_SCALING_REFERENCE_BATCH}): "
+              f"(x{scale:g} of their values for {recipe.LINEAR_SCALING_REFERENCE_BATCH}): "
               f"head {config.head_learning_rate * scale:g}, fine-tuning "
               f"{config.finetune_learning_rate * scale:g}.", flush=True)
-    phases = train.plan_phases(
+    phases = recipe.plan_phases(
         head_epochs=config.head_epochs,
         head_learning_rate=config.head_learning_rate * scale,
         finetune_epochs=config.finetune_epochs,

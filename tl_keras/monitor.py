@@ -16,10 +16,10 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 from tl_keras import evaluate
 from tl_keras import plots
-from tl_keras import train
+from tl_keras import recipe
 
 RUN_LOG = "run"
-PHASE_NUMBERS = {train.HEAD_PHASE: 0, train.FINETUNE_PHASE: 1}
+PHASE_NUMBERS = {recipe.HEAD_PHASE: 0, recipe.FINETUNE_PHASE: 1}
 
 
 class RunLog:
@@ -40,7 +40,7 @@ class RunLog:
 
         Computed from the phase's schedule, so training steps never wait on it.
         """
-        schedule = train.learning_rate_schedule(phase, steps_per_epoch)
+        schedule = recipe.learning_rate_schedule(phase, steps_per_epoch)
         first = (epoch - phase.first_epoch) * steps_per_epoch
         with self.writer.as_default():
             for step in range(first, first + steps_per_epoch):

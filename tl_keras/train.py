@@ -21,126 +21,8 @@ import numpy as np
 from tl_keras import features
 from tl_keras import finetune
 from tl_keras import progress
+from tl_keras import recipe
 from tl_keras.errors import UsageError
-
-HEAD_PHASE = "head"
-FINETUNE_PHASE = "finetune"
-
-
-@dataclasses.dataclass(frozen=True)
-class PhasePlan:
-    """What one phase trains and how.
-
-    Attributes:
-        name: `head` or `finetune`.
-        first_epoch: the epoch index the phase starts at; phases share one
-            timeline, so fine-tuning starts at the number of head epochs.
-        epochs: how many epochs the phase runs (may be 0).
-        learning_rate: the peak learning rate.
-        warmup_epochs: epochs of linear warmup before cosine decay; None keeps
-            the learning rate constant.
-    """
-
-    name: str
-    first_epoch: int
-    epochs: int
-    learning_rate: float
-    warmup_epochs: float | None
-
-
-def plan_phases(*, head_epochs, head_learning_rate, finetune_epochs,
-                finetune_learning_rate, warmup_epochs):
-    """Lays out the two phases on one epoch timeline.
-
-    Returns:
-        A list of two `PhasePlan`s, head then fine-tuning.
-    """
-    return [
-        PhasePlan(HEAD_PHASE, 0, head_epochs, head_learning_rate, None),
-        PhasePlan(FINETUNE_PHASE, head_epochs, finetune_epochs,
-                  finetune_learning_rate, warmup_epochs),
-    ]
-
-
-# The batch that --lr_scaling=linear takes the learning rates to be for, as in
-# "Accurate, Large Minibatch SGD" (Goyal et al., 2017).
-LINEAR_SCALING_REFERENCE_BATCH = 256
-
-
-def learning_rate_scale(batch_size, scaling):
-    """The factor on the learning rates: 1 for `none`; batch_size/256 for `linear`."""
-    if scaling == "linear":
-        return batch_size / LINEAR_SCALING_REFERENCE_BATCH
-    return 1.0
-
-
-def learning_rate_schedule(phase, steps_per_epoch):
-    """The phase's learning rate: constant, or linear warmup then cosine decay.
-
-    Returns:
-        A float or a `keras.optimizers.schedules.LearningRateSchedule`.
-    """
-    if phase.warmup_epochs is None:
-        return phase.learning_rate
-    warmup_steps = int(round(phase.warmup_epochs * steps_per_epoch))
-    decay_steps = max(phase.epochs * steps_per_epoch - warmup_steps, 1)
-    if warmup_steps == 0:
-        return keras.optimizers.schedules.CosineDecay(phase.learning_rate, decay_steps)
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0,
-        decay_steps=decay_steps,
-        warmup_target=phase.learning_rate,
-        warmup_steps=warmup_steps,
-    )
-
-
-def make_optimizer(name, learning_rate, weight_decay):
-    """Creates the optimizer named by `--optimizer`.
-
-    Weight decay skips biases and normalisation parameters, whose decay only
-    pulls the network away from its pretrained operating point.
-
-    Args:
-        name: `adamw`, `adam`, `sgd` (Nesterov momentum 0.9) or `rmsprop`.
-        learning_rate: a float or a schedule.
-        weight_decay: the decoupled weight decay coefficient; 0 for none.
-
-    Returns:
-        A `keras.optimizers.Optimizer`.
-    """
-    decay = weight_decay or None
-    if name == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
-    elif name == "adam":
-        optimizer = keras.optimizers.Adam(learning_rate, weight_decay=decay)
-    elif name == "sgd":
-        optimizer = keras.optimizers.SGD(
-            learning_rate, momentum=0.9, nesterov=True, weight_decay=decay
-        )
-    elif name == "rmsprop":
-        optimizer = keras.optimizers.RMSprop(learning_rate, weight_decay=decay)
-    else:
-        raise ValueError(f"Unknown optimizer: {name!r}")
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    return optimizer
-
-
-def compile_for_phase(model, phase, *, steps_per_epoch, optimizer, weight_decay,
-                      label_smoothing, num_classes, jit_compile):
-    """Compiles the model for one phase (after its trainable flags are set)."""
-    model.compile(
-        optimizer=make_optimizer(
-            optimizer, learning_rate_schedule(phase, steps_per_epoch), weight_decay
-        ),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-        metrics=_metrics(num_classes),
-        jit_compile=jit_compile,
-    )
-
-
-def _metrics(num_classes):
-    return [keras.metrics.CategoricalAccuracy(name="top1"),
-            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -295,7 +177,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         train_batches: training batches, repeated if `steps_per_epoch` caps them.
         validation_batches: validation batches, read in full after each epoch.
         steps_per_epoch: training steps per epoch.
-        phases: the two `PhasePlan`s from `plan_phases`.
+        phases: the two `PhasePlan`s from `tl_keras.recipe.plan_phases`.
         unfreeze: `--unfreeze`, see `tl_keras.model.unfreeze_backbone`.
         train_batchnorm: `--batchnorm=train`: phase 2 trains the unfrozen
             BatchNormalization layers too. The classifier must have been built
@@ -340,7 +222,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         if restore_from:
             # Only weights carry over: each phase starts a new optimizer.
             _load_weights(model, restore_from)
-        if phase.name == HEAD_PHASE:
+        if phase.name == recipe.HEAD_PHASE:
             finetune.freeze_backbone(backbone)
             trained = "the head"
         else:
@@ -352,7 +234,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
                 f"(--unfreeze={unfreeze}; {batchnorm})"
             )
         fit_model, fit_data, fit_validation = model, train_batches, validation_batches
-        if phase.name == HEAD_PHASE and cached_features:
+        if phase.name == recipe.HEAD_PHASE and cached_features:
             # The frozen backbone's features, computed once: the head trains on
             # them, and being the classifier's own layers, trains the classifier.
             cached = cached_features()
@@ -362,7 +244,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         with scope():
             # Recompile after changing `trainable`: the compiled step captures
             # which weights it updates.
-            compile_for_phase(
+            recipe.compile_for_phase(
                 fit_model, phase, steps_per_epoch=steps_per_epoch, optimizer=optimizer,
                 weight_decay=weight_decay, label_smoothing=label_smoothing,
                 num_classes=num_classes, jit_compile=jit_compile,
@@ -417,7 +299,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         # something; they are recomputed after the phase. compile_for_phase
         # above dropped the traced train step, so fit traces it in this block,
         # with this momentum.
-        trains_batchnorm = train_batchnorm and phase.name != HEAD_PHASE
+        trains_batchnorm = train_batchnorm and phase.name != recipe.HEAD_PHASE
         tracking_batchnorm = (
             finetune.batchnorm_momentum(backbone, TRACKING_BATCHNORM_MOMENTUM)
             if trains_batchnorm else contextlib.nullcontext())
@@ -505,15 +387,13 @@ def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
     model.load_weights(paths.best_checkpoint,
                        objects_to_skip=[optimizer] if optimizer else None)
     validation = best["validation"]
-    if (train_batchnorm and best["phase"] == FINETUNE_PHASE
+    if (train_batchnorm and best["phase"] == recipe.FINETUNE_PHASE
             and not best.get("statistics_recomputed")):
         # The same layers as in phase 2, also when phase 2 ran in an earlier
         # process and this one never unfroze (nor compiled) the model.
         finetune.unfreeze_backbone(backbone, unfreeze, train_batchnorm)
         if not getattr(model, "compiled", False):
-            model.compile(
-                loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-                metrics=_metrics(model.output_shape[-1]))
+            recipe.compile_for_evaluation(model, label_smoothing)
         validation = _recompute_batchnorm_statistics(
             model, backbone, train_batches, validation_batches, validation["top1"])
         if validation["top1"] < last["validation"]["top1"]:
@@ -555,7 +435,7 @@ def _recompute_batchnorm_statistics(model, backbone, train_batches, validation_b
                 recomputing.advance()
 
         used = finetune.recompute_batchnorm_statistics(model, backbone, images())
-        validation = validation_metrics(
+        validation = recipe.validation_metrics(
             model.evaluate(validation_batches, return_dict=True, verbose=0))
         change = f" (was {validated_top1:.2%})" if validated_top1 is not None else ""
         recomputing.result = (
@@ -570,18 +450,6 @@ def _known_length(batches):
         return len(batches)
     except TypeError:
         return None
-
-
-def validation_metrics(results, prefix=""):
-    """Keras' validation results under the names metrics.json uses.
-
-    Keras' `loss` is the compiled loss: cross-entropy against labels smoothed
-    by --label_smoothing. It is named for that, apart from the test split's
-    `nll`, which is computed without smoothing (`tl_keras.evaluate`).
-    """
-    return {"top1": float(results[f"{prefix}top1"]),
-            "top5": float(results[f"{prefix}top5"]),
-            "label_smoothed_loss": float(results[f"{prefix}loss"])}
 
 
 class ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -706,7 +574,7 @@ class ProgressWriter(keras.callbacks.Callback):
         self.paths = paths
 
     def on_epoch_end(self, epoch, logs=None):
-        validation = validation_metrics(logs or {}, prefix="val_")
+        validation = recipe.validation_metrics(logs or {}, prefix="val_")
         best = self.checkpoint.best
         improved = best not in (None, -np.inf) and (
             self.progress.best_top1 is None or best > self.progress.best_top1)
@@ -871,7 +739,7 @@ def resume_position(paths):
     Multi-worker runs check that every worker's folder says the same."""
     progress = Progress(paths.progress)
     position = []
-    for phase in (HEAD_PHASE, FINETUNE_PHASE):
+    for phase in (recipe.HEAD_PHASE, recipe.FINETUNE_PHASE):
         saved = ResumableBackup(paths.backup_dir(phase)).saved_epoch()
         position += [int(progress.phase_complete(phase)), -1 if saved is None else saved]
     return position
@@ -884,21 +752,6 @@ def _save_weights(model, path):
 def _load_weights(model, path):
     with np.load(path) as saved:
         model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
-
-
-def steps_per_epoch(num_examples, batch_size, cap):
-    """Training steps per epoch: full batches only, optionally capped.
-
-    Raises:
-        UsageError: when there are fewer examples than one batch.
-    """
-    full = num_examples // batch_size
-    if full == 0:
-        raise UsageError(
-            f"{num_examples} training examples make no full batch of "
-            f"--batch_size={batch_size}; pass a smaller batch size."
-        )
-    return min(full, cap) if cap else full
 
 
 def _count_trainable(model):
