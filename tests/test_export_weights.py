@@ -14,8 +14,10 @@ from PIL import Image
 from conftest import run_job
 from tl_keras import backbones
 from tl_keras import classifier as classifier_lib
-from tl_keras import job
+from tl_keras import pipeline
 from tl_keras import recipe
+from tl_keras import rundir
+from tl_keras import runstate
 from tl_keras import train
 
 
@@ -40,7 +42,7 @@ def bfloat16_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bfloat16")
     _write_dark_and_bright_images(tmp_path / "images")
     reads = _TestSplitReads()
-    with mock.patch.object(job, "evaluation_batches", reads.wrap(job.evaluation_batches)):
+    with mock.patch.object(pipeline, "split_batches", reads.wrap(pipeline.split_batches)):
         config, metrics = run_job(
             tmp_path, f"--dataset=folder:{tmp_path / 'images'}", "--batch_size=8",
             "--head_epochs=2", "--head_learning_rate=1e-2", "--finetune_epochs=1",
@@ -101,7 +103,7 @@ def test_every_export_and_the_test_metrics_come_from_the_best_epoch(bfloat16_run
                        keras.saving.load_model(os.path.join(config.model_dir, "model.keras")))
     for exported_weight, best_weight in zip(model.get_weights(), best):
         np.testing.assert_array_equal(exported_weight, best_weight)
-    with np.load(train.RunPaths(config.model_dir).phase_end_weights("finetune")) as last:
+    with np.load(rundir.RunPaths(config.model_dir).phase_end_weights("finetune")) as last:
         assert any(not np.array_equal(weight, last[f"arr_{index}"])
                    for index, weight in enumerate(model.get_weights()))
 
@@ -161,7 +163,7 @@ def _log(probabilities):
 def test_export_weights_last_restores_the_last_epoch(bfloat16_run):
     config, _, _ = bfloat16_run
     model = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"))
-    paths = train.RunPaths(config.model_dir)
+    paths = rundir.RunPaths(config.model_dir)
     phases = recipe.plan_phases(head_epochs=2, head_learning_rate=1e-2, finetune_epochs=1,
                                finetune_learning_rate=1e-2, warmup_epochs=0)
     exported = train.restore_export_weights(
@@ -184,16 +186,16 @@ def test_best_weights_get_batchnorm_statistics_of_their_own(tmp_path, capsys, la
     backbone = backbones.build_backbone("mobilenetv3small", 32, "none")
     classifier = classifier_lib.build_classifier(backbone, "mobilenetv3small", 2, 32, 0.0,
                                                  train_batchnorm=True)
-    paths = train.RunPaths(str(tmp_path))
+    paths = rundir.RunPaths(str(tmp_path))
     os.makedirs(os.path.dirname(paths.best_checkpoint))
-    train._save_weights(classifier, paths.phase_end_weights("finetune"))
+    runstate.save_weights(classifier, paths.phase_end_weights("finetune"))
     last_weights = classifier.get_weights()
     batchnorm = [layer for layer in backbone.layers
                  if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in batchnorm:
         layer.moving_mean.assign(np.full(layer.moving_mean.shape, 7.0, np.float32))
     classifier.save_weights(paths.best_checkpoint)
-    progress = train.Progress(paths.progress)
+    progress = runstate.Progress(paths.progress)
     validation = {"top1": 0.5, "top5": 1.0, "label_smoothed_loss": 0.7}
     progress.record_epoch("finetune", 1, validation, is_best=True)
     last_validation = {"top1": last_top1, "top5": 1.0, "label_smoothed_loss": 0.7}

@@ -10,10 +10,13 @@ import tensorflow as tf
 import keras
 
 from tl_keras import backbones
+from tl_keras import callbacks
 from tl_keras import classifier as classifier_lib
 from tl_keras import finetune
 from tl_keras import pipeline
 from tl_keras import recipe
+from tl_keras import rundir
+from tl_keras import runstate
 from tl_keras import train
 from tl_keras.errors import UsageError
 
@@ -85,7 +88,7 @@ def _train(model, backbone, tmp_path, *, head_epochs, finetune_epochs, unfreeze=
         unfreeze=unfreeze, train_batchnorm=train_batchnorm, optimizer="adam", weight_decay=0.0, label_smoothing=0.0,
         num_classes=NUM_CLASSES, jit_compile=False,
         scope=tf.distribute.get_strategy().scope,
-        paths=train.RunPaths(str(tmp_path)), phase_callbacks=phase_callbacks, verbose=0,
+        paths=rundir.RunPaths(str(tmp_path)), phase_callbacks=phase_callbacks, verbose=0,
     )
 
 
@@ -176,7 +179,7 @@ def test_trained_batchnorm_statistics_follow_the_weights_during_phase_2(tmp_path
     unfrozen = {layer.name for layer in batchnorm
                 if names.index(layer.name) >= names.index(first)}
     assert unfrozen and {momentum_in_fit[name] for name in unfrozen} == {
-        train.TRACKING_BATCHNORM_MOMENTUM}
+        finetune.TRACKING_BATCHNORM_MOMENTUM}
     assert {m for name, m in momentum_in_fit.items() if name not in unfrozen} == {0.99}, (
         "only the trainable BatchNormalization layers should change momentum")
     assert {layer.get_config()["momentum"] for layer in batchnorm} == {0.99}, (
@@ -325,12 +328,12 @@ def test_recomputed_statistics_can_make_the_last_epoch_the_best(tmp_path, monkey
         calls.append(args)
         return recomputed
 
-    monkeypatch.setattr(train, "_recompute_batchnorm_statistics", recompute)
+    monkeypatch.setattr(finetune, "recompute_statistics_and_validate", recompute)
     _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=2,
            unfreeze="conv5_block3_1_conv", train_batchnorm=True)
 
-    paths = train.RunPaths(str(tmp_path))
-    best = train.Progress(paths.progress).best
+    paths = rundir.RunPaths(str(tmp_path))
+    best = runstate.Progress(paths.progress).best
     assert (best["phase"], best["epoch"], best["validation"]) == ("finetune", 2, recomputed)
     exported = train.restore_export_weights(
         classifier, backbone, "best", phases=recipe.plan_phases(
@@ -368,15 +371,15 @@ def test_an_epoch_is_recorded_before_it_is_backed_up(tmp_path):
     import csv
 
     classifier, backbone = _build("none")
-    paths = train.RunPaths(str(tmp_path))
+    paths = rundir.RunPaths(str(tmp_path))
     seen = []
 
     class Spy(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             with open(paths.history, newline="") as file:
                 rows = [int(row["epoch"]) for row in csv.DictReader(file)]
-            recorded = train.Progress(paths.progress).phases["head"]["validation"]
-            backed_up, _ = train.ResumableBackup(paths.backup_dir("head")).saved_position()
+            recorded = runstate.Progress(paths.progress).phases["head"]["validation"]
+            backed_up, _ = callbacks.ResumableBackup(paths.backup_dir("head")).saved_position()
             seen.append((rows[-1], recorded is not None, backed_up))
 
     _train(classifier, backbone, tmp_path, head_epochs=2, finetune_epochs=0,
@@ -386,9 +389,9 @@ def test_an_epoch_is_recorded_before_it_is_backed_up(tmp_path):
 
 
 def test_pending_best_weights_are_kept_only_once_recorded(tmp_path):
-    paths = train.RunPaths(str(tmp_path))
+    paths = rundir.RunPaths(str(tmp_path))
     os.makedirs(os.path.dirname(paths.best_checkpoint))
-    progress = train.Progress(paths.progress)
+    progress = runstate.Progress(paths.progress)
     validation = {"top1": 0.5, "top5": 1.0, "label_smoothed_loss": 0.7}
 
     # Killed after the checkpoint wrote epoch 2's weights, before progress.json
@@ -396,10 +399,10 @@ def test_pending_best_weights_are_kept_only_once_recorded(tmp_path):
     progress.record_epoch("head", 0, validation, is_best=True)
     with open(paths.pending_best_checkpoint, "w") as file:
         file.write("epoch 1")
-    train._promote_pending_best(progress, paths)
+    runstate.promote_pending_best(progress, paths)
     with open(paths.pending_best_checkpoint, "w") as file:
         file.write("epoch 2")
-    train._settle_pending_best(train.Progress(paths.progress), paths)
+    runstate.settle_pending_best(runstate.Progress(paths.progress), paths)
     assert not os.path.exists(paths.pending_best_checkpoint)
     with open(paths.best_checkpoint) as file:
         assert file.read() == "epoch 1"
@@ -408,8 +411,8 @@ def test_pending_best_weights_are_kept_only_once_recorded(tmp_path):
     with open(paths.pending_best_checkpoint, "w") as file:
         file.write("epoch 2")
     progress.record_epoch("head", 1, validation, is_best=True)
-    settled = train.Progress(paths.progress)
-    train._settle_pending_best(settled, paths)
+    settled = runstate.Progress(paths.progress)
+    runstate.settle_pending_best(settled, paths)
     with open(paths.best_checkpoint) as file:
         assert file.read() == "epoch 2"
     assert not settled.best_pending and not os.path.exists(paths.pending_best_checkpoint)

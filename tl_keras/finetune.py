@@ -11,7 +11,17 @@ import difflib
 
 import keras
 
+from tl_keras import progress
+from tl_keras import recipe
 from tl_keras.errors import UsageError
+
+# BatchNormalization momentum while it trains (--batchnorm=train): the moving
+# statistics then average about the last ten batches, PyTorch's default.
+TRACKING_BATCHNORM_MOMENTUM = 0.9
+
+# Batches averaged when re-estimating BatchNormalization statistics after
+# training from scratch: thousands of images, a fraction of an epoch's cost.
+BATCHNORM_STATISTICS_BATCHES = 100
 
 
 def freeze_backbone(backbone):
@@ -154,3 +164,40 @@ def batchnorm_momentum(backbone, momentum):
     finally:
         for layer, original in zip(layers, momentums):
             layer.momentum = original
+
+
+def recompute_statistics_and_validate(model, backbone, train_batches, validation_batches,
+                                      validated_top1=None):
+    """With `--batchnorm=train`: `recompute_batchnorm_statistics` over the first
+    training batches, shown as a step of its own.
+
+    Validates again, since validation until now ran with the old statistics.
+
+    Returns:
+        The validation metrics with the new statistics.
+    """
+    batches = train_batches.take(BATCHNORM_STATISTICS_BATCHES)
+    with progress.step("Recomputing BatchNormalization statistics",
+                       _known_length(batches), unit="batch") as recomputing:
+
+        def images():
+            for batch_images, _ in batches.as_numpy_iterator():
+                yield batch_images
+                recomputing.advance()
+
+        used = recompute_batchnorm_statistics(model, backbone, images())
+        validation = recipe.validation_metrics(
+            model.evaluate(validation_batches, return_dict=True, verbose=0))
+        change = f" (was {validated_top1:.2%})" if validated_top1 is not None else ""
+        recomputing.result = (
+            f"Recomputed BatchNormalization statistics over {used} training batches "
+            f"with these weights: validation top-1 {validation['top1']:.2%}{change}")
+    return validation
+
+
+def _known_length(batches):
+    """The number of batches, or None when the dataset can't say."""
+    try:
+        return len(batches)
+    except TypeError:
+        return None

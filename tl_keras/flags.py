@@ -419,7 +419,8 @@ def run_config(model_dir):
     path = os.path.join(model_dir, rundir.FLAGS_FILE)
     if not os.path.isfile(path):
         raise UsageError(
-            f"No flags.txt in {model_dir}: --model_dir must be a training run's folder.")
+            f"No {rundir.FLAGS_FILE} in {model_dir}: --model_dir must be a training "
+            f"run's folder.")
     with flagsaver.flagsaver():
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["run.py", f"--flagfile={path}"])
