@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_job
-from tl_keras import evaluate, images, pipeline, predict, sources
+from tl_keras import evaluate, image_io, pipeline, predict, sources
 
 # Training images all share one size; test images come in others, landscape
 # and portrait, larger and smaller than the 32 px input.
@@ -62,7 +62,7 @@ def test_evaluation_predicts_what_serving_predicts_on_the_original_files(tmp_pat
     np.testing.assert_array_equal(labels, [int("dog" in path) for path in paths])
     classify = serving.signatures["serving_default"]
     served = np.concatenate([
-        classify(images=images.decode_image(tf.io.read_file(path))[None])
+        classify(images=image_io.decode_image(tf.io.read_file(path))[None])
         ["probabilities"].numpy()
         for path in paths
     ])

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import console
-from tl_keras import images
+from tl_keras import image_io
 from tl_keras import pipeline
 from tl_keras import progress
 from tl_keras import rundir
@@ -95,7 +95,7 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
 def _decode(encoded):
     is_image = tf.reduce_any([
         tf.strings.substr(encoded, 0, len(signature)) == signature
-        for signature in images.IMAGE_SIGNATURES
+        for signature in image_io.IMAGE_SIGNATURES
     ])
     with tf.control_dependencies([
         tf.debugging.Assert(
@@ -104,7 +104,7 @@ def _decode(encoded):
              "it starts with:", tf.strings.substr(encoded, 0, 16)],
         )
     ]):
-        return images.decode_image(encoded)
+        return image_io.decode_image(encoded)
 
 
 def write_artifacts(model, backbone_name, paths, *, class_names, image_size, resize):

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from tl_keras import images
+from tl_keras import image_io
 from tl_keras import progress
 from tl_keras import subsets
 from tl_keras.data import Splits
@@ -84,11 +84,12 @@ def load_folder(dataset, *, image_size, resize, val_fraction, seed, strict, clas
     # Listed class by class, the files would reach the pipeline's shuffle
     # buffer (smaller than a big split) a few classes at a time: mix them first.
     listed["train"] = listed["train"].shuffled(np.random.default_rng(seed))
-    image_shape = images.common_image_shape(
+    image_shape = image_io.common_image_shape(
         np.concatenate([files.paths for files in listed.values()]), image_size
     )
     decoded = functools.partial(
-        images.decoded_examples, image_shape=image_shape, image_size=image_size, resize=resize
+        image_io.decoded_examples, image_shape=image_shape, image_size=image_size,
+        resize=resize,
     )
     return Splits(
         # Training alone may decode JPEGs at reduced scale: its pixels need not
@@ -223,12 +224,12 @@ def _list_files(split_dir, class_names):
             for entry in os.scandir(class_dir)
             if entry.is_file()
             and not entry.name.startswith(".")
-            and os.path.splitext(entry.name)[1].lower() in images.IMAGE_EXTENSIONS
+            and os.path.splitext(entry.name)[1].lower() in image_io.IMAGE_EXTENSIONS
         )
         if not images:
             raise UsageError(
                 f"Class folder {class_dir} has no images "
-                f"({', '.join(sorted(images.IMAGE_EXTENSIONS))}); add some or remove it."
+                f"({', '.join(sorted(image_io.IMAGE_EXTENSIONS))}); add some or remove it."
             )
         paths.extend(images)
         labels.extend([label] * len(images))
@@ -251,7 +252,7 @@ def _problems(files, checked):
     bytes; calls `checked()` after each file."""
     problems = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        for problem in pool.map(images.image_file_problem, files.paths, chunksize=256):
+        for problem in pool.map(image_io.image_file_problem, files.paths, chunksize=256):
             problems.append(problem)
             checked()
     return problems

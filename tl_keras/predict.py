@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import export
-from tl_keras import images
+from tl_keras import image_io
 from tl_keras import rundir
 from tl_keras.errors import UsageError
 
@@ -50,7 +50,7 @@ def image_files(spec):
             for directory, subdirectories, names in os.walk(spec)
             for name in names
             if not name.startswith(".")
-            and os.path.splitext(name)[1].lower() in images.IMAGE_EXTENSIONS
+            and os.path.splitext(name)[1].lower() in image_io.IMAGE_EXTENSIONS
         ]
     elif os.path.isfile(spec):
         found = [spec]
@@ -85,7 +85,7 @@ def predict_files(serving, spec, class_names, top_k, output=None):
     paths = image_files(spec)
     readable = []
     for path in paths:
-        problem = images.image_file_problem(path)
+        problem = image_io.image_file_problem(path)
         if problem:
             failures.append((path, problem))
         else:
