@@ -150,8 +150,8 @@ def _setup():
     keras.config.set_dtype_policy(policy)
     jit_compile = {"auto": "auto", "true": True, "false": False}[_JIT_COMPILE.value]
     phases = recipe.plan_phases(head_epochs=1, head_learning_rate=1e-3,
-                               finetune_epochs=1, finetune_learning_rate=1e-4,
-                               warmup_epochs=0)
+                                finetune_epochs=1, finetune_learning_rate=1e-4,
+                                warmup_epochs=0)
     return jit_compile, policy, reason, phases
 
 
@@ -178,13 +178,13 @@ def _model_to_time(name, size, classes):
 
 def _time_one_model(name):
     """Child process: both phases of one model; prints their timings as JSON."""
-    jit_compile, _, _, (head, finetune) = _setup()
+    jit_compile, _, _, (head_plan, finetune_plan) = _setup()
     size, batch, classes = _IMAGE_SIZE.value, _BATCH_SIZE.value, _CLASSES.value
     fixed_batch = _fixed_batch(batch, size, classes)
     model, freeze, unfreeze = _model_to_time(name, size, classes)
     timings = {}
-    for phase, (set_trainable, plan) in enumerate(((freeze, head), (unfreeze, finetune)),
-                                                  start=1):
+    for phase, (set_trainable, plan) in enumerate(
+            ((freeze, head_plan), (unfreeze, finetune_plan)), start=1):
         set_trainable()
         _compile(model, plan, jit_compile)
         timings[phase] = _seconds_per_fit(model, fixed_batch, _STEPS.value, _REPEATS.value)
