@@ -11,8 +11,7 @@ from absl import app  # noqa: E402
 
 from tl_keras import flags  # noqa: E402
 from tl_keras import job  # noqa: E402
-from tl_keras import train  # noqa: E402
-from tl_keras.errors import UsageError  # noqa: E402
+from tl_keras.errors import Preempted, TrainingDiverged, UsageError  # noqa: E402
 
 
 def main(argv):
@@ -35,7 +34,11 @@ def main(argv):
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except train.Preempted as stopped:
+    except TrainingDiverged as diverged:
+        # Not a usage error: the input was fine, so not status 2.
+        print(f"error: {diverged}", file=sys.stderr)
+        sys.exit(1)
+    except Preempted as stopped:
         print(str(stopped), file=sys.stderr)
         sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process.
 

@@ -35,7 +35,7 @@ console.quiet_startup(sys.argv)
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from tl_keras import folder, pipeline  # noqa: E402
+from tl_keras import folder, image_io, pipeline  # noqa: E402
 
 _DATA = flags.DEFINE_string("data", None, "Image folder, e.g. ../shared/data/cifar10-jpg.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "The model's input size.")
@@ -84,7 +84,7 @@ def _image_paths(root):
         os.path.join(directory, name)
         for directory, _, names in os.walk(root)
         for name in names
-        if os.path.splitext(name)[1].lower() in folder.IMAGE_EXTENSIONS
+        if os.path.splitext(name)[1].lower() in image_io.IMAGE_EXTENSIONS
     )
 
 
@@ -102,7 +102,7 @@ def _naive(paths, labels, image_size, batch_size, serial):
 
 def _decode_only(paths, batch_size):
     def load(path):
-        return folder.decode_image(tf.io.read_file(path))
+        return image_io.decode_image(tf.io.read_file(path))
 
     return (
         tf.data.Dataset.from_tensor_slices(paths)

@@ -43,8 +43,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from tl_keras import precision, train  # noqa: E402
-from tl_keras import model as model_lib  # noqa: E402
+from tl_keras import backbones  # noqa: E402
+from tl_keras import classifier as classifier_lib  # noqa: E402
+from tl_keras import features  # noqa: E402
+from tl_keras import finetune  # noqa: E402
+from tl_keras import precision, recipe  # noqa: E402
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet50", "Keras Applications backbone.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Input size.")
@@ -122,14 +125,14 @@ def _seconds_per_fit(model, batch, steps, repeats):
 
 
 def _compile(model, phase, jit_compile):
-    train.compile_for_phase(
+    recipe.compile_for_phase(
         model, phase, steps_per_epoch=_STEPS.value, num_classes=_CLASSES.value,
         jit_compile=jit_compile, **_COMPILE)
 
 
 def _plain_keras_model(backbone_name, image_size, classes):
     """The reference: what one writes by hand from the Keras guides."""
-    spec = model_lib.backbone_spec(backbone_name)
+    spec = backbones.backbone_spec(backbone_name)
     backbone = spec.constructor(include_top=False, weights=None,
                                 input_shape=(image_size, image_size, 3), pooling="avg")
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8")
@@ -146,19 +149,19 @@ def _setup():
         _MIXED_PRECISION.value, *precision.accelerators())
     keras.config.set_dtype_policy(policy)
     jit_compile = {"auto": "auto", "true": True, "false": False}[_JIT_COMPILE.value]
-    phases = train.plan_phases(head_epochs=1, head_learning_rate=1e-3,
-                               finetune_epochs=1, finetune_learning_rate=1e-4,
-                               warmup_epochs=0)
+    phases = recipe.plan_phases(head_epochs=1, head_learning_rate=1e-3,
+                                finetune_epochs=1, finetune_learning_rate=1e-4,
+                                warmup_epochs=0)
     return jit_compile, policy, reason, phases
 
 
 def _model_to_time(name, size, classes):
     """One model and its two phase settings: (model, freeze, unfreeze)."""
     if name == "tl_keras":
-        backbone = model_lib.build_backbone(_BACKBONE.value, size, "none")
-        model = model_lib.build_classifier(backbone, _BACKBONE.value, classes, size, 0.2)
-        return (model, lambda: model_lib.freeze_backbone(backbone),
-                lambda: model_lib.unfreeze_backbone(backbone, "all"))
+        backbone = backbones.build_backbone(_BACKBONE.value, size, "none")
+        model = classifier_lib.build_classifier(backbone, _BACKBONE.value, classes, size, 0.2)
+        return (model, lambda: finetune.freeze_backbone(backbone),
+                lambda: finetune.unfreeze_backbone(backbone, "all"))
     model, backbone = _plain_keras_model(_BACKBONE.value, size, classes)
 
     def freeze():
@@ -175,13 +178,13 @@ def _model_to_time(name, size, classes):
 
 def _time_one_model(name):
     """Child process: both phases of one model; prints their timings as JSON."""
-    jit_compile, _, _, (head, finetune) = _setup()
+    jit_compile, _, _, (head_plan, finetune_plan) = _setup()
     size, batch, classes = _IMAGE_SIZE.value, _BATCH_SIZE.value, _CLASSES.value
     fixed_batch = _fixed_batch(batch, size, classes)
     model, freeze, unfreeze = _model_to_time(name, size, classes)
     timings = {}
-    for phase, (set_trainable, plan) in enumerate(((freeze, head), (unfreeze, finetune)),
-                                                  start=1):
+    for phase, (set_trainable, plan) in enumerate(
+            ((freeze, head_plan), (unfreeze, finetune_plan)), start=1):
         set_trainable()
         _compile(model, plan, jit_compile)
         timings[phase] = _seconds_per_fit(model, fixed_batch, _STEPS.value, _REPEATS.value)
@@ -205,10 +208,10 @@ def _timings_in_a_process(name):
 
 def _cached_head_epoch(jit_compile, head, fixed_batch, steps, classes):
     """Seconds of one head-phase epoch on images, and on cached features."""
-    backbone = model_lib.build_backbone(_BACKBONE.value, _IMAGE_SIZE.value, "none")
-    ours = model_lib.build_classifier(backbone, _BACKBONE.value, classes,
-                                      _IMAGE_SIZE.value, 0.2)
-    model_lib.freeze_backbone(backbone)
+    backbone = backbones.build_backbone(_BACKBONE.value, _IMAGE_SIZE.value, "none")
+    ours = classifier_lib.build_classifier(backbone, _BACKBONE.value, classes,
+                                           _IMAGE_SIZE.value, 0.2)
+    finetune.freeze_backbone(backbone)
     _compile(ours, head, jit_compile)
     fixed_batch.fit(ours, 1)  # Compile, warm up.
     fixed_batch.prepare(steps)
@@ -216,8 +219,8 @@ def _cached_head_epoch(jit_compile, head, fixed_batch, steps, classes):
     fixed_batch.fit(ours, steps)
     uncached = time.perf_counter() - start
     # The head trains on the backbone's features of the same batch.
-    features = model_lib.feature_extractor(ours).predict(fixed_batch.inputs, verbose=0)
-    head_model = model_lib.head_of(ours)
+    head_inputs = features.feature_extractor(ours).predict(fixed_batch.inputs, verbose=0)
+    head_model = features.head_of(ours)
     _compile(head_model, head, jit_compile)
     if keras.backend.backend() == "tensorflow":
         # The run's own path (`--cache_features`): shuffled tf.data batches read
@@ -225,13 +228,13 @@ def _cached_head_epoch(jit_compile, head, fixed_batch, steps, classes):
         from tl_keras import pipeline
 
         batches = pipeline.feature_batches(
-            np.tile(features, (steps, 1)), np.tile(np.argmax(fixed_batch.labels, 1), steps),
+            np.tile(head_inputs, (steps, 1)), np.tile(np.argmax(fixed_batch.labels, 1), steps),
             num_classes=classes, batch_size=fixed_batch.batch_size, seed=0)
 
         def fit_head(count):
             head_model.fit(batches, steps_per_epoch=count, epochs=1, verbose=0)
     else:
-        feature_batch = FixedBatch(features, fixed_batch.labels, fixed_batch.batch_size)
+        feature_batch = FixedBatch(head_inputs, fixed_batch.labels, fixed_batch.batch_size)
         feature_batch.prepare(steps)
 
         def fit_head(count):

@@ -11,8 +11,8 @@ import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 
 from conftest import REPO_ROOT, SMOKE_FLAGS, parse_config
+from tl_keras import backbones
 from tl_keras import job
-from tl_keras import model as model_lib
 from tl_keras.errors import UsageError
 
 
@@ -94,7 +94,7 @@ def test_failed_weights_download_says_how_to_go_on_offline(tmp_path, monkeypatch
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # an empty weights cache
     monkeypatch.setattr(file_utils, "urlretrieve", no_network)
     with pytest.raises(UsageError) as raised:
-        model_lib.build_backbone("resnet50", 32, "imagenet")
+        backbones.build_backbone("resnet50", 32, "imagenet")
     message = str(raised.value)
     assert "Couldn't download the ImageNet weights for resnet50" in message
     assert "--weights=PATH" in message and "--weights=none" in message

@@ -12,8 +12,12 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_job
-from tl_keras import job
-from tl_keras import model as model_lib
+from tl_keras import backbones
+from tl_keras import classifier as classifier_lib
+from tl_keras import pipeline
+from tl_keras import recipe
+from tl_keras import rundir
+from tl_keras import runstate
 from tl_keras import train
 
 
@@ -38,7 +42,7 @@ def bfloat16_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bfloat16")
     _write_dark_and_bright_images(tmp_path / "images")
     reads = _TestSplitReads()
-    with mock.patch.object(job, "evaluation_batches", reads.wrap(job.evaluation_batches)):
+    with mock.patch.object(pipeline, "split_batches", reads.wrap(pipeline.split_batches)):
         config, metrics = run_job(
             tmp_path, f"--dataset=folder:{tmp_path / 'images'}", "--batch_size=8",
             # It learns from random weights, and is sure of itself (see below).
@@ -101,7 +105,7 @@ def test_every_export_and_the_test_metrics_come_from_the_best_epoch(bfloat16_run
                        keras.saving.load_model(os.path.join(config.model_dir, "model.keras")))
     for exported_weight, best_weight in zip(model.get_weights(), best):
         np.testing.assert_array_equal(exported_weight, best_weight)
-    with np.load(train.RunPaths(config.model_dir).phase_end_weights("finetune")) as last:
+    with np.load(rundir.RunPaths(config.model_dir).phase_end_weights("finetune")) as last:
         assert any(not np.array_equal(weight, last[f"arr_{index}"])
                    for index, weight in enumerate(model.get_weights()))
 
@@ -147,8 +151,8 @@ def test_exports_compute_in_float32_after_bfloat16_training(bfloat16_run):
         images=tf.constant(images))["probabilities"].numpy())
     np.testing.assert_allclose(served, _log(model.predict(images, verbose=0)), atol=1e-3)
     keras.config.set_dtype_policy("mixed_bfloat16")
-    as_trained = model_lib.build_classifier(
-        model_lib.build_backbone("resnet50", 32, "none"), "resnet50", 2, 32, 0.1)
+    as_trained = classifier_lib.build_classifier(
+        backbones.build_backbone("resnet50", 32, "none"), "resnet50", 2, 32, 0.1)
     keras.config.set_dtype_policy("float32")
     as_trained.set_weights(model.get_weights())
     assert np.abs(_log(as_trained.predict(images, verbose=0)) - served).max() > 1e-2
@@ -161,8 +165,8 @@ def _log(probabilities):
 def test_export_weights_last_restores_the_last_epoch(bfloat16_run):
     config, _, _ = bfloat16_run
     model = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"))
-    paths = train.RunPaths(config.model_dir)
-    phases = train.plan_phases(head_epochs=2, head_learning_rate=1e-2, finetune_epochs=1,
+    paths = rundir.RunPaths(config.model_dir)
+    phases = recipe.plan_phases(head_epochs=2, head_learning_rate=1e-2, finetune_epochs=1,
                                finetune_learning_rate=1e-2, warmup_epochs=0)
     exported = train.restore_export_weights(
         model, model.get_layer("resnet50"), "last", phases=phases, paths=paths,
@@ -181,19 +185,19 @@ def test_best_weights_get_batchnorm_statistics_of_their_own(tmp_path, capsys, la
     weights when they are the ones exported, not only to the last epoch's;
     if they then validate below the last epoch, the last epoch's are best.
     The classifier was never compiled: phase 2 ran in a process before a kill."""
-    backbone = model_lib.build_backbone("mobilenetv3small", 32, "none")
-    classifier = model_lib.build_classifier(backbone, "mobilenetv3small", 2, 32, 0.0,
-                                            train_batchnorm=True)
-    paths = train.RunPaths(str(tmp_path))
+    backbone = backbones.build_backbone("mobilenetv3small", 32, "none")
+    classifier = classifier_lib.build_classifier(backbone, "mobilenetv3small", 2, 32, 0.0,
+                                                 train_batchnorm=True)
+    paths = rundir.RunPaths(str(tmp_path))
     os.makedirs(os.path.dirname(paths.best_checkpoint))
-    train._save_weights(classifier, paths.phase_end_weights("finetune"))
+    runstate.save_weights(classifier, paths.phase_end_weights("finetune"))
     last_weights = classifier.get_weights()
     batchnorm = [layer for layer in backbone.layers
                  if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in batchnorm:
         layer.moving_mean.assign(np.full(layer.moving_mean.shape, 7.0, np.float32))
     classifier.save_weights(paths.best_checkpoint)
-    progress = train.Progress(paths.progress)
+    progress = runstate.Progress(paths.progress)
     validation = {"top1": 0.5, "top5": 1.0, "label_smoothed_loss": 0.7}
     progress.record_epoch("finetune", 1, validation, is_best=True)
     last_validation = {"top1": last_top1, "top5": 1.0, "label_smoothed_loss": 0.7}
@@ -203,7 +207,7 @@ def test_best_weights_get_batchnorm_statistics_of_their_own(tmp_path, capsys, la
     images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     batches = tf.data.Dataset.from_tensor_slices(
         (images, np.eye(2, dtype=np.float32)[np.arange(16) % 2])).batch(8)
-    phases = train.plan_phases(head_epochs=1, head_learning_rate=1e-3, finetune_epochs=2,
+    phases = recipe.plan_phases(head_epochs=1, head_learning_rate=1e-3, finetune_epochs=2,
                                finetune_learning_rate=1e-3, warmup_epochs=0)
     exported = train.restore_export_weights(
         classifier, backbone, "best", phases=phases, paths=paths, unfreeze="all",

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, SMOKE_FLAGS
+from tl_keras import callbacks
+from tl_keras import errors
 from tl_keras import export
 from tl_keras import rundir
-from tl_keras import train
 from tl_keras.errors import UsageError
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
@@ -123,7 +124,7 @@ def test_sigterm_saves_a_backup_and_the_rerun_continues_on_schedule(tmp_path, un
     assert os.path.exists(model_dir / "backup" / "finetune" / "latest.weights.h5")
     assert not os.path.exists(model_dir / "saved_model")
     if stopped.group(2):  # part-way through an epoch: the backup says where
-        epoch, batches_done = train.ResumableBackup(
+        epoch, batches_done = callbacks.ResumableBackup(
             str(model_dir / "backup" / "finetune")).saved_position()
         assert (epoch + 1, batches_done) == (int(stopped.group(3)), int(stopped.group(2)))
 
@@ -183,9 +184,10 @@ def test_a_folder_that_holds_no_run_is_refused_and_left_alone(tmp_path, overwrit
 def test_training_into_a_folder_of_the_users_stops_before_any_work(tmp_path, monkeypatch):
     from conftest import parse_config
     from tl_keras import job
+    from tl_keras import sources
 
     (tmp_path / "photo.jpg").write_bytes(b"precious")
-    monkeypatch.setattr(job, "load_splits", lambda config: pytest.fail("data was read"))
+    monkeypatch.setattr(sources, "load_splits", lambda config: pytest.fail("data was read"))
     config, flagfile_text = parse_config(f"--model_dir={tmp_path}", "--overwrite")
     with pytest.raises(UsageError, match="holds no tl_keras run"):
         job.run_training(config, flagfile_text=flagfile_text, verbose=0, overwrite=True)
@@ -232,11 +234,11 @@ def test_nan_loss_stops_with_the_likely_causes(tmp_path):
     features = np.ones((8, 3), np.float32)
     features[4:] = np.nan  # the second batch goes NaN
     labels = np.eye(2, dtype=np.float32)[np.arange(8) % 2]
-    paths = train.RunPaths(str(tmp_path))
+    paths = rundir.RunPaths(str(tmp_path))
 
-    with pytest.raises(train.TrainingDiverged) as raised:
+    with pytest.raises(errors.TrainingDiverged) as raised:
         model.fit(features, labels, batch_size=4, shuffle=False, verbose=0,
-                  callbacks=[train.StopOnNaN(paths)])
+                  callbacks=[callbacks.StopOnNaN(paths)])
 
     message = str(raised.value)
     assert "became nan at epoch 1, batch 2" in message
@@ -263,7 +265,7 @@ def test_a_failed_export_leaves_the_previous_artifact_whole(tmp_path):
 def test_a_kill_during_a_backup_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-    backup = train.ResumableBackup(str(tmp_path / "backup"))
+    backup = callbacks.ResumableBackup(str(tmp_path / "backup"))
     backup.set_model(model)
     backup.save_now(0, 3)
     weights = tmp_path / "backup" / "latest.weights.h5"

@@ -8,6 +8,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tl_keras import folder
+from tl_keras import image_io
 from tl_keras import pipeline
 from tl_keras.errors import UsageError
 
@@ -131,7 +132,7 @@ def test_flat_folder_splits_by_class_deterministically(tmp_path):
 
 def _resized_file(path, resize):
     return pipeline.resize_uint8(
-        folder.decode_image(tf.io.read_file(str(path))), 32, resize).numpy()
+        image_io.decode_image(tf.io.read_file(str(path))), 32, resize).numpy()
 
 
 @pytest.mark.parametrize("resize", ["stretch", "crop"])

@@ -16,10 +16,13 @@ import tensorflow as tf
 from absl import flags as absl_flags
 
 from conftest import REPO_ROOT, SMOKE_FLAGS, parse_config
+from tl_keras import callbacks
 from tl_keras import distribute
+from tl_keras import errors
 from tl_keras import job
+from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import train
+from tl_keras import runstate
 from tl_keras.errors import UsageError
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
@@ -134,7 +137,7 @@ def test_a_complete_cluster_run_is_not_retrained(cluster_run):
         assert "Epoch 1/" not in output
 
 
-# What each worker sends: [is chief, complete, then `train.resume_position`].
+# What each worker sends: [is chief, complete, then `runstate.resume_position`].
 _CHIEF_AT_EPOCH_3 = [1, 0, 1, -1, 0, 2]
 
 
@@ -143,14 +146,14 @@ def test_workers_that_would_resume_from_different_epochs_refuse(tmp_path, monkey
                         lambda strategy, values: [_CHIEF_AT_EPOCH_3, [0, 0, 1, -1, 0, 1]])
     role = distribute.WorkerRole("worker_1", is_chief=False, num_workers=2)
     with pytest.raises(UsageError, match=r"disagree about where to resume.*--overwrite"):
-        job._agreed_state(None, role, str(tmp_path), rundir.RESUME)
+        distribute.agreed_state(None, role, str(tmp_path), rundir.RESUME)
 
 
 def test_workers_at_the_chiefs_epoch_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(distribute, "gather_from_workers",
                         lambda strategy, values: [_CHIEF_AT_EPOCH_3, [0, 0, 1, -1, 0, 2]])
     role = distribute.WorkerRole("worker_1", is_chief=False, num_workers=2)
-    assert job._agreed_state(None, role, str(tmp_path), rundir.RESUME) == rundir.RESUME
+    assert distribute.agreed_state(None, role, str(tmp_path), rundir.RESUME) == rundir.RESUME
 
 
 def test_a_complete_chief_completes_a_worker_a_kill_left_unfinished(tmp_path, monkeypatch):
@@ -162,12 +165,12 @@ def test_a_complete_chief_completes_a_worker_a_kill_left_unfinished(tmp_path, mo
 
     monkeypatch.setattr(distribute, "gather_from_workers", gather)
     role = distribute.WorkerRole("worker_1", is_chief=False, num_workers=2)
-    assert job._agreed_state(None, role, str(tmp_path), rundir.RESUME) == rundir.COMPLETE
+    assert distribute.agreed_state(None, role, str(tmp_path), rundir.RESUME) == rundir.COMPLETE
     assert sent == [[0, 0, 0, -1, 0, -1]]  # Every worker sends as many values.
 
 
 def test_a_fresh_folder_has_no_resume_position(tmp_path):
-    assert train.resume_position(train.RunPaths(str(tmp_path))) == [0, -1, 0, -1]
+    assert runstate.resume_position(rundir.RunPaths(str(tmp_path))) == [0, -1, 0, -1]
 
 
 @pytest.mark.parametrize("tf_config, message", [
@@ -216,9 +219,9 @@ def test_the_chief_leaves_the_workers_folders_to_them(tmp_path):
 
 
 def test_linear_scaling_takes_the_learning_rates_to_be_for_a_batch_of_256():
-    assert train.learning_rate_scale(64, "none") == 1
-    assert train.learning_rate_scale(64, "linear") == 0.25
-    assert train.learning_rate_scale(1024, "linear") == 4
+    assert recipe.learning_rate_scale(64, "none") == 1
+    assert recipe.learning_rate_scale(64, "linear") == 0.25
+    assert recipe.learning_rate_scale(1024, "linear") == 4
 
 
 def test_linear_scaling_changes_the_learning_rate_the_run_trains_with(tmp_path, mock_tfds):
@@ -291,11 +294,11 @@ def test_tpu_strategy_asks_the_resolver_for_the_tpu_and_explains_a_failure():
 
 
 def test_sigterm_across_workers_saves_no_mid_epoch_backup():
-    watcher = train.PreemptionWatcher(None, steps_per_epoch=10)
+    watcher = callbacks.PreemptionWatcher(None, steps_per_epoch=10)
     watcher.on_train_begin()
     watcher.on_epoch_begin(2)
     watcher._on_sigterm(None, None)
-    with pytest.raises(train.Preempted, match=r"batch 5 of epoch 3.*from the last completed"):
+    with pytest.raises(errors.Preempted, match=r"batch 5 of epoch 3.*from the last completed"):
         watcher.on_train_batch_end(4)
 
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_job
-from tl_keras import evaluate, folder, job, predict
+from tl_keras import evaluate, image_io, pipeline, predict, sources
 
 # Training images all share one size; test images come in others, landscape
 # and portrait, larger and smaller than the 32 px input.
@@ -50,9 +50,9 @@ def test_evaluation_predicts_what_serving_predicts_on_the_original_files(tmp_pat
     serving = predict.load_serving(config.model_dir)
 
     # What job.run_evaluation computes for --mode=evaluate --split=test.
-    splits = job.load_splits(config)
+    splits = sources.load_splits(config)
     evaluated, labels = evaluate.predictions_and_labels(
-        job.evaluation_batches(config, splits, "test"), predict.predict_batch(serving))
+        pipeline.split_batches(config, splits, "test"), predict.serving_predictor(serving))
 
     # The test split is read in listing order: class by class, files sorted.
     paths = [os.path.join(root, "test", name, file)
@@ -61,7 +61,7 @@ def test_evaluation_predicts_what_serving_predicts_on_the_original_files(tmp_pat
     np.testing.assert_array_equal(labels, [int("dog" in path) for path in paths])
     classify = serving.signatures["serving_default"]
     served = np.concatenate([
-        classify(images=folder.decode_image(tf.io.read_file(path))[None])
+        classify(images=image_io.decode_image(tf.io.read_file(path))[None])
         ["probabilities"].numpy()
         for path in paths
     ])

@@ -9,8 +9,14 @@ import pytest
 import tensorflow as tf
 import keras
 
-from tl_keras import model as model_lib
+from tl_keras import backbones
+from tl_keras import callbacks
+from tl_keras import classifier as classifier_lib
+from tl_keras import finetune
 from tl_keras import pipeline
+from tl_keras import recipe
+from tl_keras import rundir
+from tl_keras import runstate
 from tl_keras import train
 from tl_keras.errors import UsageError
 
@@ -39,8 +45,8 @@ def _batches(num_examples=16, batch_size=8):
 
 def _build(weights_path, train_batchnorm=False):
     keras.utils.set_random_seed(1)
-    backbone = model_lib.build_backbone(BACKBONE, IMAGE_SIZE, weights_path)
-    classifier = model_lib.build_classifier(
+    backbone = backbones.build_backbone(BACKBONE, IMAGE_SIZE, weights_path)
+    classifier = classifier_lib.build_classifier(
         backbone, BACKBONE, NUM_CLASSES, IMAGE_SIZE, dropout=0.0,
         train_batchnorm=train_batchnorm,
     )
@@ -58,12 +64,12 @@ def pretrained_weights(tmp_path_factory):
     so a test can tell whether training moved them.
     """
     keras.utils.set_random_seed(0)
-    backbone = model_lib.build_backbone(BACKBONE, IMAGE_SIZE, "none")
-    classifier = model_lib.build_classifier(backbone, BACKBONE, NUM_CLASSES, IMAGE_SIZE,
+    backbone = backbones.build_backbone(BACKBONE, IMAGE_SIZE, "none")
+    classifier = classifier_lib.build_classifier(backbone, BACKBONE, NUM_CLASSES, IMAGE_SIZE,
                                             dropout=0.0, train_batchnorm=True)
     images = np.random.default_rng(0).integers(0, 256, (32, IMAGE_SIZE, IMAGE_SIZE, 3),
                                                dtype=np.uint8)
-    model_lib.recompute_batchnorm_statistics(classifier, backbone, [images])
+    finetune.recompute_batchnorm_statistics(classifier, backbone, [images])
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             assert not np.allclose(layer.moving_variance, 1.0), layer.name
@@ -87,7 +93,7 @@ def _train(model, backbone, tmp_path, *, head_epochs, finetune_epochs, unfreeze=
         model, backbone,
         train_batches=_batches(), validation_batches=_batches(),
         steps_per_epoch=2,
-        phases=train.plan_phases(
+        phases=recipe.plan_phases(
             head_epochs=head_epochs, head_learning_rate=1e-2,
             finetune_epochs=finetune_epochs, finetune_learning_rate=1e-2,
             warmup_epochs=0,
@@ -95,7 +101,7 @@ def _train(model, backbone, tmp_path, *, head_epochs, finetune_epochs, unfreeze=
         unfreeze=unfreeze, train_batchnorm=train_batchnorm, optimizer="adam", weight_decay=0.0, label_smoothing=0.0,
         num_classes=NUM_CLASSES, jit_compile=False,
         scope=tf.distribute.get_strategy().scope,
-        paths=train.RunPaths(str(tmp_path)), phase_callbacks=phase_callbacks, verbose=0,
+        paths=rundir.RunPaths(str(tmp_path)), phase_callbacks=phase_callbacks, verbose=0,
     )
 
 
@@ -188,7 +194,7 @@ def test_trained_batchnorm_statistics_follow_the_weights_during_phase_2(
     unfrozen = {layer.name for layer in batchnorm
                 if names.index(layer.name) >= names.index(first)}
     assert unfrozen and {momentum_in_fit[name] for name in unfrozen} == {
-        train.TRACKING_BATCHNORM_MOMENTUM}
+        finetune.TRACKING_BATCHNORM_MOMENTUM}
     assert {m for name, m in momentum_in_fit.items() if name not in unfrozen} == {0.99}, (
         "only the trainable BatchNormalization layers should change momentum")
     assert {layer.get_config()["momentum"] for layer in batchnorm} == {0.99}, (
@@ -204,7 +210,7 @@ def test_batchnorm_momentum_reaches_the_traced_train_step():
     model.compile("sgd", "mse")
     constant = np.full((8, 1), 10.0, "float32")
 
-    with model_lib.batchnorm_momentum(model, 0.9):
+    with finetune.batchnorm_momentum(model, 0.9):
         model.fit(constant, np.zeros((8, 1), "float32"), batch_size=8, verbose=0)
 
     layer = model.get_layer("bn")
@@ -240,7 +246,7 @@ def test_recomputed_batchnorm_statistics_are_those_of_the_batches():
         return np.abs(inference - training).max()
 
     assert modes_differ() > 0.05, "the initial statistics should not fit these images"
-    used = model_lib.recompute_batchnorm_statistics(classifier, backbone, [images, images])
+    used = finetune.recompute_batchnorm_statistics(classifier, backbone, [images, images])
 
     assert used == 2
     # Averaged over the same batch twice, the moving statistics are that
@@ -277,7 +283,7 @@ def test_finetune_from_a_layer_name_leaves_earlier_layers_alone(tmp_path, pretra
     [("all", 0), ("10", -10), ("conv5_block3_out", "conv5_block3_out")],
 )
 def test_each_form_of_unfreeze(unfreeze, expected_first):
-    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
+    backbone = backbones.build_backbone("resnet50", IMAGE_SIZE, "none")
     layers = backbone.layers
     first = (
         [l.name for l in layers].index(expected_first)
@@ -285,7 +291,7 @@ def test_each_form_of_unfreeze(unfreeze, expected_first):
         else expected_first % len(layers)
     )
 
-    unfrozen = model_lib.unfreeze_backbone(backbone, unfreeze)
+    unfrozen = finetune.unfreeze_backbone(backbone, unfreeze)
 
     for index, layer in enumerate(layers):
         should_train = index >= first and not isinstance(layer, keras.layers.BatchNormalization)
@@ -294,19 +300,19 @@ def test_each_form_of_unfreeze(unfreeze, expected_first):
 
 
 def test_unfreeze_unknown_layer_names_the_closest():
-    backbone = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
+    backbone = backbones.build_backbone("resnet50", IMAGE_SIZE, "none")
     with pytest.raises(UsageError, match="conv5_block1_1_conv"):
-        model_lib.first_unfrozen_layer_index(backbone, "conv5_blok1_1_conv")
+        finetune.first_unfrozen_layer_index(backbone, "conv5_blok1_1_conv")
 
 
 def test_backbone_weights_from_one_run_seed_another_with_a_new_head(tmp_path):
-    source = model_lib.build_backbone("resnet50", IMAGE_SIZE, "none")
-    model_lib.build_classifier(source, "resnet50", 5, IMAGE_SIZE, 0.0)
+    source = backbones.build_backbone("resnet50", IMAGE_SIZE, "none")
+    classifier_lib.build_classifier(source, "resnet50", 5, IMAGE_SIZE, 0.0)
     path = str(tmp_path / "backbone.weights.h5")
     source.save_weights(path)
 
-    target = model_lib.build_backbone("resnet50", IMAGE_SIZE, path)
-    classifier = model_lib.build_classifier(target, "resnet50", 7, IMAGE_SIZE, 0.0)
+    target = backbones.build_backbone("resnet50", IMAGE_SIZE, path)
+    classifier = classifier_lib.build_classifier(target, "resnet50", 7, IMAGE_SIZE, 0.0)
 
     assert classifier.output_shape == (None, 7)
     for mine, theirs in zip(target.weights, source.weights):
@@ -315,11 +321,11 @@ def test_backbone_weights_from_one_run_seed_another_with_a_new_head(tmp_path):
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
     path = str(tmp_path / "mobilenet.weights.h5")
-    model_lib.build_backbone("mobilenetv3small", IMAGE_SIZE, "none").save_weights(path)
+    backbones.build_backbone("mobilenetv3small", IMAGE_SIZE, "none").save_weights(path)
     with warnings.catch_warnings(record=True) as caught, \
             pytest.raises(UsageError, match="doesn't fit the resnet50 backbone") as refused:
         warnings.simplefilter("always")
-        model_lib.build_backbone("resnet50", IMAGE_SIZE, path)
+        backbones.build_backbone("resnet50", IMAGE_SIZE, path)
     # The refusal alone: not Keras' warning for every layer, nor its layer list.
     assert not caught
     assert len(str(refused.value).splitlines()) == 2
@@ -337,15 +343,15 @@ def test_recomputed_statistics_can_make_the_last_epoch_the_best(tmp_path, monkey
         calls.append(args)
         return recomputed
 
-    monkeypatch.setattr(train, "_recompute_batchnorm_statistics", recompute)
+    monkeypatch.setattr(finetune, "recompute_statistics_and_validate", recompute)
     _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=2,
            unfreeze=LATE_LAYER, train_batchnorm=True)
 
-    paths = train.RunPaths(str(tmp_path))
-    best = train.Progress(paths.progress).best
+    paths = rundir.RunPaths(str(tmp_path))
+    best = runstate.Progress(paths.progress).best
     assert (best["phase"], best["epoch"], best["validation"]) == ("finetune", 2, recomputed)
     exported = train.restore_export_weights(
-        classifier, backbone, "best", phases=train.plan_phases(
+        classifier, backbone, "best", phases=recipe.plan_phases(
             head_epochs=1, head_learning_rate=1e-2, finetune_epochs=2,
             finetune_learning_rate=1e-2, warmup_epochs=0),
         paths=paths, unfreeze=LATE_LAYER, train_batchnorm=True,
@@ -380,15 +386,15 @@ def test_an_epoch_is_recorded_before_it_is_backed_up(tmp_path):
     import csv
 
     classifier, backbone = _build("none")
-    paths = train.RunPaths(str(tmp_path))
+    paths = rundir.RunPaths(str(tmp_path))
     seen = []
 
     class Spy(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             with open(paths.history, newline="") as file:
                 rows = [int(row["epoch"]) for row in csv.DictReader(file)]
-            recorded = train.Progress(paths.progress).phases["head"]["validation"]
-            backed_up, _ = train.ResumableBackup(paths.backup_dir("head")).saved_position()
+            recorded = runstate.Progress(paths.progress).phases["head"]["validation"]
+            backed_up, _ = callbacks.ResumableBackup(paths.backup_dir("head")).saved_position()
             seen.append((rows[-1], recorded is not None, backed_up))
 
     _train(classifier, backbone, tmp_path, head_epochs=2, finetune_epochs=0,
@@ -398,9 +404,9 @@ def test_an_epoch_is_recorded_before_it_is_backed_up(tmp_path):
 
 
 def test_pending_best_weights_are_kept_only_once_recorded(tmp_path):
-    paths = train.RunPaths(str(tmp_path))
+    paths = rundir.RunPaths(str(tmp_path))
     os.makedirs(os.path.dirname(paths.best_checkpoint))
-    progress = train.Progress(paths.progress)
+    progress = runstate.Progress(paths.progress)
     validation = {"top1": 0.5, "top5": 1.0, "label_smoothed_loss": 0.7}
 
     # Killed after the checkpoint wrote epoch 2's weights, before progress.json
@@ -408,10 +414,10 @@ def test_pending_best_weights_are_kept_only_once_recorded(tmp_path):
     progress.record_epoch("head", 0, validation, is_best=True)
     with open(paths.pending_best_checkpoint, "w") as file:
         file.write("epoch 1")
-    train._promote_pending_best(progress, paths)
+    runstate.promote_pending_best(progress, paths)
     with open(paths.pending_best_checkpoint, "w") as file:
         file.write("epoch 2")
-    train._settle_pending_best(train.Progress(paths.progress), paths)
+    runstate.settle_pending_best(runstate.Progress(paths.progress), paths)
     assert not os.path.exists(paths.pending_best_checkpoint)
     with open(paths.best_checkpoint) as file:
         assert file.read() == "epoch 1"
@@ -420,8 +426,8 @@ def test_pending_best_weights_are_kept_only_once_recorded(tmp_path):
     with open(paths.pending_best_checkpoint, "w") as file:
         file.write("epoch 2")
     progress.record_epoch("head", 1, validation, is_best=True)
-    settled = train.Progress(paths.progress)
-    train._settle_pending_best(settled, paths)
+    settled = runstate.Progress(paths.progress)
+    runstate.settle_pending_best(settled, paths)
     with open(paths.best_checkpoint) as file:
         assert file.read() == "epoch 2"
     assert not settled.best_pending and not os.path.exists(paths.pending_best_checkpoint)

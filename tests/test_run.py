@@ -99,13 +99,13 @@ def test_a_flag_after_the_flagfile_wins(tmp_path):
 
 def _saved_model_top1(config):
     """The exported model's top-1 on the run's test split, image by image."""
-    from tl_keras import job
+    from tl_keras import sources
 
     serving = tf.saved_model.load(os.path.join(config.model_dir, "saved_model"))
     classify = serving.signatures["serving_default"]
     correct = [
         int(classify(images=image[None])["top_k_indices"][0, 0]) == int(label)
-        for image, label in job.load_splits(config).test
+        for image, label in sources.load_splits(config).test
     ]
     return np.mean(correct)
 

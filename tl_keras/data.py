@@ -101,7 +101,7 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
     label_feature = builder.info.features[builder.info.supervised_keys[1]]
     image_feature = builder.info.features[builder.info.supervised_keys[0]]
     image_shape = tuple(image_feature.shape)
-    class_names, datasets, sizes = _select(
+    class_names, datasets, sizes = _select_examples(
         list(label_feature.names), datasets, classes, train_examples_per_class, seed, strict
     )
     return Splits(
@@ -113,7 +113,8 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
     )
 
 
-def _select(class_names, datasets, classes, train_examples_per_class, seed, strict):
+def _select_examples(class_names, datasets, classes, train_examples_per_class, seed,
+                     strict):
     """Applies `--classes` to every split and the per-class cap to train.
 
     Only here are the labels read, so only here does a split without some

@@ -13,6 +13,8 @@ import os
 import keras
 import tensorflow as tf
 
+from tl_keras import rundir
+from tl_keras import runstate
 from tl_keras.errors import UsageError
 
 
@@ -309,3 +311,37 @@ def check_batch_size(batch_size, num_replicas):
             f"evenly across {num_replicas} replicas. Pass a multiple of "
             f"{num_replicas}, such as {options}."
         )
+
+
+def agreed_state(strategy, role, model_dir, state):
+    """The state every worker of a multi-worker run goes on with.
+
+    A collective: each worker tells the others whether it is the chief, whether
+    its folder holds a complete run, and where it would resume. The chief's
+    word on completion holds for all. Otherwise every worker must resume where
+    the chief does: a kill can land between two workers' end-of-epoch saves,
+    and workers resumed from different epochs would wait on each other forever.
+
+    Args:
+        strategy, role: the run's strategy and this worker's `worker_role`.
+        model_dir: this worker's run folder.
+        state: what `tl_keras.rundir.claim` decided for it.
+
+    Returns:
+        `rundir.COMPLETE` when the chief's run is complete, else `state`.
+
+    Raises:
+        UsageError: on every worker, when they would resume from different places.
+    """
+    position = [int(state == rundir.COMPLETE),
+                *runstate.resume_position(rundir.RunPaths(model_dir))]
+    rows = gather_from_workers(strategy, [int(role.is_chief), *position])
+    chief = next(row[1:] for row in rows if row[0])
+    if chief[0]:
+        return rundir.COMPLETE
+    if any(row[1:] != chief for row in rows):
+        raise UsageError(
+            f"The workers' folders disagree about where to resume ({role.name}'s "
+            f"{model_dir} says {position}, the chief's {chief}): a kill landed between "
+            f"their saves. Rerun every worker with --overwrite to start afresh.")
+    return state

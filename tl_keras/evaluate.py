@@ -15,13 +15,19 @@ import numpy as np
 from tl_keras import plots
 
 
+def keras_predictor(model):
+    """A Keras model's probabilities for one batch, as NumPy; see
+    `tl_keras.predict.serving_predictor` for a SavedModel's."""
+    return lambda images: model.predict(images, verbose=0)
+
+
 def predictions_and_labels(batches, predict_batch, on_batch=None):
     """Predicts every batch, in one pass over the data.
 
     Args:
         batches: (images, one-hot labels) batches, every example once.
         predict_batch: a function from an image batch to class probabilities
-            (a Keras model's `predict`, or a SavedModel signature).
+            (`keras_predictor`, or `tl_keras.predict.serving_predictor`).
         on_batch: optionally called with each batch's (images, probabilities,
             labels) as NumPy arrays, to keep some of it without a second pass.
 
@@ -167,3 +173,29 @@ def write_metrics(path, validation_by_phase, test, exported):
         json.dump({"validation": validation_by_phase, "exported": exported, "test": test},
                   file, indent=2)
         file.write("\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class TestResults:
+    """The test split's report, its most confident mistakes, and its first images."""
+
+    report: dict
+    mistakes: object
+    first_images: list
+
+
+def evaluate_test_split(model, batches, class_names, keep_images):
+    """Evaluates on the test split in one pass, keeping what the worst-mistakes
+    grid and the TFLite check need, so neither reads it again."""
+    mistakes = MostConfidentMistakes()
+    first_images = []
+
+    def keep(images, probabilities, labels):
+        mistakes.add(images, probabilities, labels)
+        first_images.extend(images[:keep_images - len(first_images)])
+
+    probabilities, labels = predictions_and_labels(
+        batches, keras_predictor(model), on_batch=keep)
+    return TestResults(
+        report=classification_report(probabilities, labels, class_names),
+        mistakes=mistakes, first_images=first_images)

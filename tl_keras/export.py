@@ -1,4 +1,5 @@
-"""Writing the trained model: a SavedModel for serving, and `model.keras`.
+"""Writing the trained model: a SavedModel for serving, `model.keras`, the
+backbone's weights, and a checked `model.tflite`.
 
 Each artifact is written beside its final path and renamed into place, so a
 crash never leaves a half-written model where a server would load it.
@@ -9,9 +10,13 @@ import shutil
 import tempfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from tl_keras import console
+from tl_keras import image_io
 from tl_keras import pipeline
+from tl_keras import progress
 from tl_keras import rundir
 
 SERVING_SIGNATURE = "serving_default"
@@ -20,8 +25,10 @@ BYTES_SIGNATURE = "serving_bytes"
 PROBABILITIES_FUNCTION = "probabilities"
 DEFAULT_TOP_K = 5
 
-# The first bytes of each image format tf.io.decode_image reads.
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+# The TFLite model must give the SavedModel's probabilities within this, on
+# this many test images.
+TFLITE_TOLERANCE = 1e-4
+TFLITE_CHECK_IMAGES = 32
 
 
 def export_saved_model(model, path, class_names, image_size, resize="stretch",
@@ -40,7 +47,7 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
     `output_0` float32 `[batch, classes]`.
 
     Args:
-        model: the classifier from `tl_keras.model.build_classifier`.
+        model: the classifier from `tl_keras.classifier.build_classifier`.
         path: the SavedModel directory to write (replaced if it exists).
         class_names: the class names, by label.
         image_size: the model's input size; encoded images of different sizes
@@ -86,9 +93,10 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
 
 
 def _decode(encoded):
-    is_image = tf.reduce_any(
-        [tf.strings.substr(encoded, 0, len(magic)) == magic for magic in _IMAGE_MAGIC]
-    )
+    is_image = tf.reduce_any([
+        tf.strings.substr(encoded, 0, len(signature)) == signature
+        for signature in image_io.IMAGE_SIGNATURES
+    ])
     with tf.control_dependencies([
         tf.debugging.Assert(
             is_image,
@@ -96,9 +104,49 @@ def _decode(encoded):
              "it starts with:", tf.strings.substr(encoded, 0, 16)],
         )
     ]):
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
+        return image_io.decode_image(encoded)
+
+
+def write_artifacts(model, backbone_name, paths, *, class_names, image_size, resize):
+    """Writes saved_model/, model.keras and the backbone's weights, as a step."""
+    files = (f"{rundir.SAVED_MODEL_DIR}/, {rundir.KERAS_MODEL_FILE} and "
+             f"{rundir.BACKBONE_WEIGHTS_FILE}")
+    with progress.step(f"Exporting {files}", total=3, unit="file") as exporting:
+        export_saved_model(model, paths.saved_model, class_names=class_names,
+                           image_size=image_size, resize=resize)
+        exporting.advance()
+        save_keras_model(model, paths.keras_model)
+        exporting.advance()
+        model.get_layer(backbone_name).save_weights(paths.backbone_weights)
+        exporting.advance()
+        exporting.result = f"Wrote {files} to {paths.model_dir}"
+
+
+def export_checked_tflite(model, path, *, image_size, resize, test_images, load_serving):
+    """Writes model.tflite, if the converter can, and checks it on `test_images`
+    against the SavedModel that `load_serving()` loads.
+
+    Raises:
+        RuntimeError: when its probabilities differ by more than `TFLITE_TOLERANCE`.
+    """
+    with progress.step("Converting to model.tflite and checking it", total=2,
+                       unit="part") as converting, console.native_chatter_dropped():
+        problem = export_tflite(model, path, image_size)
+        converting.advance()
+        if problem:
+            converting.result = f"Skipped the TFLite export: the converter failed ({problem})"
+            return
+        sized = np.stack([pipeline.resize_uint8(image, image_size, resize).numpy()
+                          for image in test_images])
+        difference = tflite_max_difference(path, load_serving(), sized)
+        converting.advance()
+        verdict = "within" if difference <= TFLITE_TOLERANCE else "NOT within"
+        converting.result = (
+            f"Wrote model.tflite: on {len(sized)} test images its probabilities are "
+            f"{verdict} {TFLITE_TOLERANCE:g} of the SavedModel's (largest difference "
+            f"{difference:.2e})")
+    if difference > TFLITE_TOLERANCE:
+        raise RuntimeError(f"model.tflite differs from the SavedModel by {difference:.2e}.")
 
 
 def export_tflite(model, path, image_size):

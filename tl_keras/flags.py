@@ -18,7 +18,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from tl_keras import config as config_lib
-from tl_keras import model as model_lib
+from tl_keras import backbones
 from tl_keras import rundir
 from tl_keras.config import Config
 from tl_keras.errors import UsageError
@@ -150,7 +150,7 @@ def _validate_cache_features(values):
 @flags.validator("backbone")
 def _validate_backbone(name):
     try:
-        model_lib.backbone_spec(name)
+        backbones.backbone_spec(name)
     except UsageError as error:
         raise flags.ValidationError(str(error)) from error
     return True
@@ -307,7 +307,8 @@ def run_config(model_dir):
     path = os.path.join(model_dir, rundir.FLAGS_FILE)
     if not os.path.isfile(path):
         raise UsageError(
-            f"No flags.txt in {model_dir}: --model_dir must be a training run's folder.")
+            f"No {rundir.FLAGS_FILE} in {model_dir}: --model_dir must be a training "
+            f"run's folder.")
     with flagsaver.flagsaver():
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["run.py", f"--flagfile={path}"])
@@ -319,7 +320,7 @@ def to_config():
     """Converts the parsed flags into a `Config`."""
     values = {field.name: flags.FLAGS[field.name].value
               for field in dataclasses.fields(Config)}
-    spec = model_lib.backbone_spec(values["backbone"])
+    spec = backbones.backbone_spec(values["backbone"])
     # What the flags leave to be worked out, and the forms Config keeps values in.
     values.update(
         dataset=values["dataset"].strip(),

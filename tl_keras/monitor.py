@@ -7,6 +7,7 @@ learning rate at each epoch's end) to `tensorboard/train` and
 `tensorboard/run`, on the same epoch and step axes.
 """
 
+import dataclasses
 import os
 
 import keras
@@ -16,10 +17,10 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 from tl_keras import evaluate
 from tl_keras import plots
-from tl_keras import train
+from tl_keras import recipe
 
 RUN_LOG = "run"
-PHASE_NUMBERS = {train.HEAD_PHASE: 0, train.FINETUNE_PHASE: 1}
+PHASE_NUMBERS = {recipe.HEAD_PHASE: 0, recipe.FINETUNE_PHASE: 1}
 
 
 class RunLog:
@@ -40,7 +41,7 @@ class RunLog:
 
         Computed from the phase's schedule, so training steps never wait on it.
         """
-        schedule = train.learning_rate_schedule(phase, steps_per_epoch)
+        schedule = recipe.learning_rate_schedule(phase, steps_per_epoch)
         first = (epoch - phase.first_epoch) * steps_per_epoch
         with self.writer.as_default():
             for step in range(first, first + steps_per_epoch):
@@ -65,9 +66,10 @@ class RunLog:
         self.image("training_inputs", plots.image_grid(images, titles), step=0,
                    description="Training batch as the model sees it, augmentation included.")
 
-    def hparams(self, values):
+    def hparams(self, config):
+        """The run's configuration, for TensorBoard's HParams table."""
         with self.writer.as_default():
-            hparams_api.hparams(values)
+            hparams_api.hparams(_hparams_values(config))
         self.writer.flush()
 
     def final_metrics(self, metrics, step):
@@ -75,6 +77,19 @@ class RunLog:
             for name, value in metrics.items():
                 tf.summary.scalar(f"final/{name}", value, step=step)
         self.writer.flush()
+
+    def worst_mistakes(self, mistakes, class_names, step):
+        """A grid of `evaluate.MostConfidentMistakes`' images, with their labels."""
+        if not mistakes.kept:
+            return
+        titles = [
+            f"true {class_names[mistake.label]}\npredicted {class_names[mistake.predicted]} "
+            f"({mistake.confidence:.0%})"
+            for mistake in mistakes.kept
+        ]
+        self.image("test_worst_mistakes",
+                   plots.image_grid([mistake.image for mistake in mistakes.kept], titles),
+                   step=step, description="The most confident wrong test predictions.")
 
 
 class PhaseMonitor(keras.callbacks.Callback):
@@ -105,7 +120,7 @@ class PhaseMonitor(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         probabilities, labels = evaluate.predictions_and_labels(
-            self.validation_batches, predict_batch(self.classifier))
+            self.validation_batches, evaluate.keras_predictor(self.classifier))
         report = evaluate.classification_report(probabilities, labels, self.class_names)
         self.run_log.image(
             f"validation_confusion_matrix/{self.phase.name}",
@@ -115,7 +130,11 @@ class PhaseMonitor(keras.callbacks.Callback):
         )
 
 
-def predict_batch(model):
-    """A Keras model's probabilities for one batch, as NumPy."""
-    return lambda images: model.predict(images, verbose=0)
-
+def _hparams_values(config):
+    """The configuration as HParams values: strings, numbers and booleans only."""
+    values = {}
+    for name, value in dataclasses.asdict(config).items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        values[name] = "" if value is None else value
+    return values

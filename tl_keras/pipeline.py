@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import augment as augment_lib
+from tl_keras.errors import UsageError
 
 # Decoded training data up to this size stays in memory after the first epoch,
 # which saves re-reading and re-decoding it every epoch (CIFAR-100's 50,000
@@ -96,6 +97,27 @@ def evaluation_batches(examples, *, num_examples, image_shape, image_size,
     batches = _batch(examples, image_shape, image_size, batch_size,
                      drop_remainder=False, resize=resize)
     return _shard_by_data(_one_hot(batches, num_classes).prefetch(tf.data.AUTOTUNE))
+
+
+def split_batches(config, splits, split):
+    """Batches of one split of `tl_keras.data.Splits` as `config` sizes them,
+    every example once, in order."""
+    if split not in splits.sizes:
+        raise UsageError(f"--split={split}: pass train, validation or test.")
+    return evaluation_batches(
+        getattr(splits, split), num_examples=splits.sizes[split],
+        **batch_settings(config, splits)
+    )
+
+
+def batch_settings(config, splits):
+    """The keyword arguments `training_batches` and `evaluation_batches` take
+    from the run's configuration and its splits."""
+    return dict(
+        image_shape=splits.image_shape, image_size=config.image_size,
+        num_classes=splits.num_classes, batch_size=config.batch_size,
+        resize=config.resize,
+    )
 
 
 def _batch(examples, image_shape, image_size, batch_size, drop_remainder, resize):

@@ -4,8 +4,10 @@ Matplotlib with the non-interactive Agg backend, so it runs on servers with no
 display.
 """
 
+import csv
 import io
 import math
+import os
 
 import matplotlib
 
@@ -80,3 +82,14 @@ def _png(figure):
     figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def write_training_curves(history_path, png_path, head_epochs):
+    """Draws history.csv's `training_curves` into `png_path`, if there is a history."""
+    if not os.path.exists(history_path):
+        return
+    with open(history_path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    os.makedirs(os.path.dirname(png_path), exist_ok=True)
+    with open(png_path, "wb") as file:
+        file.write(training_curves(rows, head_epochs))

@@ -9,7 +9,8 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import export
-from tl_keras import folder
+from tl_keras import image_io
+from tl_keras import rundir
 from tl_keras.errors import UsageError
 
 _FILES_PER_CALL = 32
@@ -21,7 +22,7 @@ def load_serving(model_dir):
     Raises:
         UsageError: when the run has no SavedModel (yet).
     """
-    path = os.path.join(model_dir, "saved_model")
+    path = rundir.RunPaths(model_dir).saved_model
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise UsageError(
             f"No SavedModel in {path}: --model_dir must be a finished training run "
@@ -30,8 +31,9 @@ def load_serving(model_dir):
     return tf.saved_model.load(path)
 
 
-def predict_batch(serving):
-    """`serving_default`'s probabilities for one batch, as NumPy."""
+def serving_predictor(serving):
+    """`serving_default`'s probabilities for one batch, as NumPy; see
+    `tl_keras.evaluate.keras_predictor` for a Keras model's."""
     classify = serving.signatures[export.SERVING_SIGNATURE]
     return lambda images: classify(images=images)["probabilities"].numpy()
 
@@ -48,7 +50,7 @@ def image_files(spec):
             for directory, subdirectories, names in os.walk(spec)
             for name in names
             if not name.startswith(".")
-            and os.path.splitext(name)[1].lower() in folder.IMAGE_EXTENSIONS
+            and os.path.splitext(name)[1].lower() in image_io.IMAGE_EXTENSIONS
         ]
     elif os.path.isfile(spec):
         found = [spec]
@@ -83,7 +85,7 @@ def predict_files(serving, spec, class_names, top_k, output=None):
     paths = image_files(spec)
     readable = []
     for path in paths:
-        problem = folder.image_file_problem(path)
+        problem = image_io.image_file_problem(path)
         if problem:
             failures.append((path, problem))
         else:

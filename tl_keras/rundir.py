@@ -1,13 +1,15 @@
-"""The run's folder: one run at a time, resume or refuse, and a fresh start on
-request.
+"""The run's folder: every path in it, and one run at a time in it.
 
-Before any data or model work, `claim` decides what a run in `--model_dir`
-should do: start fresh, resume an interrupted run of the same flags, or stop
-because the run is complete, another process is using the folder, or it holds
-a different unfinished run.
+Every file and folder a run writes is named here, once. Before any data or
+model work, `claim` decides what a run in `--model_dir` should do: start
+fresh, resume an interrupted run of the same flags, or stop because the run is
+complete, another process is using the folder, or it holds a different
+unfinished run.
 """
 
 import contextlib
+import dataclasses
+import fcntl
 import os
 import shutil
 import socket
@@ -17,8 +19,24 @@ from tl_keras.errors import UsageError
 LOCK_FILE = "run.lock"
 COMPLETE_FILE = "COMPLETE"
 FLAGS_FILE = "flags.txt"
+PROGRESS_FILE = "progress.json"
+CLASS_NAMES_FILE = "class_names.json"
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS_DIR = "checkpoints"
+BACKUP_DIR = "backup"
+FEATURES_DIR = "features"
+PLOTS_DIR = "plots"
+EVALUATION_DIR = "evaluation"
+SAVED_MODEL_DIR = "saved_model"
+KERAS_MODEL_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"
+BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 # Under the chief's --model_dir, the other workers' own folders.
 WORKERS_DIR = "workers"
+# Where Keras' BackupAndRestore keeps the epoch it restores to, in its folder.
+BACKUP_METADATA_FILE = "training_metadata.json"
 
 FRESH, RESUME, COMPLETE = "fresh", "resume", "complete"
 
@@ -33,15 +51,51 @@ _COMPLETE_TEXT = "This run finished; rerunning it does nothing without --overwri
 # Everything a run writes at the top of its folder. --overwrite deletes these
 # and nothing else, so a file of the user's beside a run survives.
 RUN_OUTPUTS = frozenset({
-    FLAGS_FILE, COMPLETE_FILE, "progress.json", "progress.json.tmp", "class_names.json",
-    "metrics.json", "history.csv", "tensorboard", "checkpoints", "backup", "features",
-    "plots", "evaluation", "saved_model", "model.keras", "model.tflite",
-    "backbone.weights.h5",
+    FLAGS_FILE, COMPLETE_FILE, PROGRESS_FILE, PROGRESS_FILE + ".tmp", CLASS_NAMES_FILE,
+    METRICS_FILE, HISTORY_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR, BACKUP_DIR,
+    FEATURES_DIR, PLOTS_DIR, EVALUATION_DIR, SAVED_MODEL_DIR, KERAS_MODEL_FILE,
+    TFLITE_FILE, BACKBONE_WEIGHTS_FILE,
 })
 # Temporary folders of atomic writes (tl_keras.export), left by a kill.
 TEMPORARY_PREFIX = ".export-"
 # How many entries of a folder that holds no run the refusal names.
 _ENTRIES_SHOWN = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Where a run writes inside `--model_dir`."""
+
+    model_dir: str
+
+    def _in(self, *parts):
+        return os.path.join(self.model_dir, *parts)
+
+    flags = property(lambda self: self._in(FLAGS_FILE))
+    class_names = property(lambda self: self._in(CLASS_NAMES_FILE))
+    metrics = property(lambda self: self._in(METRICS_FILE))
+    history = property(lambda self: self._in(HISTORY_FILE))
+    progress = property(lambda self: self._in(PROGRESS_FILE))
+    tensorboard = property(lambda self: self._in(TENSORBOARD_DIR))
+    features = property(lambda self: self._in(FEATURES_DIR))
+    evaluation = property(lambda self: self._in(EVALUATION_DIR))
+    saved_model = property(lambda self: self._in(SAVED_MODEL_DIR))
+    keras_model = property(lambda self: self._in(KERAS_MODEL_FILE))
+    tflite = property(lambda self: self._in(TFLITE_FILE))
+    backbone_weights = property(lambda self: self._in(BACKBONE_WEIGHTS_FILE))
+    training_curves = property(lambda self: self._in(PLOTS_DIR, "training_curves.png"))
+    best_checkpoint = property(lambda self: self._in(CHECKPOINTS_DIR, "best.weights.h5"))
+    # Where a new best epoch's weights are written, until progress.json has
+    # recorded which epoch they are (see `tl_keras.runstate`).
+    pending_best_checkpoint = property(
+        lambda self: self._in(CHECKPOINTS_DIR, "best.pending.weights.h5"))
+    backups = property(lambda self: self._in(BACKUP_DIR))
+
+    def backup_dir(self, phase):
+        return self._in(BACKUP_DIR, phase)
+
+    def phase_end_weights(self, phase):
+        return self._in(CHECKPOINTS_DIR, f"{phase}_end.weights.npz")
 
 
 @contextlib.contextmanager
@@ -63,17 +117,16 @@ def claim(model_dir, flagfile_text, overwrite):
     """
     created = not os.path.exists(model_dir)
     os.makedirs(model_dir, exist_ok=True)
-    lock = _acquire_lock(model_dir)
     try:
-        yield _decide(model_dir, flagfile_text, overwrite)
+        with _locked(model_dir):
+            yield _decide(model_dir, flagfile_text, overwrite)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(lock)
         if created and not os.listdir(model_dir):
             os.rmdir(model_dir)  # A run that stopped before writing anything.
 
 
 def mark_complete(model_dir):
+    """Writes the COMPLETE marker: a rerun of a complete run does nothing."""
     with open(os.path.join(model_dir, COMPLETE_FILE), "w") as file:
         file.write(_COMPLETE_TEXT)
 
@@ -178,41 +231,42 @@ def _flag_lines(text):
     return {line for line in text.splitlines() if line and not line.startswith("#")}
 
 
-def _acquire_lock(model_dir):
+@contextlib.contextmanager
+def _locked(model_dir):
+    """Holds `model_dir/run.lock` with `fcntl.flock`, which the kernel lets go
+    of when the process ends, however it ends: a killed run's lock file is
+    simply taken over. The file names the holder, for the refusal."""
     path = os.path.join(model_dir, LOCK_FILE)
-    owner = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
+    while True:
+        file = open(path, "a+")
         try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _held_by_live_process(path):
-                with open(path) as file:
-                    holder = file.read().strip()
-                raise UsageError(
-                    f"Another run is using {model_dir}: its lock file {path} is held by "
-                    f"process {holder}. Wait for it to finish, or pick another "
-                    f"--model_dir. (If that process is gone, delete the lock file.)"
-                )
-            os.remove(path)  # Left by a run that was killed: take it over.
-            continue
-        with os.fdopen(descriptor, "w") as file:
-            file.write(owner + "\n")
-        return path
-    raise UsageError(f"Couldn't take the lock file {path}; another run keeps creating it.")
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip()
+            file.close()
+            raise UsageError(
+                f"Another run is using {model_dir}: its lock file {path} is held by "
+                f"process {holder}. Wait for it to finish, or pick another "
+                f"--model_dir.") from None
+        # The holder before us deletes the file as it lets go; a lock on a
+        # deleted file would hold nothing, so take the new one instead.
+        if _is_same_file(file, path):
+            break
+        file.close()
+    try:
+        file.truncate(0)
+        file.write(f"{socket.gethostname()} {os.getpid()}\n")
+        file.flush()
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        file.close()
 
 
-def _held_by_live_process(path):
+def _is_same_file(file, path):
     try:
-        with open(path) as file:
-            host, pid = file.read().split()
-    except (OSError, ValueError):
+        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+    except FileNotFoundError:
         return False
-    if host != socket.gethostname():
-        return True  # Can't tell for another machine: assume it's alive.
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -1,0 +1,286 @@
+"""The callbacks of a training phase: what `model.fit` does besides training.
+
+Backend-agnostic: only `keras`. In the order `tl_keras.train` runs them: stop
+on a NaN loss, log the learning rate, time the phase, keep the best
+checkpoint, write history.csv and progress.json, back up each epoch, and stop
+cleanly on SIGTERM.
+"""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import time
+
+import keras
+import numpy as np
+
+from tl_keras import recipe
+from tl_keras import runstate
+from tl_keras.errors import Preempted
+from tl_keras.errors import TrainingDiverged
+
+
+# Not keras.callbacks.TerminateOnNaN: it sets `stop_training`, and its
+# raise_error mode (Keras 3.13 on; we support 3.12) raises a bare RuntimeError
+# that names neither the epoch nor a fix.
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops at the first batch whose loss is NaN or infinite.
+
+    It raises rather than setting `stop_training`, so the epoch-end callbacks
+    never back up or checkpoint the broken weights.
+    """
+
+    def __init__(self, paths):
+        super().__init__()
+        self.paths = paths
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise TrainingDiverged(
+                f"The training loss became {float(loss)} at epoch {self.epoch + 1}, "
+                f"batch {batch + 1}. Likely causes: a learning rate too high "
+                f"(lower --head_learning_rate or --finetune_learning_rate), or "
+                f"float16 without loss scaling (try --mixed_precision=bfloat16 or "
+                f"off). The last good state is kept: the best weights in "
+                f"{self.paths.best_checkpoint} and the last epoch's backup in "
+                f"{self.paths.backups}/."
+            )
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the optimizer's current learning rate to each epoch's logs.
+
+    It must come before the callbacks that write the logs (TensorBoard, CSV).
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+
+
+class PhaseTimer(keras.callbacks.Callback):
+    """Measures a phase as this process trains it: its wall time, and the time
+    and number of its training steps (validation left out), for images/s.
+
+    Keras calls `on_test_begin` for each epoch's validation, which ends the
+    epoch's training steps.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = 0.0
+        self.training_seconds = 0.0
+        self.steps = 0
+        self._started = self._epoch_started = None
+
+    def on_train_begin(self, logs=None):
+        self._started = time.perf_counter()
+
+    def on_train_end(self, logs=None):
+        self.seconds += time.perf_counter() - self._started
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_started = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+
+    def on_test_begin(self, logs=None):
+        if self._epoch_started is not None:
+            self.training_seconds += time.perf_counter() - self._epoch_started
+            self._epoch_started = None
+
+
+class ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that always saves the whole classifier, also while a
+    phase trains a part of it (the head on cached features)."""
+
+    def __init__(self, classifier, filepath, **kwargs):
+        super().__init__(filepath, **kwargs)
+        self.classifier = classifier
+
+    def set_model(self, model):
+        super().set_model(self.classifier)
+
+
+class HistoryWriter(keras.callbacks.Callback):
+    """Appends one row per completed epoch, with its phase, to a CSV file.
+
+    Epochs are counted from 1 in the file, as the console counts them. The
+    header is written once, from the first epoch's log keys, so both phases
+    share one file and one timeline. A resumed run first drops the rows of the
+    epochs it is about to redo.
+    """
+
+    def __init__(self, path, phase):
+        super().__init__()
+        self.path = path
+        self.phase = phase
+        self._first_epoch_seen = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._first_epoch_seen:
+            self._first_epoch_seen = True
+            self._forget_from(epoch)
+
+    def _forget_from(self, epoch):
+        """Drops rows of epochs about to run again: a kill can land between an
+        epoch's row and its backup, and each epoch must appear once."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, newline="") as file:
+            rows = list(csv.reader(file))
+        # Rows count from 1; Keras' `epoch` from 0, so it is row epoch + 1.
+        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= epoch]
+        if len(kept) < len(rows):
+            with open(self.path, "w", newline="") as file:
+                csv.writer(file).writerows(kept)
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1, "phase": self.phase, **(logs or {})}
+        exists = os.path.exists(self.path) and os.path.getsize(self.path) > 0
+        if exists:
+            with open(self.path, newline="") as file:
+                fieldnames = next(csv.reader(file))
+        else:
+            fieldnames = list(row)
+        with open(self.path, "a", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fieldnames, extrasaction="ignore")
+            if not exists:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class ProgressWriter(keras.callbacks.Callback):
+    """Records each completed epoch's validation metrics, and whether the
+    checkpoint callback (which runs before it) kept it as the best."""
+
+    def __init__(self, progress, phase, checkpoint, paths):
+        super().__init__()
+        self.progress = progress
+        self.phase = phase
+        self.checkpoint = checkpoint
+        self.paths = paths
+
+    def on_epoch_end(self, epoch, logs=None):
+        validation = recipe.validation_metrics(logs or {}, prefix="val_")
+        best = self.checkpoint.best
+        improved = best not in (None, -np.inf) and (
+            self.progress.best_top1 is None or best > self.progress.best_top1)
+        self.progress.record_epoch(self.phase, epoch, validation, improved)
+        if improved:
+            runstate.promote_pending_best(self.progress, self.paths)
+
+
+class ResumableBackup(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore, kept until the phase's end is recorded, and
+    able to save on demand (on SIGTERM)."""
+
+    def __init__(self, backup_dir):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+
+    def saved_position(self):
+        """(epoch, batches of it already trained) a restore starts at; see
+        `tl_keras.runstate.backup_position`."""
+        return runstate.backup_position(self.backup_dir)
+
+    def _save_model(self):
+        """Keras' save, but each file written beside its place and renamed into
+        it: Keras writes in place, and a kill in the middle (a SIGKILL, or the
+        end of a SIGTERM's grace period) would leave a backup no rerun can
+        read. The weights go first: a kill between the two renames restarts
+        the epoch they finished, rather than skipping one."""
+        os.makedirs(self.backup_dir, exist_ok=True)
+        pending = os.path.join(self.backup_dir, "pending.weights.h5")
+        self.model.save_weights(pending, overwrite=True)
+        os.replace(pending, self._weights_path)
+        with open(self._training_metadata_path + ".tmp", "w") as file:
+            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, file)
+        os.replace(self._training_metadata_path + ".tmp", self._training_metadata_path)
+
+    def save_now(self, epoch, batches_done):
+        """Saves the weights and optimizer now, `batches_done` batches into
+        `epoch`, so the rerun trains only the rest of that epoch."""
+        self._current_epoch = epoch
+        self._last_batch_seen = batches_done
+        self._save_model()
+
+    def delete(self):
+        shutil.rmtree(self.backup_dir, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(self.backup_dir))  # `backup/`, once empty.
+        except OSError:
+            pass
+
+
+class PreemptionWatcher(keras.callbacks.Callback):
+    """On SIGTERM, finishes the current batch, saves a backup (unless given
+    none to save) and stops.
+
+    Stopped after an epoch's last batch, it lets the epoch end (validation,
+    checkpoint, history, backup) and stops then, so the rerun starts a fresh
+    epoch; stopped earlier, the backup records how many of the epoch's batches
+    are done.
+
+    Attributes:
+        batches_before: batches of the current epoch trained before this fit
+            started (by the run a SIGTERM stopped); its batch numbers count on
+            from there.
+    """
+
+    def __init__(self, backup, steps_per_epoch):
+        super().__init__()
+        self.backup = backup
+        self.steps_per_epoch = steps_per_epoch
+        self.batches_before = 0
+        self.received = False
+        self.epoch = 0
+        self._previous_handler = None
+
+    def on_train_begin(self, logs=None):
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def on_train_end(self, logs=None):
+        signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def _on_sigterm(self, signum, frame):
+        # Only note it here: raising inside a running step could leave the
+        # weights half-updated.
+        self.received = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        batches_done = self.batches_before + batch + 1
+        if not self.received or batches_done >= self.steps_per_epoch:
+            return
+        self.on_train_end()
+        if self.backup is None:
+            raise Preempted(
+                f"Received SIGTERM: stopped after batch {batches_done} of epoch "
+                f"{self.epoch + 1}. Rerun the same command on every worker to continue "
+                f"from the last completed epoch.")
+        self.backup.save_now(self.epoch, batches_done)
+        raise Preempted(
+            f"Received SIGTERM: stopped after batch {batches_done} of epoch "
+            f"{self.epoch + 1} and saved a backup to {self.backup.backup_dir}. "
+            f"Rerun the same command to continue from there."
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.received:
+            return
+        self.on_train_end()
+        rerun = ("Rerun the same command to continue from there." if self.backup else
+                 "Rerun the same command on every worker to continue from there.")
+        raise Preempted(f"Received SIGTERM: stopped at the end of epoch {epoch + 1}. {rerun}")

@@ -1,0 +1,36 @@
+"""Where a run's examples come from: a TFDS dataset (`tl_keras.data`) or a
+folder of images (`tl_keras.folder`). Either gives the same `Splits`, which
+`tl_keras.pipeline` turns into batches.
+"""
+
+from tl_keras import data
+from tl_keras import folder
+
+
+def load_splits(config):
+    """The run's examples, from a TFDS dataset or an image folder.
+
+    Returns:
+        `tl_keras.data.Splits`.
+    """
+    if folder.is_folder_dataset(config.dataset):
+        splits = folder.load_folder(
+            config.dataset, image_size=config.image_size, resize=config.resize,
+            val_fraction=config.val_fraction, seed=config.seed,
+            strict=config.strict_data, classes=config.classes,
+            train_examples_per_class=config.train_examples_per_class,
+        )
+    else:
+        splits = data.load_tfds(
+            config.dataset, config.data_dir, config.train_split, config.val_split,
+            config.test_split, config.val_fraction, classes=config.classes,
+            train_examples_per_class=config.train_examples_per_class, seed=config.seed,
+            strict=config.strict_data,
+        )
+    print(
+        f"Dataset {config.dataset}: {splits.num_classes} classes; "
+        f"{splits.sizes['train']:,} train, {splits.sizes['validation']:,} validation "
+        f"({splits.validation_source}), {splits.sizes['test']:,} test examples.",
+        flush=True,
+    )
+    return splits
