@@ -34,6 +34,29 @@ SMOKE_FLAGS = os.path.join(REPO_ROOT, "configs", "smoke.flags")
 TEST_BACKBONE = "--backbone=vgg16"
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow", action="store_true",
+        help="also run the tests marked slow; the README's test command and CI do")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: a whole run in processes of its own (killed and resumed, a cluster, "
+        "another backend) or a large network; skipped without --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips, and so names in the summary, the slow tests unless --slow."""
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow, as the README's test command does")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def parse_config(*args, flagfile=SMOKE_FLAGS):
     """Parses a command line as run.py would and returns (Config, flags.txt text).
 

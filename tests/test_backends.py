@@ -49,6 +49,7 @@ def _run_under_jax(tmp_path, *flags):
     )
 
 
+@pytest.mark.slow
 def test_smoke_run_under_jax_trains_and_exports_a_saved_model(tmp_path):
     result = _run_under_jax(tmp_path, "--mixed_precision=auto")
 

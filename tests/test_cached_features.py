@@ -25,6 +25,7 @@ def _head_after_phase_one(tmp_path, *flags):
     return [np.array(w) for w in model.get_layer("head").weights], metrics
 
 
+@pytest.mark.slow
 def test_cached_head_phase_matches_the_uncached_one(tmp_path, capsys):
     cached, cached_metrics = _head_after_phase_one(tmp_path / "cached", "--cache_features")
     assert "Computed backbone features of 58 train and 6 validation images once" in \

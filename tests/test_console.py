@@ -55,6 +55,7 @@ def _assert_quiet(output):
     assert "Warning:" not in output, output
 
 
+@pytest.mark.slow
 def test_a_training_run_prints_its_lines_and_a_summary_only(trained):
     model_dir, output = trained
     _assert_quiet(output)
@@ -79,6 +80,7 @@ def test_a_training_run_prints_its_lines_and_a_summary_only(trained):
                      r"Wrote model\.tflite: .* in [\d.]+ s\.$", output, re.MULTILINE), output
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_print_no_library_lines(trained, tmp_path):
     model_dir, _ = trained
     evaluation = _run("--mode=evaluate", f"--model_dir={model_dir}")
@@ -94,6 +96,7 @@ def test_evaluate_and_predict_print_no_library_lines(trained, tmp_path):
     assert len(prediction.splitlines()) <= 2, prediction  # the image's line and a count
 
 
+@pytest.mark.slow
 def test_verbosity_brings_the_library_lines_back(trained):
     model_dir, _ = trained
     evaluation = _run("--mode=evaluate", f"--model_dir={model_dir}", "--verbosity=1")

@@ -77,6 +77,7 @@ class _CountedIterable:
         return iter(self.batches)
 
 
+@pytest.mark.slow
 def test_the_test_split_is_read_once(bfloat16_run):
     """The evaluation, the worst-mistakes grid and the TFLite check share one pass."""
     _, _, reads = bfloat16_run
@@ -88,6 +89,7 @@ def _weights_in(path, model):
     return model.get_weights()
 
 
+@pytest.mark.slow
 def test_every_export_and_the_test_metrics_come_from_the_best_epoch(bfloat16_run, capsys):
     config, metrics, _ = bfloat16_run
     validation_top1 = [epoch["top1"] for epoch in _history_validation(config.model_dir)]
@@ -123,6 +125,7 @@ def test_every_export_and_the_test_metrics_come_from_the_best_epoch(bfloat16_run
     assert metrics["test"]["top1"] == pytest.approx(np.mean(probabilities.argmax(1) == labels))
 
 
+@pytest.mark.slow
 def test_exports_compute_in_float32_after_bfloat16_training(bfloat16_run):
     config, _, _ = bfloat16_run
     model = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"))
@@ -162,6 +165,7 @@ def _log(probabilities):
     return np.log(np.maximum(probabilities, 1e-30))
 
 
+@pytest.mark.slow
 def test_export_weights_last_restores_the_last_epoch(bfloat16_run):
     config, _, _ = bfloat16_run
     model = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"))

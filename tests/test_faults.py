@@ -73,6 +73,7 @@ def _epochs_and_phases(model_dir):
 EXPECTED_TIMELINE = [(1, "head"), (2, "finetune"), (3, "finetune"), (4, "finetune")]
 
 
+@pytest.mark.slow
 def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(tmp_path, uninterrupted):
     model_dir = tmp_path / "run"
     process = _start(model_dir)
@@ -109,6 +110,7 @@ def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(tmp_path, uni
     assert not os.path.exists(model_dir / "run.lock")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_backup_and_the_rerun_continues_on_schedule(tmp_path, uninterrupted):
     model_dir = tmp_path / "run"
     process = _start(model_dir)

@@ -100,6 +100,7 @@ def cluster_run(tmp_path_factory):
     return model_dir, _finish(_start_cluster(model_dir))
 
 
+@pytest.mark.slow
 def test_two_workers_killed_in_phase_two_resume_as_one(cluster_run):
     model_dir, results = cluster_run
     for code, output in results:
@@ -129,6 +130,7 @@ def test_two_workers_killed_in_phase_two_resume_as_one(cluster_run):
     assert sorted(os.listdir(worker_dir)) == ["COMPLETE"]
 
 
+@pytest.mark.slow
 def test_a_complete_cluster_run_is_not_retrained(cluster_run):
     model_dir, _ = cluster_run
     for code, output in _finish(_start_cluster(model_dir), timeout=200):

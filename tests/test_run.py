@@ -112,6 +112,7 @@ def _saved_model_top1(config):
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")),
                     reason="mirrors over the GPUs there, not the two logical CPUs")
+@pytest.mark.slow
 def test_mirrored_strategy_trains_on_two_replicas(tmp_path, mock_tfds, capsys):
     config, metrics = _run(
         tmp_path, "--strategy=mirrored", "--head_epochs=1", "--finetune_epochs=1",
