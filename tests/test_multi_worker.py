@@ -88,7 +88,13 @@ def cluster_run(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("cluster") / "run"
     processes = _start_cluster(model_dir)
     deadline = time.time() + 400
-    while len(_history(model_dir)) < 2:  # The head epoch and phase 2's first.
+    # The head epoch and phase 2's first, backed up by both workers: on a busy
+    # machine the other worker's save can come well after the chief's history
+    # line, and a kill between the two is refused, as it should be.
+    backups = [os.path.join(rundir.RunPaths(folder).backup_dir("finetune"),
+                            rundir.BACKUP_METADATA_FILE)
+               for folder in (str(model_dir), rundir.worker_dir(str(model_dir), "worker_1"))]
+    while len(_history(model_dir)) < 2 or not all(map(os.path.exists, backups)):
         assert time.time() < deadline and all(p.poll() is None for p in processes), \
             _finish(processes, timeout=5)
         time.sleep(0.05)
