@@ -179,6 +179,22 @@ def _validate_strategy(values):
     return True
 
 
+@flags.multi_flags_validator(["export_tflite", "tflite_quantization", "tflite_max_drop"])
+def _validate_tflite(values):
+    # Quantizing is a choice about model.tflite, so it asks for the file
+    # rather than quietly adding an export the command line didn't ask for.
+    if values["tflite_quantization"] != "none" and not values["export_tflite"]:
+        raise flags.ValidationError(
+            f"--tflite_quantization={values['tflite_quantization']} quantizes "
+            f"model.tflite, which only --export_tflite writes. Add --export_tflite, "
+            f"or drop --tflite_quantization.")
+    if values["tflite_max_drop"] < 0:
+        raise flags.ValidationError(
+            f"--tflite_max_drop={values['tflite_max_drop']:g} must be 0 or more "
+            f"(percentage points of test top-1), e.g. 2.")
+    return True
+
+
 @flags.multi_flags_validator(["head_epochs", "finetune_epochs"])
 def _validate_epochs(values):
     if values["head_epochs"] + values["finetune_epochs"] == 0:
