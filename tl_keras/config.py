@@ -17,6 +17,8 @@ import dataclasses
 
 # The strategy names are the distribution module's to define.
 from tl_keras.distribute import STRATEGIES
+# The TFLite variants are the export module's to define.
+from tl_keras.export import TFLITE_QUANTIZATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +209,7 @@ class Config:
         "Also write model.tflite (float32, one --image_size image) and check it "
         "against the SavedModel on test images.")
     tflite_quantization: str = RUN.enum(
-        "none", ["none", "dynamic", "float16", "int8"],
+        "none", TFLITE_QUANTIZATIONS,
         "--export_tflite: how model.tflite stores its weights. none: float32. dynamic: "
         "int8 weights, float activations. float16: float16 weights. int8: full-integer "
         "post-training quantization calibrated on 200 training images; the input stays "
