@@ -8,6 +8,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tl_keras import console
 from tl_keras import export
 from tl_keras import image_io
 from tl_keras import pipeline
@@ -62,8 +63,10 @@ def load_tflite(path, resize):
             f"class names there, one per line; copy it along with the .tflite file.")
     with open(labels_path, encoding="utf-8") as file:
         class_names = file.read().splitlines()
-    interpreter = tf.lite.Interpreter(model_path=path)
-    interpreter.allocate_tensors()
+    # The interpreter announces its CPU delegate on stderr as it starts.
+    with console.native_chatter_dropped():
+        interpreter = tf.lite.Interpreter(model_path=path)
+        interpreter.allocate_tensors()
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]["index"]
     size = int(source["shape"][1])
