@@ -21,8 +21,10 @@ def main(argv):
         if settings["mode"] == "evaluate":
             job.run_evaluation(flags.run_config(settings["model_dir"]), settings["split"])
         elif settings["mode"] == "predict":
-            job.run_prediction(settings["model_dir"], settings["images"],
-                               settings["top_k"], settings["output"])
+            model = settings["model_dir"]
+            resize = flags.tflite_resize(model) if model.endswith(".tflite") else None
+            job.run_prediction(model, settings["images"], settings["top_k"],
+                               settings["output"], resize=resize)
         else:
             job.run_training(
                 flags.to_config(),

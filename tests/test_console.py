@@ -76,8 +76,9 @@ def test_a_training_run_prints_its_lines_and_a_summary_only(trained):
     # The slow steps say when they start and how long they took.
     assert re.search(r"^Exporting saved_model/.*\.\.\.\nWrote saved_model/.* in [\d.]+ s\.$",
                      output, re.MULTILINE), output
-    assert re.search(r"^Converting to model\.tflite and checking it\.\.\.\n"
-                     r"Wrote model\.tflite: .* in [\d.]+ s\.$", output, re.MULTILINE), output
+    assert re.search(r"^Converting to a float32 model\.tflite and checking it\.\.\.\n"
+                     r"Wrote float32 model\.tflite .* in [\d.]+ s\.$", output,
+                     re.MULTILINE), output
 
 
 @pytest.mark.slow

@@ -38,6 +38,26 @@ def test_flag_validation_names_the_fix(flag, expected):
     assert expected in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--tflite_quantization=int8"],
+         "--tflite_quantization=int8 quantizes model.tflite, which only --export_tflite "
+         "writes. Add --export_tflite"),
+        (["--export_tflite", "--tflite_max_drop=-1"], "must be 0 or more"),
+    ],
+)
+def test_contradictory_tflite_flags_are_refused(args, expected):
+    with pytest.raises(absl_flags.Error) as raised:
+        parse_config(*args)
+    assert expected in str(raised.value)
+
+
+def test_quantized_tflite_with_its_export_is_accepted():
+    config, _ = parse_config("--export_tflite", "--tflite_quantization=int8")
+    assert config.tflite_quantization == "int8" and config.tflite_max_drop == 2.0
+
+
 def test_no_epochs_at_all_is_refused():
     with pytest.raises(absl_flags.Error, match="nothing to train"):
         parse_config("--head_epochs=0", "--finetune_epochs=0")

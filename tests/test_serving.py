@@ -253,6 +253,22 @@ def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
     assert "Skipped the TFLite export" not in out
     assert "its probabilities are within 0.0001 of the SavedModel's" in out
     assert os.path.getsize(os.path.join(config.model_dir, "model.tflite")) > 0
+    with open(os.path.join(config.model_dir, "metrics.json")) as file:
+        entry = json.load(file)["tflite"]
+    assert entry["quantization"] == "none" and entry["drop_points"] == 0
+    assert entry["bytes"] == os.path.getsize(os.path.join(config.model_dir, "model.tflite"))
+
+    # Predicting with the file prints what the SavedModel prints.
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, image in enumerate(np.random.default_rng(0).integers(
+            0, 256, (6, 40, 24, 3), dtype=np.uint8)):
+        Image.fromarray(image).save(images / f"{index}.png")
+    job.run_prediction(config.model_dir, str(images), top_k=2, output=None)
+    from_saved_model = capsys.readouterr().out
+    job.run_prediction(os.path.join(config.model_dir, "model.tflite"), str(images),
+                       top_k=2, output=None)
+    assert capsys.readouterr().out == from_saved_model
 
 
 def test_profile_batches_write_a_profiler_trace(finished_run):

@@ -17,6 +17,8 @@ import dataclasses
 
 # The strategy names are the distribution module's to define.
 from tl_keras.distribute import STRATEGIES
+# The TFLite variants are the export module's to define.
+from tl_keras.export import TFLITE_QUANTIZATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +208,16 @@ class Config:
         False,
         "Also write model.tflite (float32, one --image_size image) and check it "
         "against the SavedModel on test images.")
+    tflite_quantization: str = RUN.enum(
+        "none", TFLITE_QUANTIZATIONS,
+        "--export_tflite: how model.tflite stores its weights. none: float32. dynamic: "
+        "int8 weights, float activations. float16: float16 weights. int8: full-integer "
+        "post-training quantization calibrated on 200 training images; the input stays "
+        "a uint8 image. Needs --export_tflite.")
+    tflite_max_drop: float = RUN.float(
+        2.0,
+        "--export_tflite: the most test top-1 (in percentage points) model.tflite may "
+        "lose against the float model before the run warns; the file is kept either way.")
     # The flag is START,END text; the field holds (START, END).
     profile_batches: tuple | None = RUN.string(
         None,

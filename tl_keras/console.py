@@ -26,9 +26,11 @@ from absl import logging
 # A line of TensorFlow's C++ logging or absl's (severity letter, month, day),
 # the notice its libraries print before absl's C++ logging is set up, or a
 # line of TFLite's own logging ("INFO: Created TensorFlow Lite XNNPACK
-# delegate for CPU.").
+# delegate for CPU."), or the TFLite quantizer's summary of a quantized
+# conversion ("fully_quantize: 0, inference_type: 6, ...").
 _LIBRARY_LINE = re.compile(
-    r"[IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog|INFO: ")
+    r"[IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog|INFO: "
+    r"|fully_quantize: ")
 
 _native_quiet = False
 

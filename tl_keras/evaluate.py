@@ -177,25 +177,42 @@ def write_metrics(path, validation_by_phase, test, exported):
 
 @dataclasses.dataclass(frozen=True)
 class TestResults:
-    """The test split's report, its most confident mistakes, and its first images."""
+    """The test split's report, its most confident mistakes, and its first
+    images with their true and predicted classes."""
 
     report: dict
     mistakes: object
     first_images: list
+    first_labels: list
+    first_predicted: list
 
 
 def evaluate_test_split(model, batches, class_names, keep_images):
     """Evaluates on the test split in one pass, keeping what the worst-mistakes
-    grid and the TFLite check need, so neither reads it again."""
+    grid and the TFLite checks need, so neither reads it again."""
     mistakes = MostConfidentMistakes()
-    first_images = []
+    first_images, first_labels, first_predicted = [], [], []
 
     def keep(images, probabilities, labels):
         mistakes.add(images, probabilities, labels)
-        first_images.extend(images[:keep_images - len(first_images)])
+        wanted = keep_images - len(first_images)
+        first_images.extend(images[:wanted])
+        first_labels.extend(labels[:wanted])
+        first_predicted.extend(probabilities[:wanted].argmax(axis=1))
 
     probabilities, labels = predictions_and_labels(
         batches, keras_predictor(model), on_batch=keep)
     return TestResults(
         report=classification_report(probabilities, labels, class_names),
-        mistakes=mistakes, first_images=first_images)
+        mistakes=mistakes, first_images=first_images, first_labels=first_labels,
+        first_predicted=first_predicted)
+
+
+def add_to_metrics(path, name, entry):
+    """Adds `entry` to `metrics.json` under `name`, keeping what it holds."""
+    with open(path) as file:
+        metrics = json.load(file)
+    metrics[name] = entry
+    with open(path, "w") as file:
+        json.dump(metrics, file, indent=2)
+        file.write("\n")

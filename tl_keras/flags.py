@@ -36,7 +36,8 @@ class _ModeOptions:
     mode: str = _MODES.enum(
         "train", ["train", "evaluate", "predict"],
         "train: train, evaluate and export. evaluate: evaluate the finished run in "
-        "--model_dir on --split. predict: classify --images with that run's SavedModel.")
+        "--model_dir on --split. predict: classify --images with that run's SavedModel, "
+        "or with the .tflite file --model_dir names (its labels.txt beside it).")
     split: str = _MODES.enum(
         "test", ["train", "validation", "test"], "--mode=evaluate: the split.")
     images: str | None = _MODES.string(
@@ -129,6 +130,10 @@ def _validate_mode(values):
     if mode != "train" and not values["model_dir"]:
         raise flags.ValidationError(
             f"--mode={mode} needs --model_dir=RUN, the folder of a finished training run.")
+    if values["model_dir"] and values["model_dir"].endswith(".tflite") and mode != "predict":
+        raise flags.ValidationError(
+            f"--model_dir={values['model_dir']} is a .tflite file, which only "
+            f"--mode=predict takes; --mode={mode} needs a run folder.")
     if mode == "predict" and not values["images"]:
         raise flags.ValidationError(
             "--mode=predict needs --images=PATH: an image file, a folder or a glob.")
@@ -176,6 +181,22 @@ def _validate_strategy(values):
         raise flags.ValidationError(
             "--cache_features keeps each worker's features in its own memory, and "
             "doesn't train across workers yet. Drop it for --strategy=multi_worker.")
+    return True
+
+
+@flags.multi_flags_validator(["export_tflite", "tflite_quantization", "tflite_max_drop"])
+def _validate_tflite(values):
+    # Quantizing is a choice about model.tflite, so it asks for the file
+    # rather than quietly adding an export the command line didn't ask for.
+    if values["tflite_quantization"] != "none" and not values["export_tflite"]:
+        raise flags.ValidationError(
+            f"--tflite_quantization={values['tflite_quantization']} quantizes "
+            f"model.tflite, which only --export_tflite writes. Add --export_tflite, "
+            f"or drop --tflite_quantization.")
+    if values["tflite_max_drop"] < 0:
+        raise flags.ValidationError(
+            f"--tflite_max_drop={values['tflite_max_drop']:g} must be 0 or more "
+            f"(percentage points of test top-1), e.g. 2.")
     return True
 
 
@@ -314,6 +335,15 @@ def run_config(model_dir):
         flags.FLAGS(["run.py", f"--flagfile={path}"])
         config = to_config()
     return dataclasses.replace(config, model_dir=model_dir)
+
+
+def tflite_resize(tflite_path):
+    """The `--resize` of the run whose folder holds `tflite_path`, from its
+    flags.txt; `stretch`, the default, for a file copied away from its run."""
+    run_folder = os.path.dirname(tflite_path)
+    if not os.path.isfile(os.path.join(run_folder, rundir.FLAGS_FILE)):
+        return flags.FLAGS["resize"].default
+    return run_config(run_folder).resize
 
 
 def to_config():

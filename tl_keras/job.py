@@ -7,6 +7,7 @@ calls one function per `--mode`.
 
 import dataclasses
 import json
+import os
 import shlex
 
 import keras
@@ -237,29 +238,50 @@ def _evaluate_and_export(config, strategy, role, classifier, backbone, splits, p
     # Served on CPUs too: whatever the training dtype policy, everything from
     # here on computes in float32, so the test metrics are the export's own.
     model = classifier_lib.float32_copy(classifier)
-    test_metrics, test_images = _test(config, model, splits, paths, run_log,
-                                      validation_by_phase, exported)
+    test_metrics, test = _test(config, model, splits, paths, run_log,
+                               validation_by_phase, exported)
     export.write_artifacts(model, backbone.name, paths, class_names=splits.class_names,
                            image_size=config.image_size, resize=config.resize)
+    metrics = {"validation": validation_by_phase, "test": test_metrics, "exported": exported}
     if config.export_tflite:
-        export.export_checked_tflite(
-            model, paths.tflite, image_size=config.image_size, resize=config.resize,
-            test_images=test_images,
-            load_serving=lambda: predict.load_serving(config.model_dir))
+        tflite = _export_tflite(config, model, splits, paths, test)
+        if tflite:
+            evaluate.add_to_metrics(paths.metrics, "tflite", tflite)
+            metrics["tflite"] = tflite
     if role.is_chief:
         print(_summary(config, test_metrics, exported, phases, timers, splits))
-    return {"validation": validation_by_phase, "test": test_metrics, "exported": exported}
+    return metrics
+
+
+def _export_tflite(config, model, splits, paths, test):
+    """Writes model.tflite as --tflite_quantization says, with its labels file;
+    returns its metrics.json entry, or None when the converter failed."""
+    calibration = ()
+    if config.tflite_quantization == "int8":
+        calibration = pipeline.sample_images(
+            splits.train, num_examples=splits.sizes["train"],
+            count=export.TFLITE_CALIBRATION_IMAGES, seed=config.seed,
+            image_size=config.image_size, resize=config.resize)
+    return export.export_checked_tflite(
+        model, paths.tflite, image_size=config.image_size, resize=config.resize,
+        quantization=config.tflite_quantization, max_drop=config.tflite_max_drop,
+        class_names=splits.class_names, labels_path=paths.tflite_labels,
+        representative_images=calibration, test_images=test.first_images,
+        test_labels=test.first_labels, float_predicted=test.first_predicted,
+        test_examples=splits.sizes["test"],
+        load_serving=lambda: predict.load_serving(config.model_dir))
 
 
 def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
     """Evaluates the exported weights on the test split; writes metrics.json.
 
     Returns:
-        (the test metrics, the first test images, for the TFLite check).
+        (the test metrics, the `tl_keras.evaluate.TestResults`, whose first
+        images the TFLite checks use).
     """
     test = evaluate.evaluate_test_split(
         model, pipeline.split_batches(config, splits, "test"), splits.class_names,
-        keep_images=export.TFLITE_CHECK_IMAGES if config.export_tflite else 0)
+        keep_images=export.TFLITE_ACCURACY_IMAGES if config.export_tflite else 0)
     test_metrics = evaluate.summary(test.report)
     evaluate.write_metrics(paths.metrics, validation_by_phase, test_metrics, exported)
     last_epoch = config.head_epochs + config.finetune_epochs - 1
@@ -270,7 +292,7 @@ def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
         f"top-5 {test_metrics['top5']:.2%}, NLL {test_metrics['nll']:.4f}.",
         flush=True,
     )
-    return test_metrics, test.first_images
+    return test_metrics, test
 
 
 def _summary(config, test_metrics, exported, phases, timers, splits):
@@ -293,9 +315,11 @@ def _summary(config, test_metrics, exported, phases, timers, splits):
         speed = timer.steps * config.batch_size / max(timer.training_seconds, 1e-9)
         lines.append(f"Phase {phase.name}: {timer.seconds:.1f} s, training at "
                      f"{speed:,.0f} images/s.")
+    tflite = (f"{rundir.TFLITE_FILE}, {rundir.TFLITE_LABELS_FILE}, "
+              if config.export_tflite and os.path.isfile(paths.tflite) else "")
     lines += [
         f"Outputs in {config.model_dir}: {rundir.SAVED_MODEL_DIR}/, "
-        f"{rundir.KERAS_MODEL_FILE}, {rundir.METRICS_FILE}, {rundir.HISTORY_FILE}, "
+        f"{rundir.KERAS_MODEL_FILE}, {tflite}{rundir.METRICS_FILE}, {rundir.HISTORY_FILE}, "
         f"{rundir.PLOTS_DIR}/, {rundir.TENSORBOARD_DIR}/.",
         "Look further:",
         f"  tensorboard --logdir {shlex.quote(paths.tensorboard)}",
@@ -337,16 +361,25 @@ def run_evaluation(config, split):
     return report
 
 
-def run_prediction(model_dir, images, top_k, output):
-    """Predicts the top-k classes of image files with a finished run's SavedModel.
+def run_prediction(model, images, top_k, output, resize="stretch"):
+    """Predicts the top-k classes of image files with a finished run's
+    SavedModel, or with a `.tflite` file and the labels file beside it.
+
+    Args:
+        model: a run folder, or a `.tflite` file.
+        resize: for a `.tflite` file, how images are brought to its size: the
+            run's `--resize`.
 
     Returns:
         The predictions, as written by `tl_keras.predict.predict_files`.
     """
-    serving = predict.load_serving(model_dir)
-    with open(rundir.RunPaths(model_dir).class_names) as file:
-        class_names = json.load(file)
-    return predict.predict_files(serving, images, class_names, top_k, output)
+    if model.endswith(".tflite"):
+        classify, class_names = predict.load_tflite(model, resize)
+    else:
+        classify = predict.serving_bytes_classifier(predict.load_serving(model))
+        with open(rundir.RunPaths(model).class_names) as file:
+            class_names = json.load(file)
+    return predict.predict_files(classify, images, class_names, top_k, output)
 
 
 def _jit_compile(setting):

@@ -147,6 +147,26 @@ def _as_rgb(examples):
     )
 
 
+def sample_images(examples, *, num_examples, count, seed, image_size, resize):
+    """`count` images of `examples` chosen by `seed` (all of them when there
+    are fewer), brought to `image_size` as the SavedModel brings its input.
+
+    Reads `examples` once, whatever their order, so the sample spreads over a
+    split that is sorted by class.
+
+    Returns:
+        uint8 `[count, image_size, image_size, 3]`, in the split's order.
+    """
+    count = min(count, num_examples)
+    chosen = np.sort(np.random.default_rng(seed).choice(num_examples, count, replace=False))
+    wanted = tf.constant(chosen, tf.int64)
+    picked = _as_rgb(examples).enumerate().filter(
+        lambda index, example: tf.reduce_any(tf.equal(index, wanted)))
+    return np.stack([resize_uint8(image, image_size, resize).numpy()
+                     for _, (image, _label) in picked.as_numpy_iterator()]
+                    if count else np.zeros([0, image_size, image_size, 3], np.uint8))
+
+
 def resize_uint8(image, size, method):
     """Resizes one uint8 image to `size` x `size`, keeping uint8.
 

@@ -1,5 +1,5 @@
-"""Predicting with a finished run's SavedModel: the artifact a server loads, so
-what people try is what they ship."""
+"""Predicting with a finished run's SavedModel, or its model.tflite: the
+artifacts a server or a phone loads, so what people try is what they ship."""
 
 import csv
 import glob
@@ -8,8 +8,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tl_keras import console
 from tl_keras import export
 from tl_keras import image_io
+from tl_keras import pipeline
 from tl_keras import rundir
 from tl_keras.errors import UsageError
 
@@ -29,6 +31,57 @@ def load_serving(model_dir):
             f"(python run.py --model_dir={model_dir} ... trains one)."
         )
     return tf.saved_model.load(path)
+
+
+def serving_bytes_classifier(serving):
+    """The SavedModel's `serving_bytes`: encoded images in, `probabilities` out."""
+    return serving.signatures[export.BYTES_SIGNATURE]
+
+
+def load_tflite(path, resize):
+    """A `.tflite` file from `--export_tflite` as a classifier of encoded images,
+    with the class names from the labels file beside it.
+
+    Args:
+        path: the `.tflite` file.
+        resize: `stretch` or `crop`, as the run trained; images are brought to
+            the file's input size this way, as `serving_bytes` brings them.
+
+    Returns:
+        (a function from `image_bytes`, string `[n]`, to `{"probabilities":
+        [n, classes]}`, as `serving_bytes_classifier`'s; the class names).
+
+    Raises:
+        UsageError: when the file or its labels file is missing.
+    """
+    labels_path = os.path.join(os.path.dirname(path), rundir.TFLITE_LABELS_FILE)
+    if not os.path.isfile(path):
+        raise UsageError(f"No such file: {path}.")
+    if not os.path.isfile(labels_path):
+        raise UsageError(
+            f"No {rundir.TFLITE_LABELS_FILE} beside {path}: --export_tflite writes the "
+            f"class names there, one per line; copy it along with the .tflite file.")
+    with open(labels_path, encoding="utf-8") as file:
+        class_names = file.read().splitlines()
+    # The interpreter announces its CPU delegate on stderr as it starts.
+    with console.native_chatter_dropped():
+        interpreter = tf.lite.Interpreter(model_path=path)
+        interpreter.allocate_tensors()
+    source = interpreter.get_input_details()[0]
+    target = interpreter.get_output_details()[0]["index"]
+    size = int(source["shape"][1])
+
+    def classify(image_bytes):
+        probabilities = []
+        # The file takes one image per call.
+        for encoded in tf.unstack(image_bytes):
+            image = pipeline.resize_uint8(image_io.decode_image(encoded), size, resize)
+            interpreter.set_tensor(source["index"], image.numpy()[None])
+            interpreter.invoke()
+            probabilities.append(interpreter.get_tensor(target)[0].copy())
+        return {"probabilities": tf.constant(np.stack(probabilities))}
+
+    return classify, class_names
 
 
 def serving_predictor(serving):
@@ -63,14 +116,15 @@ def image_files(spec):
     return sorted(found)
 
 
-def predict_files(serving, spec, class_names, top_k, output=None):
+def predict_files(classify, spec, class_names, top_k, output=None):
     """Prints (and optionally writes as CSV) the top-k classes of each image.
 
     Files that can't be read as images are reported by name and skipped; the
     rest are still predicted.
 
     Args:
-        serving: a loaded SavedModel from `load_serving`.
+        classify: a function from encoded images to their probabilities:
+            `serving_bytes_classifier`'s or `load_tflite`'s.
         spec: a file, a folder or a glob.
         class_names: the run's class names, by label.
         top_k: how many classes to report per image.
@@ -79,7 +133,6 @@ def predict_files(serving, spec, class_names, top_k, output=None):
     Returns:
         A list of (path, [(class name, probability), ...]) for the predicted files.
     """
-    classify = serving.signatures[export.BYTES_SIGNATURE]
     k = min(top_k, len(class_names))
     predictions, failures = [], []
     paths = image_files(spec)

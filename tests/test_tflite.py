@@ -1,0 +1,152 @@
+"""model.tflite's variants (--tflite_quantization), their metrics.json entry,
+the labels file beside them, and predicting with a .tflite file."""
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import sliced_mock
+from conftest import TEST_BACKBONE, parse_config
+from tl_keras import job
+
+pytest.importorskip("tensorflow.lite.python.lite",
+                    reason="this TensorFlow has no TFLite converter")
+
+# The mock splits hold this many examples each; a run keeps every test image.
+EXAMPLES = 40
+
+
+def _train(tmp_path, *args, **config_changes):
+    """A one-epoch smoke run that exports model.tflite; (config, metrics, stdout)."""
+    config, flagfile_text = parse_config(
+        TEST_BACKBONE, f"--model_dir={tmp_path / 'run'}", "--export_tflite",
+        "--finetune_epochs=0", "--batch_size=16", *args)
+    # Changes no command line can make, such as a negative --tflite_max_drop.
+    config = dataclasses.replace(config, **config_changes)
+    printed = io.StringIO()
+    with sliced_mock.mock_data(num_examples=EXAMPLES), contextlib.redirect_stdout(printed):
+        metrics = job.run_training(config, flagfile_text=flagfile_text, verbose=0)
+    return config, metrics, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory):
+    # A threshold below any drop, so the warning must appear.
+    return _train(tmp_path_factory.mktemp("int8"), "--tflite_quantization=int8",
+                  tflite_max_drop=-1.0)
+
+
+def _interpreter(config):
+    interpreter = tf.lite.Interpreter(os.path.join(config.model_dir, "model.tflite"))
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def test_int8_file_takes_uint8_images_and_computes_in_int8(int8_run):
+    config, _, _ = int8_run
+    interpreter = _interpreter(config)
+    [source] = interpreter.get_input_details()
+    assert source["dtype"] == np.uint8
+    assert list(source["shape"]) == [1, config.image_size, config.image_size, 3]
+    assert interpreter.get_output_details()[0]["dtype"] == np.float32
+    dtypes = [detail["dtype"] for detail in interpreter.get_tensor_details()]
+    # Weights and activations in int8: only the input, its cast and the
+    # dequantized output stay outside it.
+    assert dtypes.count(np.int8) > 5 * dtypes.count(np.float32), dtypes
+
+
+def _model_parameters(config):
+    model = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"))
+    return model.count_params()
+
+
+def _check_tflite_entry(config, metrics, quantization, bytes_per_parameter):
+    with open(os.path.join(config.model_dir, "metrics.json")) as file:
+        written = json.load(file)["tflite"]
+    assert written == metrics["tflite"]
+    assert written["quantization"] == quantization
+    assert written["bytes"] == os.path.getsize(os.path.join(config.model_dir, "model.tflite"))
+    low, high = bytes_per_parameter
+    assert low <= written["bytes"] / _model_parameters(config) <= high, written
+    assert written["images"] == EXAMPLES
+    assert 0 <= written["top1"] <= 1 and 0 <= written["float_top1"] <= 1
+    assert written["float_top1"] == pytest.approx(metrics["test"]["top1"])
+    assert written["drop_points"] == pytest.approx(
+        100 * (written["float_top1"] - written["top1"]), abs=1e-3)
+
+
+def test_int8_run_writes_its_tflite_entry(int8_run):
+    config, metrics, printed = int8_run
+    _check_tflite_entry(config, metrics, "int8", bytes_per_parameter=(0.9, 1.3))
+    # 40 examples in train, less validation's 10%: all are calibration images.
+    assert "bytes, calibrated on 36 training images) and labels.txt" in printed
+    assert (f"test top-1 {metrics['tflite']['top1']:.2%} on all {EXAMPLES} test images"
+            in printed)
+
+
+@pytest.mark.parametrize("quantization, bytes_per_parameter",
+                         [("dynamic", (0.9, 1.3)), ("float16", (1.8, 2.4))])
+def test_each_quantization_writes_its_tflite_entry(tmp_path, quantization,
+                                                   bytes_per_parameter):
+    config, metrics, printed = _train(tmp_path, f"--tflite_quantization={quantization}")
+    _check_tflite_entry(config, metrics, quantization, bytes_per_parameter)
+    assert "Skipped the TFLite export" not in printed
+
+
+def test_a_drop_past_the_threshold_is_said_plainly_and_the_file_kept(int8_run):
+    config, _, printed = int8_run
+    assert "Warning: the int8 model.tflite loses" in printed
+    assert "more than --tflite_max_drop=-1. The file is kept. Likely causes:" in printed
+    assert "calibration images (it used 36 training images)" in printed
+    assert os.path.getsize(os.path.join(config.model_dir, "model.tflite")) > 0
+
+
+def test_the_labels_file_lists_the_class_names_in_order(int8_run):
+    config, _, _ = int8_run
+    with open(os.path.join(config.model_dir, "class_names.json")) as file:
+        class_names = json.load(file)
+    with open(os.path.join(config.model_dir, "labels.txt"), encoding="utf-8") as file:
+        assert file.read() == "".join(f"{name}\n" for name in class_names)
+
+
+def _image_folder(path, count=8):
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        # Smooth images with a bright square, unlike the noise the model was
+        # trained on, so the classes differ from image to image.
+        image = np.full((32, 32, 3), rng.integers(0, 256, 3), np.uint8)
+        corner = rng.integers(0, 24, 2)
+        image[corner[0]:corner[0] + 8, corner[1]:corner[1] + 8] = 255
+        Image.fromarray(image).save(path / f"{index}.png")
+    return path
+
+
+def _top1(predictions):
+    return {os.path.basename(path): ranked[0][0] for path, ranked in predictions}
+
+
+def test_predict_on_the_int8_file_names_the_saved_models_classes(int8_run, tmp_path,
+                                                                 capsys):
+    config, _, _ = int8_run
+    images = str(_image_folder(tmp_path / "images"))
+    from_saved_model = job.run_prediction(config.model_dir, images, top_k=3, output=None)
+    capsys.readouterr()
+    tflite = os.path.join(config.model_dir, "model.tflite")
+    from_tflite = job.run_prediction(tflite, images, top_k=3, output=None)
+
+    printed = capsys.readouterr().out
+    assert "Predicted 8 image(s); skipped 0." in printed
+    assert len(from_tflite) == 8 and all(len(ranked) == 3 for _, ranked in from_tflite)
+    # int8 rounds the probabilities, so a near tie may go the other way.
+    saved, quantized = _top1(from_saved_model), _top1(from_tflite)
+    agree = sum(saved[name] == quantized[name] for name in saved)
+    assert agree >= 6, (saved, quantized)
