@@ -44,7 +44,8 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "slow: a whole run in processes of its own (killed and resumed, a cluster, "
-        "another backend) or a large network; skipped without --slow")
+        "another backend), a large network, or a run that repeats what a faster test "
+        "checks for another setting; skipped without --slow")
 
 
 def pytest_collection_modifyitems(config, items):

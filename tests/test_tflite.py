@@ -92,6 +92,7 @@ def test_int8_run_writes_its_tflite_entry(int8_run):
             in printed)
 
 
+@pytest.mark.slow  # Two whole runs; int8's and none's entries are checked without --slow.
 @pytest.mark.parametrize("quantization, bytes_per_parameter",
                          [("dynamic", (0.9, 1.3)), ("float16", (1.8, 2.4))])
 def test_each_quantization_writes_its_tflite_entry(tmp_path, quantization,
