@@ -93,3 +93,16 @@ def test_the_readme_lists_all_of_an_enums_choices_or_none(name):
     if shown & choices:
         assert shown == choices, (
             f"the README's row of --{name} lists {sorted(shown)}; its choices are {sorted(choices)}")
+
+
+def test_the_option_definitions_import_no_stage_and_no_tensorflow():
+    # Config is a plain object: the choices of --strategy and
+    # --tflite_quantization live beside it, not in the modules that use them.
+    import subprocess
+    import sys
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, tl_keras.config; print(sorted(sys.modules))"],
+        capture_output=True, text=True, check=True).stdout
+    assert "'tensorflow'" not in loaded
+    assert "'tl_keras.distribute'" not in loaded and "'tl_keras.export'" not in loaded

@@ -15,10 +15,11 @@ default to None, which `tl_keras.flags.to_config` works out into a value.
 
 import dataclasses
 
-# The strategy names are the distribution module's to define.
-from tl_keras.distribute import STRATEGIES
-# The TFLite variants are the export module's to define.
-from tl_keras.export import TFLITE_QUANTIZATIONS
+# The choices of two options, here with the rest of their definitions, so that
+# this plain-object module imports nothing of the stages (nor TensorFlow);
+# tl_keras.distribute and tl_keras.export import them from here.
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+TFLITE_QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from tl_keras import rundir
+from tl_keras.config import STRATEGIES
 from tl_keras import runstate
 from tl_keras.errors import UsageError
 
@@ -47,8 +48,6 @@ def describe(strategy):
         return "the CPU (TensorFlow's default strategy)"
     return type(strategy).__name__
 
-
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 
 
 def create_strategy(name, tpu_address=None):

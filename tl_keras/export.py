@@ -19,6 +19,7 @@ from tl_keras import image_io
 from tl_keras import pipeline
 from tl_keras import progress
 from tl_keras import rundir
+from tl_keras.config import TFLITE_QUANTIZATIONS
 
 SERVING_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serving_bytes"
@@ -30,10 +31,9 @@ DEFAULT_TOP_K = 5
 # this many test images.
 TFLITE_TOLERANCE = 1e-4
 TFLITE_CHECK_IMAGES = 32
-# --tflite_quantization's choices, and how the console names each file.
+# How the console names the file of each of --tflite_quantization's choices.
 TFLITE_DESCRIPTIONS = {"none": "float32", "dynamic": "dynamic-range (int8 weights)",
                        "float16": "float16", "int8": "full-integer int8"}
-TFLITE_QUANTIZATIONS = tuple(TFLITE_DESCRIPTIONS)
 # Every variant's top-1 is measured on at most this many test images, kept in
 # memory at --image_size (2,000 at 224 px take 300 MB).
 TFLITE_ACCURACY_IMAGES = 2000
