@@ -68,3 +68,41 @@ def test_missing_class_folders_are_named_before_any_run(tmp_path):
     assert result.returncode != 0
     assert "lacks train/automobile" in result.stderr
     assert not (tmp_path / "work").exists(), "nothing should start on bad data"
+
+
+def test_source_and_target_classes_can_be_swapped(experiment):
+    source = _flag_values(experiment.source_flags("DATA", experiment.FULL,
+                                                  experiment.TARGET_CLASSES))
+    target = _flag_values(experiment.target_flags("DATA", 100, "both", experiment.FULL,
+                                                  "SRC.h5", experiment.SOURCE_CLASSES))
+    assert source["classes"] == ",".join(experiment.TARGET_CLASSES)
+    assert target["classes"] == ",".join(experiment.SOURCE_CLASSES)
+
+
+def test_a_class_in_both_source_and_target_is_refused(tmp_path):
+    result = subprocess.run(
+        [sys.executable, SCRIPT, f"--data={tmp_path}", f"--work_dir={tmp_path / 'work'}",
+         "--source_classes=cat,dog", "--target_classes=dog,frog"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "share dog" in result.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_finished_run_made_by_another_command_is_not_reported(experiment, tmp_path):
+    """After a recipe change, a rerun in the same folder must not pass the old
+    run's figures off as the new recipe's."""
+    import json
+
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "COMPLETE").write_text("")
+    (tmp_path / "source" / "metrics.json").write_text(json.dumps({"test": {"top1": 0.5}}))
+    (tmp_path / "times.json").write_text(json.dumps({"source": 10.0}))
+    old_flags = [*experiment.COMMON_FLAGS, "--augment=none"]
+    (tmp_path / "commands.json").write_text(json.dumps({"source": old_flags}))
+    runner = experiment.Runner(str(tmp_path), total=1)
+
+    assert runner.run("source", "source", ["--augment=none"]) == (50.0, 10.0)
+    with pytest.raises(SystemExit, match="--augment=basic --augment=none"):
+        runner.run("source", "source", ["--augment=basic"])
