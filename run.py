@@ -32,6 +32,7 @@ def main(argv):
                 # A progress bar in a terminal; one line per epoch in a log file.
                 verbose="auto" if sys.stdout.isatty() else 2,
                 overwrite=settings["overwrite"],
+                given_flags=flags.given_flags(),
             )
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -209,10 +209,11 @@ def _validate_epochs(values):
     return True
 
 
-@flags.multi_flags_validator(["warmup_epochs", "finetune_epochs"])
+@flags.multi_flags_validator(["warmup_epochs", "finetune_epochs", "recipe"])
 def _validate_warmup(values):
     warmup, finetune = values["warmup_epochs"], values["finetune_epochs"]
-    if finetune and warmup >= finetune:
+    # --recipe=auto may choose either, and checks the two once it has.
+    if finetune and warmup >= finetune and values["recipe"] != "auto":
         raise flags.ValidationError(
             f"--warmup_epochs={warmup} leaves no fine-tuning after warmup "
             f"(--finetune_epochs={finetune}); pass a --warmup_epochs below "
@@ -364,6 +365,13 @@ def to_config():
         ),
     )
     return Config(**values)
+
+
+def given_flags():
+    """The names of the run's options set on the command line or in a flagfile,
+    defaults left out: those `--recipe=auto` keeps as they are."""
+    return frozenset(field.name for field in dataclasses.fields(Config)
+                     if flags.FLAGS[field.name].present)
 
 
 def to_flagfile():

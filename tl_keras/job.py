@@ -31,7 +31,8 @@ from tl_keras import sources
 from tl_keras import train
 
 
-def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
+def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
+                 given_flags=frozenset()):
     """Trains, evaluates and exports one model as `config` says.
 
     Everything that can fail on bad input (flags, replicas, dataset, weights,
@@ -42,6 +43,7 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
         flagfile_text: the effective flags, written to `flags.txt` for reruns.
         verbose: `model.fit`'s verbosity.
         overwrite: start afresh in a `--model_dir` that holds an earlier run.
+        given_flags: the options given explicitly, which `--recipe=auto` keeps.
 
     Returns:
         The metrics written to `metrics.json`.
@@ -54,6 +56,13 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
     strategy, backbone = _strategy_and_backbone(config)
     role = distribute.worker_role(strategy)
     config = _this_workers_config(config, role)
+    splits = None
+    if config.recipe == "auto":
+        # Its choices depend on the training set's size and go into flags.txt,
+        # which a rerun's flags must match to resume: so the data is read
+        # before the folder is claimed, and a rerun on the same data resumes.
+        splits = sources.load_splits(config)
+        config, flagfile_text = _auto_recipe(config, flagfile_text, splits, given_flags)
     with rundir.claim(config.model_dir, flagfile_text, overwrite) as state:
         if role.num_workers > 1:
             state = distribute.agreed_state(strategy, role, config.model_dir, state)
@@ -64,7 +73,7 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
         else:
             print(f"Run folder: {config.model_dir}", flush=True)
         metrics = _train_evaluate_export(config, strategy, role, backbone, flagfile_text,
-                                         state, verbose)
+                                         state, verbose, splits)
         rundir.mark_complete(config.model_dir)
         if not role.is_chief:
             rundir.discard_worker_outputs(config.model_dir)
@@ -122,17 +131,23 @@ def _already_complete(config, role):
         return json.load(file)
 
 
+def _auto_recipe(config, flagfile_text, splits, given_flags):
+    """`--recipe=auto`: prints its choices; returns `config` and `flagfile_text`
+    with them."""
+    chosen = recipe.auto_recipe(splits.sizes["train"], config, given_flags)
+    print("\n".join(chosen.lines), flush=True)
+    return (dataclasses.replace(config, **chosen.values),
+            rundir.with_flag_values(flagfile_text, chosen.values))
+
+
 def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, state,
-                           verbose):
-    splits = sources.load_splits(config)
+                           verbose, splits=None):
+    splits = splits or sources.load_splits(config)
     steps = recipe.training_steps_per_epoch(
         splits.sizes["train"], config.batch_size, config.steps_per_epoch
     )
-    train_batches = pipeline.training_batches(
-        splits.train, num_examples=splits.sizes["train"], seed=config.seed,
-        repeat=config.steps_per_epoch is not None, augment=config.augment,
-        mixup=config.mixup, cutmix=config.cutmix, **pipeline.batch_settings(config, splits),
-    )
+    train_batches = _training_batches(config, splits,
+                                      repeat=config.steps_per_epoch is not None)
     validation_batches = pipeline.split_batches(config, splits, "validation")
     classifier = _classifier(config, strategy, backbone, splits)
 
@@ -179,6 +194,14 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
     return _evaluate_and_export(
         config, strategy, role, classifier, backbone, splits, phases, paths, run_log,
         timers, train_batches, validation_batches, validation_by_phase)
+
+
+def _training_batches(config, splits, repeat):
+    return pipeline.training_batches(
+        splits.train, num_examples=splits.sizes["train"], seed=config.seed,
+        repeat=repeat, augment=config.augment, mixup=config.mixup, cutmix=config.cutmix,
+        **pipeline.batch_settings(config, splits),
+    )
 
 
 def _classifier(config, strategy, backbone, splits):

@@ -230,6 +230,26 @@ def _describe_differences(stored, given):
     return "; ".join(parts[:6])
 
 
+def with_flag_values(flagfile_text, values):
+    """`flagfile_text` with these flags set to these values, each on its own
+    `--name=value` line (absl's form for every flag but booleans), replacing
+    the flag's line or appended after the others.
+
+    Args:
+        flagfile_text: a flags.txt text, as `tl_keras.flags.to_flagfile` writes.
+        values: {flag name: int, float or string value}.
+    """
+    lines = flagfile_text.splitlines()
+    for name, value in values.items():
+        line = f"--{name}={value}"
+        places = [i for i, text in enumerate(lines) if text.startswith(f"--{name}=")]
+        if places:
+            lines[places[0]] = line
+        else:
+            lines.append(line)
+    return "".join(f"{line}\n" for line in lines)
+
+
 def _flag_lines(text):
     return {line for line in text.splitlines() if line and not line.startswith("#")}
 
