@@ -2,7 +2,8 @@
 
 Training is sources -> pipeline -> backbones -> classifier -> recipe -> train
 -> evaluate -> export, each a plain function of the one before. `run.py`
-calls one function per `--mode`.
+calls one function per `--mode`; `--mode=find_lr` builds the data and model
+as training does and runs `tl_keras.lr_finder` on them.
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ from tl_keras import evaluate
 from tl_keras import export
 from tl_keras import features
 from tl_keras import finetune
+from tl_keras import lr_finder
 from tl_keras import monitor
 from tl_keras import pipeline
 from tl_keras import plots
@@ -359,6 +361,52 @@ def _describe_export(exported):
     return (f"weights of epoch {exported['epoch']} ({exported['phase']} phase; "
             f"--export_weights={exported['weights']}: {which} "
             f"{exported['validation']['top1']:.2%})")
+
+
+def run_find_lr(config, phase, steps, given_flags=frozenset()):
+    """`--mode=find_lr`: a learning-rate range test of one phase, set up as
+    training sets it up, written to `--model_dir/find_lr/` and TensorBoard.
+
+    It holds the folder's lock and writes nothing but `find_lr/`, so a run
+    there keeps its checkpoints, progress and flags as they were.
+
+    Args:
+        config, given_flags: as for `run_training`.
+        phase: `head` or `finetune`.
+        steps: the steps the learning rate rises over.
+
+    Returns:
+        The `tl_keras.lr_finder.RangeTest`.
+    """
+    strategy, backbone = _strategy_and_backbone(config)
+    paths = rundir.RunPaths(config.model_dir)
+    with rundir.claim_for_find_lr(config.model_dir):
+        splits = sources.load_splits(config)
+        if config.recipe == "auto":
+            config, _ = _auto_recipe(config, "", splits, given_flags)
+        # Repeated batches would fill a batch from fewer examples; training won't.
+        recipe.training_steps_per_epoch(splits.sizes["train"], config.batch_size, None)
+        classifier = _classifier(config, strategy, backbone, splits)
+        trained = lr_finder.set_up_phase(
+            classifier, backbone, phase, unfreeze=config.unfreeze,
+            train_batchnorm=config.batchnorm == "train",
+            trained_head=lr_finder.trained_head(paths, phase, config.head_epochs))
+        test = lr_finder.range_test(
+            classifier, _training_batches(config, splits, repeat=True), steps=steps,
+            phase=phase, trained=trained, optimizer=config.optimizer,
+            weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
+            jit_compile=_jit_compile(config.jit_compile), scope=strategy.scope)
+        png = lr_finder.write_curve(paths, phase, test, title=(
+            f"Learning-rate range test, {phase} phase ({config.backbone})"))
+        monitor.RunLog(paths.find_lr_tensorboard).image(
+            f"find_lr/{phase}", png, step=0,
+            description="Training loss against learning rate, the suggestion marked.")
+    scale = recipe.learning_rate_scale(config.batch_size, config.lr_scaling)
+    print("\n".join([
+        *lr_finder.summary(test, phase, scale),
+        f"Wrote {phase}.csv and {phase}.png to {os.path.dirname(paths.find_lr_csv(phase))}.",
+        f"  tensorboard --logdir {shlex.quote(paths.find_lr_tensorboard)}"]), flush=True)
+    return test
 
 
 def run_evaluation(config, split):
