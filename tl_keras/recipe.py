@@ -1,5 +1,5 @@
 """The training recipe: the two phases, their optimizer, learning rates,
-loss and metrics.
+loss and metrics; and `--recipe=auto`'s choices by the training set's size.
 
 Backend-agnostic: only `keras`. Plain values and functions: `tl_keras.train`
 runs the phases this module lays out.
@@ -303,11 +303,13 @@ def _augmentation(config, given, band):
 
 
 def _describe_band(band):
-    lower = max([b.below for b in HYPERRULE_BANDS if b.below < band.below], default=0)
+    index = HYPERRULE_BANDS.index(band)
+    if not index:
+        return f"under {band.below:,} images"
+    lower = HYPERRULE_BANDS[index - 1].below
     if band.below == math.inf:
         return f"{lower:,} images or more"
-    return f"under {band.below:,} images" if not lower else (
-        f"{lower:,} to {band.below:,} images")
+    return f"{lower:,} to {band.below:,} images"
 
 
 class _Choices:
