@@ -25,6 +25,9 @@ def main(argv):
             resize = flags.tflite_resize(model) if model.endswith(".tflite") else None
             job.run_prediction(model, settings["images"], settings["top_k"],
                                settings["output"], resize=resize)
+        elif settings["mode"] == "find_lr":
+            job.run_find_lr(flags.to_config(), settings["find_lr_phase"],
+                            settings["find_lr_steps"], given_flags=flags.given_flags())
         else:
             job.run_training(
                 flags.to_config(),
@@ -32,6 +35,7 @@ def main(argv):
                 # A progress bar in a terminal; one line per epoch in a log file.
                 verbose="auto" if sys.stdout.isatty() else 2,
                 overwrite=settings["overwrite"],
+                given_flags=flags.given_flags(),
             )
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -143,6 +143,12 @@ class Config:
         "evaluation and the exported model all do the same.")
     dropout: float = MODEL.float(0.2, "Dropout rate before the head.")
 
+    recipe: str = TRAINING.enum(
+        "manual", ["manual", "auto"],
+        "manual: the epochs, warmup, augmentation and MixUp are the flags' values. "
+        "auto: those not given are chosen from the number of training images, after "
+        "BiT's HyperRule; the run prints each choice and why, and flags.txt records "
+        "them. A flag given explicitly, on the command line or in a flagfile, wins.")
     batch_size: int = TRAINING.integer(64, "Global batch size, split across all replicas.")
     head_epochs: int = TRAINING.integer(
         3, "Phase 1: epochs training the head on the frozen backbone.")

@@ -34,10 +34,12 @@ class _ModeOptions:
     Never instantiated: only its fields are read, defined like `Config`'s.
     """
     mode: str = _MODES.enum(
-        "train", ["train", "evaluate", "predict"],
+        "train", ["train", "evaluate", "predict", "find_lr"],
         "train: train, evaluate and export. evaluate: evaluate the finished run in "
         "--model_dir on --split. predict: classify --images with that run's SavedModel, "
-        "or with the .tflite file --model_dir names (its labels.txt beside it).")
+        "or with the .tflite file --model_dir names (its labels.txt beside it). "
+        "find_lr: a learning-rate range test of --find_lr_phase, written to "
+        "--model_dir/find_lr/; it changes nothing else there.")
     split: str = _MODES.enum(
         "test", ["train", "validation", "test"], "--mode=evaluate: the split.")
     images: str | None = _MODES.string(
@@ -45,6 +47,13 @@ class _ModeOptions:
     top_k: int = _MODES.integer(5, "--mode=predict: classes shown per image.")
     output: str | None = _MODES.string(
         None, "--mode=predict: also write the predictions to this CSV file.")
+    find_lr_phase: str = _MODES.enum(
+        "head", ["head", "finetune"],
+        "--mode=find_lr: the phase whose learning rate is tested, set up as training "
+        "sets it up. finetune starts from the head phase's end weights of the run in "
+        "--model_dir when it has them, else from an untrained head.")
+    find_lr_steps: int = _MODES.integer(
+        100, "--mode=find_lr: training steps over which the rate rises from 1e-7 to 1.")
     overwrite: bool = config_lib.RUN.boolean(
         False,
         "Train afresh in a --model_dir that holds a complete or unfinished run, "
@@ -114,6 +123,7 @@ _check("train_examples_per_class", lambda v: v >= 1,
 _check("mixup", lambda v: v >= 0, "must be 0 (off) or a positive alpha, e.g. 0.2.")
 _check("cutmix", lambda v: v >= 0, "must be 0 (off) or a positive alpha, e.g. 1.0.")
 _check("top_k", lambda v: v >= 1, "must be at least 1.")
+_check("find_lr_steps", lambda v: v >= 10, "must be at least 10, e.g. 100.")
 _check("profile_batches",
        lambda v: re.fullmatch(r"\d+,\d+", v) and 0 < int(v.split(",")[0]) <= int(v.split(",")[1]),
        "pass START,END batch numbers, 1 <= START <= END, e.g. 10,20.")
@@ -127,7 +137,7 @@ _check("unfreeze", lambda v: v == "all" or (v.isdigit() and int(v) > 0) or
 @flags.multi_flags_validator(["mode", "model_dir", "images"])
 def _validate_mode(values):
     mode = values["mode"]
-    if mode != "train" and not values["model_dir"]:
+    if mode in ("evaluate", "predict") and not values["model_dir"]:
         raise flags.ValidationError(
             f"--mode={mode} needs --model_dir=RUN, the folder of a finished training run.")
     if values["model_dir"] and values["model_dir"].endswith(".tflite") and mode != "predict":
@@ -137,6 +147,14 @@ def _validate_mode(values):
     if mode == "predict" and not values["images"]:
         raise flags.ValidationError(
             "--mode=predict needs --images=PATH: an image file, a folder or a glob.")
+    return True
+
+
+@flags.multi_flags_validator(["mode", "strategy"])
+def _validate_find_lr(values):
+    if values["mode"] == "find_lr" and values["strategy"] == "multi_worker":
+        raise flags.ValidationError(
+            "--mode=find_lr runs on one machine; drop --strategy=multi_worker.")
     return True
 
 
@@ -209,10 +227,11 @@ def _validate_epochs(values):
     return True
 
 
-@flags.multi_flags_validator(["warmup_epochs", "finetune_epochs"])
+@flags.multi_flags_validator(["warmup_epochs", "finetune_epochs", "recipe"])
 def _validate_warmup(values):
     warmup, finetune = values["warmup_epochs"], values["finetune_epochs"]
-    if finetune and warmup >= finetune:
+    # --recipe=auto may choose either, and checks the two once it has.
+    if finetune and warmup >= finetune and values["recipe"] != "auto":
         raise flags.ValidationError(
             f"--warmup_epochs={warmup} leaves no fine-tuning after warmup "
             f"(--finetune_epochs={finetune}); pass a --warmup_epochs below "
@@ -364,6 +383,13 @@ def to_config():
         ),
     )
     return Config(**values)
+
+
+def given_flags():
+    """The names of the run's options set on the command line or in a flagfile,
+    defaults left out: those `--recipe=auto` keeps as they are."""
+    return frozenset(field.name for field in dataclasses.fields(Config)
+                     if flags.FLAGS[field.name].present)
 
 
 def to_flagfile():

@@ -2,7 +2,8 @@
 
 Training is sources -> pipeline -> backbones -> classifier -> recipe -> train
 -> evaluate -> export, each a plain function of the one before. `run.py`
-calls one function per `--mode`.
+calls one function per `--mode`; `--mode=find_lr` builds the data and model
+as training does and runs `tl_keras.lr_finder` on them.
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ from tl_keras import evaluate
 from tl_keras import export
 from tl_keras import features
 from tl_keras import finetune
+from tl_keras import lr_finder
 from tl_keras import monitor
 from tl_keras import pipeline
 from tl_keras import plots
@@ -31,7 +33,8 @@ from tl_keras import sources
 from tl_keras import train
 
 
-def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
+def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
+                 given_flags=frozenset()):
     """Trains, evaluates and exports one model as `config` says.
 
     Everything that can fail on bad input (flags, replicas, dataset, weights,
@@ -42,6 +45,7 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
         flagfile_text: the effective flags, written to `flags.txt` for reruns.
         verbose: `model.fit`'s verbosity.
         overwrite: start afresh in a `--model_dir` that holds an earlier run.
+        given_flags: the options given explicitly, which `--recipe=auto` keeps.
 
     Returns:
         The metrics written to `metrics.json`.
@@ -54,6 +58,13 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
     strategy, backbone = _strategy_and_backbone(config)
     role = distribute.worker_role(strategy)
     config = _this_workers_config(config, role)
+    splits = None
+    if config.recipe == "auto":
+        # Its choices depend on the training set's size and go into flags.txt,
+        # which a rerun's flags must match to resume: so the data is read
+        # before the folder is claimed, and a rerun on the same data resumes.
+        splits = sources.load_splits(config)
+        config, flagfile_text = _auto_recipe(config, flagfile_text, splits, given_flags)
     with rundir.claim(config.model_dir, flagfile_text, overwrite) as state:
         if role.num_workers > 1:
             state = distribute.agreed_state(strategy, role, config.model_dir, state)
@@ -64,7 +75,7 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
         else:
             print(f"Run folder: {config.model_dir}", flush=True)
         metrics = _train_evaluate_export(config, strategy, role, backbone, flagfile_text,
-                                         state, verbose)
+                                         state, verbose, splits)
         rundir.mark_complete(config.model_dir)
         if not role.is_chief:
             rundir.discard_worker_outputs(config.model_dir)
@@ -122,17 +133,23 @@ def _already_complete(config, role):
         return json.load(file)
 
 
+def _auto_recipe(config, flagfile_text, splits, given_flags):
+    """`--recipe=auto`: prints its choices; returns `config` and `flagfile_text`
+    with them."""
+    chosen = recipe.auto_recipe(splits.sizes["train"], config, given_flags)
+    print("\n".join(chosen.lines), flush=True)
+    return (dataclasses.replace(config, **chosen.values),
+            rundir.with_flag_values(flagfile_text, chosen.values))
+
+
 def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, state,
-                           verbose):
-    splits = sources.load_splits(config)
+                           verbose, splits=None):
+    splits = splits or sources.load_splits(config)
     steps = recipe.training_steps_per_epoch(
         splits.sizes["train"], config.batch_size, config.steps_per_epoch
     )
-    train_batches = pipeline.training_batches(
-        splits.train, num_examples=splits.sizes["train"], seed=config.seed,
-        repeat=config.steps_per_epoch is not None, augment=config.augment,
-        mixup=config.mixup, cutmix=config.cutmix, **pipeline.batch_settings(config, splits),
-    )
+    train_batches = _training_batches(config, splits,
+                                      repeat=config.steps_per_epoch is not None)
     validation_batches = pipeline.split_batches(config, splits, "validation")
     classifier = _classifier(config, strategy, backbone, splits)
 
@@ -179,6 +196,14 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
     return _evaluate_and_export(
         config, strategy, role, classifier, backbone, splits, phases, paths, run_log,
         timers, train_batches, validation_batches, validation_by_phase)
+
+
+def _training_batches(config, splits, repeat):
+    return pipeline.training_batches(
+        splits.train, num_examples=splits.sizes["train"], seed=config.seed,
+        repeat=repeat, augment=config.augment, mixup=config.mixup, cutmix=config.cutmix,
+        **pipeline.batch_settings(config, splits),
+    )
 
 
 def _classifier(config, strategy, backbone, splits):
@@ -336,6 +361,52 @@ def _describe_export(exported):
     return (f"weights of epoch {exported['epoch']} ({exported['phase']} phase; "
             f"--export_weights={exported['weights']}: {which} "
             f"{exported['validation']['top1']:.2%})")
+
+
+def run_find_lr(config, phase, steps, given_flags=frozenset()):
+    """`--mode=find_lr`: a learning-rate range test of one phase, set up as
+    training sets it up, written to `--model_dir/find_lr/` and TensorBoard.
+
+    It holds the folder's lock and writes nothing but `find_lr/`, so a run
+    there keeps its checkpoints, progress and flags as they were.
+
+    Args:
+        config, given_flags: as for `run_training`.
+        phase: `head` or `finetune`.
+        steps: the steps the learning rate rises over.
+
+    Returns:
+        The `tl_keras.lr_finder.RangeTest`.
+    """
+    strategy, backbone = _strategy_and_backbone(config)
+    paths = rundir.RunPaths(config.model_dir)
+    with rundir.claim_for_find_lr(config.model_dir):
+        splits = sources.load_splits(config)
+        if config.recipe == "auto":
+            config, _ = _auto_recipe(config, "", splits, given_flags)
+        # Repeated batches would fill a batch from fewer examples; training won't.
+        recipe.training_steps_per_epoch(splits.sizes["train"], config.batch_size, None)
+        classifier = _classifier(config, strategy, backbone, splits)
+        trained = lr_finder.set_up_phase(
+            classifier, backbone, phase, unfreeze=config.unfreeze,
+            train_batchnorm=config.batchnorm == "train",
+            trained_head=lr_finder.trained_head(paths, phase, config.head_epochs))
+        test = lr_finder.range_test(
+            classifier, _training_batches(config, splits, repeat=True), steps=steps,
+            phase=phase, trained=trained, optimizer=config.optimizer,
+            weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
+            jit_compile=_jit_compile(config.jit_compile), scope=strategy.scope)
+        png = lr_finder.write_curve(paths, phase, test, title=(
+            f"Learning-rate range test, {phase} phase ({config.backbone})"))
+        monitor.RunLog(paths.find_lr_tensorboard).image(
+            f"find_lr/{phase}", png, step=0,
+            description="Training loss against learning rate, the suggestion marked.")
+    scale = recipe.learning_rate_scale(config.batch_size, config.lr_scaling)
+    print("\n".join([
+        *lr_finder.summary(test, phase, scale),
+        f"Wrote {phase}.csv and {phase}.png to {os.path.dirname(paths.find_lr_csv(phase))}.",
+        f"  tensorboard --logdir {shlex.quote(paths.find_lr_tensorboard)}"]), flush=True)
+    return test
 
 
 def run_evaluation(config, split):

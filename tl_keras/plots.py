@@ -77,6 +77,33 @@ def training_curves(rows, head_epochs):
     return _png(figure)
 
 
+def learning_rate_range_test(rates, losses, smoothed, suggestion, rule, title):
+    """Loss against learning rate (log scale) of a range test, the suggestion marked.
+
+    Args:
+        rates, losses, smoothed: each step's learning rate, loss and smoothed loss.
+        suggestion: the suggested learning rate; `rule` says how it was chosen.
+        title: the figure's title.
+    """
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.plot(rates, losses, color="lightgrey", label="loss")
+    axes.plot(rates, smoothed, label="smoothed loss")
+    axes.axvline(suggestion, color="tab:red", linestyle="--",
+                 label=f"suggested {suggestion:.1e}\n({rule})")
+    axes.set_xscale("log")
+    finite = np.asarray(smoothed)[np.isfinite(smoothed)]
+    if finite.size:
+        # The last steps' loss explodes; keep the part of the curve that matters.
+        low, first = finite.min(), finite[0]
+        axes.set_ylim(low - 0.1 * (first - low) - 1e-3, first * 1.5 + 1e-3)
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss")
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    return _png(figure)
+
+
 def _png(figure):
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")

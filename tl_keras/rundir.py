@@ -37,6 +37,9 @@ TFLITE_LABELS_FILE = "labels.txt"
 BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 # Under the chief's --model_dir, the other workers' own folders.
 WORKERS_DIR = "workers"
+# What --mode=find_lr writes, beside a run or before one; a run's claim of the
+# folder passes it by, and --overwrite keeps it.
+FIND_LR_DIR = "find_lr"
 # Where Keras' BackupAndRestore keeps the epoch it restores to, in its folder.
 BACKUP_METADATA_FILE = "training_metadata.json"
 
@@ -93,6 +96,13 @@ class RunPaths:
     pending_best_checkpoint = property(
         lambda self: self._in(CHECKPOINTS_DIR, "best.pending.weights.h5"))
     backups = property(lambda self: self._in(BACKUP_DIR))
+    find_lr_tensorboard = property(lambda self: self._in(FIND_LR_DIR, TENSORBOARD_DIR))
+
+    def find_lr_plot(self, phase):
+        return self._in(FIND_LR_DIR, f"{phase}.png")
+
+    def find_lr_csv(self, phase):
+        return self._in(FIND_LR_DIR, f"{phase}.csv")
 
     def backup_dir(self, phase):
         return self._in(BACKUP_DIR, phase)
@@ -118,11 +128,37 @@ def claim(model_dir, flagfile_text, overwrite):
             holds an unfinished run with other flags, or it is not empty and
             holds no run (with or without `overwrite`).
     """
+    with _claimed(model_dir):
+        yield _decide(model_dir, flagfile_text, overwrite)
+
+
+@contextlib.contextmanager
+def claim_for_find_lr(model_dir):
+    """Locks `model_dir` for a learning-rate range test (`--mode=find_lr`).
+
+    The test writes into `FIND_LR_DIR` alone, so the folder may be new, empty,
+    or a run's (complete or not): a run's files are left as they are, and
+    holding the lock keeps a training run out while the test reads them.
+
+    Raises:
+        UsageError: when another live process holds the lock, or the folder
+            is not empty and holds no run.
+    """
+    with _claimed(model_dir):
+        entries = _entries(model_dir)
+        if entries and not _holds_a_run(model_dir):
+            raise UsageError(_not_a_run_message(model_dir, entries))
+        yield
+
+
+@contextlib.contextmanager
+def _claimed(model_dir):
+    """Creates and locks `model_dir`; removes it again if nothing was written."""
     created = not os.path.exists(model_dir)
     os.makedirs(model_dir, exist_ok=True)
     try:
         with _locked(model_dir):
-            yield _decide(model_dir, flagfile_text, overwrite)
+            yield
     finally:
         if created and not os.listdir(model_dir):
             os.rmdir(model_dir)  # A run that stopped before writing anything.
@@ -150,9 +186,15 @@ def discard_worker_outputs(model_dir):
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+def _entries(model_dir):
+    """What the folder holds that says whether, and which, run it holds: not
+    the lock, the other workers' folders (theirs to decide about), nor what
+    --mode=find_lr wrote."""
+    return set(os.listdir(model_dir)) - {LOCK_FILE, WORKERS_DIR, FIND_LR_DIR}
+
+
 def _decide(model_dir, flagfile_text, overwrite):
-    # Other workers' folders are theirs to decide about.
-    entries = set(os.listdir(model_dir)) - {LOCK_FILE, WORKERS_DIR}
+    entries = _entries(model_dir)
     if not entries:
         return FRESH
     if not _holds_a_run(model_dir):
@@ -228,6 +270,26 @@ def _describe_differences(stored, given):
             parts.append(f"stored {stored.get(name, 'no ' + name)}, "
                          f"given {given.get(name, 'no ' + name)}")
     return "; ".join(parts[:6])
+
+
+def with_flag_values(flagfile_text, values):
+    """`flagfile_text` with these flags set to these values, each on its own
+    `--name=value` line (absl's form for every flag but booleans), replacing
+    the flag's line or appended after the others.
+
+    Args:
+        flagfile_text: a flags.txt text, as `tl_keras.flags.to_flagfile` writes.
+        values: {flag name: int, float or string value}.
+    """
+    lines = flagfile_text.splitlines()
+    for name, value in values.items():
+        line = f"--{name}={value}"
+        places = [i for i, text in enumerate(lines) if text.startswith(f"--{name}=")]
+        if places:
+            lines[places[0]] = line
+        else:
+            lines.append(line)
+    return "".join(f"{line}\n" for line in lines)
 
 
 def _flag_lines(text):
