@@ -153,3 +153,25 @@ def test_a_balanced_run_predicts_the_majority_class_less_often(tmp_path):
 
     assert unweighted >= 12, unweighted
     assert balanced < unweighted - 3, (balanced, unweighted)
+
+
+def test_batchnorm_statistics_are_recomputed_from_weighted_batches():
+    # --batchnorm=train recomputes statistics from the training batches, which
+    # carry sample weights with --class_weight.
+    from tl_keras import finetune
+
+    inputs = keras.Input((4, 4, 3), dtype="uint8")
+    normalised = keras.layers.BatchNormalization()(keras.ops.cast(inputs, "float32"))
+    backbone = keras.Model(inputs, normalised)
+    pooled = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
+    classifier = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(pooled))
+    recipe.compile_for_evaluation(classifier, label_smoothing=0.0)
+    training = _batches(np.array([1.0, 2.0], np.float32))
+
+    validation = finetune.recompute_statistics_and_validate(
+        classifier, backbone, training, training.map(lambda images, labels, _: (images, labels)))
+
+    images = np.concatenate([batch[0].numpy() for batch in training])
+    np.testing.assert_allclose(backbone.layers[-1].moving_mean,
+                               images.astype(np.float32).mean(axis=(0, 1, 2)), rtol=1e-4)
+    assert set(validation) == {"top1", "top5", "label_smoothed_loss"}

@@ -275,7 +275,10 @@ def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
     averaged = capsys.readouterr().out
     job.run_prediction(os.path.join(config.model_dir, "model.tflite"), str(images),
                        top_k=2, output=None, tta="flip")
-    assert capsys.readouterr().out == averaged != from_saved_model
+    assert capsys.readouterr().out == averaged
+    announced, *predictions = averaged.splitlines()
+    assert announced.startswith("--tta=flip: ")
+    assert predictions != from_saved_model.splitlines()
 
 
 def test_profile_batches_write_a_profiler_trace(finished_run):
