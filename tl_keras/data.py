@@ -68,9 +68,8 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
         strict: make a split without examples of some class an error; checked
             only with `classes` or `train_examples_per_class`, which read the
             labels anyway. Default False.
-        count_train_classes: count the training examples of each class, reading
-            the training split's labels once more (not its images) unless
-            `classes` or `train_examples_per_class` read them. Default False.
+        count_train_classes: count each class's training examples, in a pass
+            over the labels alone unless other options read them. Default False.
 
     Returns:
         `Splits`.
@@ -115,16 +114,13 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
     )
     if count_train_classes and train_labels is None:
         train_labels = _labels(builder, read_for_training)
-    counts = None
-    if train_labels is not None:
-        counts = tuple(int(n) for n in np.bincount(train_labels, minlength=len(class_names)))
     return Splits(
         **datasets,
         class_names=tuple(class_names),
         sizes=sizes,
         image_shape=image_shape if None not in image_shape else None,
         validation_source=validation_source,
-        train_class_counts=counts,
+        train_class_counts=subsets.class_counts(train_labels, len(class_names)),
     )
 
 

@@ -70,17 +70,26 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
         top_k: how many classes the top-k outputs hold (at most all of them).
     """
     archive = keras.export.ExportArchive()
-    images_spec = tf.TensorSpec(shape=(None, None, None, 3), dtype=tf.uint8, name="images")
     # The model alone, converted by the Keras backend in use (under JAX, by
     # jax2tf); the serving functions around it are plain TensorFlow, so they
     # can decode images and look up class names on any backend.
     probabilities_of = archive.track_and_add_endpoint(
-        PROBABILITIES_FUNCTION, model, input_signature=[images_spec]
+        PROBABILITIES_FUNCTION, model, input_signature=[_IMAGES_SPEC]
     )
+    signatures = _serving_functions(probabilities_of, class_names, image_size, resize, top_k)
+    for name, function in signatures.items():
+        archive.add_endpoint(name=name, fn=function)
+    _write_atomically(path, lambda temporary: archive.write_out(temporary, verbose=False))
+
+
+_IMAGES_SPEC = tf.TensorSpec(shape=(None, None, None, 3), dtype=tf.uint8, name="images")
+_BYTES_SPEC = tf.TensorSpec(shape=(None,), dtype=tf.string, name="image_bytes")
+
+
+def _serving_functions(probabilities_of, class_names, image_size, resize, top_k):
+    """The serving signatures around the model, by name; see `export_saved_model`."""
     names = tf.constant(list(class_names))
     k = min(top_k, len(class_names))
-
-    bytes_spec = tf.TensorSpec(shape=(None,), dtype=tf.string, name="image_bytes")
 
     def outputs(probabilities):
         top = tf.math.top_k(probabilities, k=k)
@@ -97,24 +106,22 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8),
         )
 
-    @tf.function(input_signature=[images_spec])
+    @tf.function(input_signature=[_IMAGES_SPEC])
     def classify(images):
         return outputs(probabilities_of(images))
 
-    @tf.function(input_signature=[bytes_spec])
+    @tf.function(input_signature=[_BYTES_SPEC])
     def classify_encoded(image_bytes):
         return classify(decoded(image_bytes))
 
-    @tf.function(input_signature=[bytes_spec])
+    @tf.function(input_signature=[_BYTES_SPEC])
     def classify_encoded_and_mirrored(image_bytes):
         images = decoded(image_bytes)
-        mirror_images = tf.reverse(images, axis=[2])
+        mirror_images = tf.reverse(images, axis=[2])  # [batch, height, width, 3]
         return outputs((probabilities_of(images) + probabilities_of(mirror_images)) / 2)
 
-    archive.add_endpoint(name=SERVING_SIGNATURE, fn=classify)
-    archive.add_endpoint(name=BYTES_SIGNATURE, fn=classify_encoded)
-    archive.add_endpoint(name=TTA_SIGNATURE, fn=classify_encoded_and_mirrored)
-    _write_atomically(path, lambda temporary: archive.write_out(temporary, verbose=False))
+    return {SERVING_SIGNATURE: classify, BYTES_SIGNATURE: classify_encoded,
+            TTA_SIGNATURE: classify_encoded_and_mirrored}
 
 
 def _decode(encoded):

@@ -124,10 +124,7 @@ def _already_complete(config, role):
 
 def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, state,
                            verbose):
-    # Only balanced class weights need the counts a TFDS dataset doesn't record.
-    splits = sources.load_splits(
-        config, count_train_classes=config.class_weight == "balanced")
-    class_weights = _class_weights(config, splits)
+    splits, class_weights = _splits_and_class_weights(config)
     steps = recipe.training_steps_per_epoch(
         splits.sizes["train"], config.batch_size, config.steps_per_epoch
     )
@@ -185,16 +182,20 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
         timers, train_batches, validation_batches, validation_by_phase)
 
 
-def _class_weights(config, splits):
-    """--class_weight's weight of each class, printed; None for `none`."""
-    if config.class_weight == "none":
-        return None
+def _splits_and_class_weights(config):
+    """The run's splits, and --class_weight's weight of each class, printed
+    (None for `none`)."""
+    # Only balanced weights need the class counts a TFDS dataset doesn't record.
+    balanced = config.class_weight == "balanced"
+    splits = sources.load_splits(config, count_train_classes=balanced)
+    if not balanced:
+        return splits, None
     counts = splits.train_class_counts
     weights = recipe.balanced_class_weights(counts)
     print(f"Class weights ({config.class_weight}): "
           f"{recipe.describe_class_weights(weights, counts, splits.class_names)}.",
           flush=True)
-    return weights
+    return splits, weights
 
 
 def _classifier(config, strategy, backbone, splits):

@@ -39,13 +39,12 @@ def training_batches(examples, *, num_examples, image_shape, image_size,
         augment: `none`, `basic` (random resized crop and horizontal flip) or
             `randaugment` (basic, then Keras' RandAugment on each batch).
         mixup, cutmix: Beta alphas for MixUp and CutMix of each batch; 0 is off.
-        class_weights: optional float `[num_classes]`: each batch then carries
-            its examples' weights (see `_with_sample_weights`).
+        class_weights: optional float `[num_classes]`: each batch then also
+            carries its examples' weights `[batch]` (`_with_sample_weights`).
 
     Returns:
         A `tf.data.Dataset` of (uint8 images [batch, h, w, 3], float32 one-hot
-        labels [batch, num_classes]), and float32 sample weights [batch] with
-        `class_weights`.
+        labels [batch, num_classes]).
     """
     examples = _as_rgb(examples)
     # A run capped by steps per epoch may never finish a pass, and a cache that
@@ -78,8 +77,7 @@ def training_batches(examples, *, num_examples, image_shape, image_size,
             ),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-    if class_weights is not None:
-        batches = _with_sample_weights(batches, class_weights)
+    batches = _with_sample_weights(batches, class_weights)
     return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
 
 
@@ -89,8 +87,11 @@ def _with_sample_weights(batches, class_weights):
     in the label's proportions.
 
     Weighting the mixed label rather than the image's larger share keeps the
-    weight of each class's part of the image as the label counts it.
+    weight of each class's part of the image as the label counts it. Without
+    `class_weights`, the batches stay (inputs, labels).
     """
+    if class_weights is None:
+        return batches
     weights = tf.constant(class_weights, tf.float32)
     return batches.map(
         lambda inputs, labels: (inputs, labels, tf.linalg.matvec(labels, weights)),
@@ -246,8 +247,7 @@ def feature_batches(features, labels, *, num_classes, batch_size, seed=None,
                         tf.one_hot(tf.ensure_shape(y, [None]), num_classes)))
     if seed is not None:
         batches = batches.repeat()
-    if class_weights is not None:
-        batches = _with_sample_weights(batches, class_weights)
+    batches = _with_sample_weights(batches, class_weights)
     return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
 
 
