@@ -1,5 +1,6 @@
 """Transfer learning for image classification: python run.py --flagfile=configs/cifar100.flags"""
 
+import os
 import sys
 
 from tl_keras import console
@@ -19,12 +20,15 @@ def main(argv):
     settings = flags.mode()
     try:
         if settings["mode"] == "evaluate":
-            job.run_evaluation(flags.run_config(settings["model_dir"]), settings["split"])
+            job.run_evaluation(flags.run_config(settings["model_dir"]), settings["split"],
+                               tta=settings["tta"])
         elif settings["mode"] == "predict":
             model = settings["model_dir"]
-            resize = flags.tflite_resize(model) if model.endswith(".tflite") else None
-            job.run_prediction(model, settings["images"], settings["top_k"],
-                               settings["output"], resize=resize)
+            run_folder = os.path.dirname(model) if model.endswith(".tflite") else model
+            job.run_prediction(
+                model, settings["images"], settings["top_k"], settings["output"],
+                resize=flags.run_setting(run_folder, "resize"),
+                tta=settings["tta"] or flags.run_setting(run_folder, "tta"))
         elif settings["mode"] == "find_lr":
             job.run_find_lr(flags.to_config(), settings["find_lr_phase"],
                             settings["find_lr_steps"], given_flags=flags.given_flags())

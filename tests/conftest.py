@@ -1,10 +1,13 @@
 """Shared test setup: two logical CPU devices, mock TFDS data, configs from flags."""
 
+import contextlib
+import io
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags as absl_flags
@@ -103,3 +106,43 @@ def _float32_policy():
 
     yield
     keras.config.set_dtype_policy("float32")
+
+
+# An imbalanced folder: ten times more training images of one class. The two
+# classes differ in brightness under heavy noise, so a model can tell them apart
+# but, trained briefly without class weights, predicts mostly the common one.
+IMBALANCED_TRAIN = {"common": 40, "rare": 4}
+_BRIGHTNESS = {"common": 112, "rare": 144}
+
+
+def write_imbalanced_folder(root):
+    """Writes `root/{train,val,test}/{common,rare}/*.png`, 32 px; balanced
+    validation and test splits. Returns `folder:root`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    counts = {"train": IMBALANCED_TRAIN, "val": {"common": 4, "rare": 4},
+              "test": {"common": 8, "rare": 8}}
+    for split, by_class in counts.items():
+        for name, count in by_class.items():
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder)
+            for index in range(count):
+                pixels = rng.normal(_BRIGHTNESS[name], 40, (32, 32, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                    os.path.join(folder, f"{index}.png"))
+    return f"folder:{root}"
+
+
+@pytest.fixture(scope="session")
+def imbalanced_run(tmp_path_factory):
+    """A cheap run on the imbalanced folder with --class_weight=balanced and
+    --tta=flip, its head trained on cached features; (config, metrics, stdout)."""
+    tmp_path = tmp_path_factory.mktemp("imbalanced")
+    dataset = write_imbalanced_folder(str(tmp_path / "images"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        config, metrics = run_job(
+            tmp_path, f"--dataset={dataset}", "--class_weight=balanced", "--tta=flip",
+            "--cache_features", "--head_epochs=1", "--finetune_epochs=0", "--batch_size=22")
+    return config, metrics, printed.getvalue()

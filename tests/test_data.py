@@ -131,3 +131,19 @@ def test_a_split_without_some_class_is_named(data_dir, capsys):
 
     with pytest.raises(UsageError, match="the validation split has no examples of never"):
         _load(data_dir, val_split="test", classes=("even", "never"), strict=True)
+
+
+@pytest.mark.parametrize("options, expected", [
+    # No option reads the labels: counting them is a pass of its own.
+    ({"count_train_classes": True}, (15, 15, 0)),
+    ({}, None),
+    # --classes reads them anyway, and counts in its own label order.
+    ({"classes": ("odd", "even")}, (15, 15)),
+    ({"train_examples_per_class": 4, "count_train_classes": True}, (4, 4, 0)),
+])
+def test_training_examples_are_counted_by_class(data_dir, options, expected):
+    splits = _load(data_dir, **options)
+    assert splits.train_class_counts == expected
+    if expected:
+        labels = [int(label) for _, label in splits.train]
+        assert expected == tuple(labels.count(label) for label in range(len(expected)))

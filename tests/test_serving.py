@@ -202,7 +202,7 @@ def test_the_readmes_serving_tables_are_what_saved_model_cli_shows(tmp_path):
     documented = _readme_signatures()
 
     assert sorted(documented) == sorted(shown) == ["probabilities", "serving_bytes",
-                                                   "serving_default"]
+                                                   "serving_default", "serving_tta"]
     sizes = {"batch": -1, "height": -1, "width": -1, "classes": len(class_names), "min": min}
     for signature, tensors in documented.items():
         assert sorted(tensors) == sorted(shown[signature]), signature
@@ -269,6 +269,16 @@ def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
     job.run_prediction(os.path.join(config.model_dir, "model.tflite"), str(images),
                        top_k=2, output=None)
     assert capsys.readouterr().out == from_saved_model
+    # With --tta=flip too: the file runs on each image and its mirror, as
+    # serving_tta does.
+    job.run_prediction(config.model_dir, str(images), top_k=2, output=None, tta="flip")
+    averaged = capsys.readouterr().out
+    job.run_prediction(os.path.join(config.model_dir, "model.tflite"), str(images),
+                       top_k=2, output=None, tta="flip")
+    assert capsys.readouterr().out == averaged
+    announced, *predictions = averaged.splitlines()
+    assert announced.startswith("--tta=flip: ")
+    assert predictions != from_saved_model.splitlines()
 
 
 def test_profile_batches_write_a_profiler_trace(finished_run):

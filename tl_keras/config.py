@@ -181,6 +181,17 @@ class Config:
         0.05, "Decoupled weight decay; biases and normalisation parameters are exempt.")
     label_smoothing: float = TRAINING.float(
         0.1, "Label smoothing of the cross-entropy loss.")
+    class_weight: str = TRAINING.enum(
+        "none", ["none", "balanced"],
+        "none: every training example counts the same. balanced: each class's examples "
+        "weigh n_examples / (n_classes * n_examples_of_the_class), as scikit-learn's "
+        "balanced, so a rare class counts as much as a common one in the training loss "
+        "(both phases). Validation and test metrics stay unweighted.")
+    tta: str = TRAINING.enum(
+        "none", ["none", "flip"],
+        "Test-time augmentation. flip: the test evaluation also reports the figures of "
+        "each image's probabilities averaged with its mirror's, and --mode=evaluate and "
+        "--mode=predict average so (they take the run's --tta unless given one).")
     export_weights: str = TRAINING.enum(
         "best", ["best", "last"],
         "Which weights the test evaluation and every exported file use: best, the "

@@ -28,6 +28,10 @@ class Splits:
         image_shape: the static (height, width, 3) when every image has it, or
             None when sizes vary.
         validation_source: how the validation split was chosen, for the log.
+        train_class_counts: the number of training examples of each class, by
+            label; None where nothing read the labels (a TFDS dataset loaded
+            without `count_train_classes`, `classes` or
+            `train_examples_per_class`).
     """
 
     train: tf.data.Dataset
@@ -37,6 +41,7 @@ class Splits:
     sizes: dict
     image_shape: tuple | None
     validation_source: str
+    train_class_counts: tuple | None = None
 
     @property
     def num_classes(self):
@@ -44,7 +49,8 @@ class Splits:
 
 
 def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, *,
-              classes=(), train_examples_per_class=None, seed=0, strict=False):
+              classes=(), train_examples_per_class=None, seed=0, strict=False,
+              count_train_classes=False):
     """Loads a TFDS dataset by name, downloading and preparing it if needed.
 
     Args:
@@ -62,6 +68,8 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
         strict: make a split without examples of some class an error; checked
             only with `classes` or `train_examples_per_class`, which read the
             labels anyway. Default False.
+        count_train_classes: count each class's training examples, in a pass
+            over the labels alone unless other options read them. Default False.
 
     Returns:
         `Splits`.
@@ -101,16 +109,29 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
     label_feature = builder.info.features[builder.info.supervised_keys[1]]
     image_feature = builder.info.features[builder.info.supervised_keys[0]]
     image_shape = tuple(image_feature.shape)
-    class_names, datasets, sizes = _select_examples(
+    class_names, datasets, sizes, train_labels = _select_examples(
         list(label_feature.names), datasets, classes, train_examples_per_class, seed, strict
     )
+    if count_train_classes and train_labels is None:
+        train_labels = _labels(builder, read_for_training)
     return Splits(
         **datasets,
         class_names=tuple(class_names),
         sizes=sizes,
         image_shape=image_shape if None not in image_shape else None,
         validation_source=validation_source,
+        train_class_counts=subsets.class_counts(train_labels, len(class_names)),
     )
+
+
+def _labels(builder, split):
+    """The labels of a split, in one pass that reads but doesn't decode its images."""
+    image_key = builder.info.supervised_keys[0]
+    labels_only = builder.as_dataset(
+        split=split, as_supervised=True, shuffle_files=False,
+        decoders={image_key: tfds.decode.SkipDecoding()})
+    return np.fromiter(labels_only.map(lambda image, label: label).as_numpy_iterator(),
+                       np.int64)
 
 
 def _select_examples(class_names, datasets, classes, train_examples_per_class, seed,
@@ -121,10 +142,11 @@ def _select_examples(class_names, datasets, classes, train_examples_per_class, s
     class get noticed: a whole TFDS dataset isn't read an extra time for it.
 
     Returns:
-        (class names, datasets by split, sizes by split).
+        (class names, datasets by split, sizes by split, the training split's
+        labels or None when they weren't read).
     """
     if not classes and not train_examples_per_class:
-        return class_names, datasets, {s: _count(d) for s, d in datasets.items()}
+        return class_names, datasets, {s: _count(d) for s, d in datasets.items()}, None
     names, old_to_new = subsets.class_mapping(class_names, classes)
     selected, sizes, kept_labels = {}, {}, {}
     for split, dataset in datasets.items():
@@ -147,7 +169,7 @@ def _select_examples(class_names, datasets, classes, train_examples_per_class, s
         sizes[split] = int(keep.sum())
         kept_labels[split] = labels[keep]
     subsets.check_every_class_present(kept_labels, names, strict)
-    return names, selected, sizes
+    return names, selected, sizes, kept_labels["train"]
 
 
 def _filter(dataset, keep, old_to_new):

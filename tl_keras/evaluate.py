@@ -43,6 +43,43 @@ def predictions_and_labels(batches, predict_batch, on_batch=None):
     return np.concatenate(probabilities), np.concatenate(labels)
 
 
+def mirrored(images):
+    """Each image of a batch `[batch, height, width, channels]` mirrored left
+    to right: what `--tta=flip` predicts besides the image."""
+    return np.ascontiguousarray(np.asarray(images)[:, :, ::-1])
+
+
+def reports(batches, predict_batch, class_names, tta="none", on_batch=None):
+    """The classification report of `predict_batch` on every batch and, with
+    `--tta=flip`, that of each image's probabilities averaged with its mirror
+    image's; in one pass over the data.
+
+    Args:
+        batches, predict_batch, on_batch: as for `predictions_and_labels`;
+            `on_batch` sees the plain probabilities.
+        class_names: the class names, by label.
+        tta: `none` or `flip`.
+
+    Returns:
+        (the plain report, the `flip` report or None), each from
+        `classification_report`.
+    """
+    averaged = []
+
+    def each_batch(images, probabilities, labels):
+        if on_batch:
+            on_batch(images, probabilities, labels)
+        if tta == "flip":
+            mirror = np.asarray(predict_batch(mirrored(images)))
+            averaged.append((probabilities + mirror) / 2)
+
+    probabilities, labels = predictions_and_labels(batches, predict_batch, each_batch)
+    plain = classification_report(probabilities, labels, class_names)
+    if not averaged:
+        return plain, None
+    return plain, classification_report(np.concatenate(averaged), labels, class_names)
+
+
 def classification_report(probabilities, labels, class_names, top_k=5):
     """Top-1, top-k, cross-entropy, the confusion matrix and per-class scores.
 
@@ -94,11 +131,21 @@ def summary(report):
     return {name: report[name] for name in ("top1", "top5", "nll")}
 
 
-def format_report(report, split, worst=20):
-    """A readable report: headline metrics, then per-class scores, worst first."""
-    lines = [
-        f"{split}: {report['examples']:,} examples, top-1 {report['top1']:.2%}, "
-        f"top-5 {report['top5']:.2%}, NLL {report['nll']:.4f}",
+def headline(metrics):
+    """`top-1 X%, top-5 Y%, NLL Z` of a report or its `summary`."""
+    return (f"top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}, "
+            f"NLL {metrics['nll']:.4f}")
+
+
+def format_report(report, split, worst=20, tta_report=None):
+    """A readable report: headline metrics (with `tta_report`, those of
+    `--tta=flip` too), then per-class scores of the plain predictions, worst
+    first."""
+    lines = [f"{split}: {report['examples']:,} examples, {headline(report)}"]
+    if tta_report:
+        lines.append(f"{split} with --tta=flip (each image averaged with its mirror): "
+                     f"{headline(tta_report)}")
+    lines += [
         "",
         f"{'class':<24} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}",
     ]
@@ -111,12 +158,16 @@ def format_report(report, split, worst=20):
     return "\n".join(lines)
 
 
-def write_evaluation(directory, report, split):
-    """Writes `metrics.json`, `per_class.csv` and `confusion_matrix.png`."""
+def write_evaluation(directory, report, split, tta_report=None):
+    """Writes `metrics.json` (with `tta_report`, its headline metrics under
+    `tta_flip`), and the plain report's `per_class.csv` and
+    `confusion_matrix.png`."""
     os.makedirs(directory, exist_ok=True)
+    metrics = {"split": split, "examples": report["examples"], **summary(report)}
+    if tta_report:
+        metrics["tta_flip"] = summary(tta_report)
     with open(os.path.join(directory, "metrics.json"), "w") as file:
-        json.dump({"split": split, "examples": report["examples"], **summary(report)},
-                  file, indent=2)
+        json.dump(metrics, file, indent=2)
         file.write("\n")
     with open(os.path.join(directory, "per_class.csv"), "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["class", "precision", "recall", "f1",
@@ -166,30 +217,36 @@ class Mistake:
     predicted: int
 
 
-def write_metrics(path, validation_by_phase, test, exported):
+def write_metrics(path, validation_by_phase, test, exported, test_tta=None):
     """Writes `metrics.json`: validation metrics per phase, which weights were
-    exported, and the test metrics of those weights."""
+    exported, and the test metrics of those weights (with `test_tta`, those of
+    `--tta=flip` under `test_tta_flip`)."""
+    metrics = {"validation": validation_by_phase, "exported": exported, "test": test}
+    if test_tta:
+        metrics["test_tta_flip"] = test_tta
     with open(path, "w") as file:
-        json.dump({"validation": validation_by_phase, "exported": exported, "test": test},
-                  file, indent=2)
+        json.dump(metrics, file, indent=2)
         file.write("\n")
 
 
 @dataclasses.dataclass(frozen=True)
 class TestResults:
-    """The test split's report, its most confident mistakes, and its first
-    images with their true and predicted classes."""
+    """The test split's report (and its `--tta=flip` report, or None), its most
+    confident mistakes, and its first images with their true and predicted
+    classes."""
 
     report: dict
+    tta_report: dict | None
     mistakes: object
     first_images: list
     first_labels: list
     first_predicted: list
 
 
-def evaluate_test_split(model, batches, class_names, keep_images):
+def evaluate_test_split(model, batches, class_names, keep_images, tta="none"):
     """Evaluates on the test split in one pass, keeping what the worst-mistakes
-    grid and the TFLite checks need, so neither reads it again."""
+    grid and the TFLite checks need, so neither reads it again; with
+    `tta="flip"`, reports the mirror-averaged predictions too."""
     mistakes = MostConfidentMistakes()
     first_images, first_labels, first_predicted = [], [], []
 
@@ -200,11 +257,11 @@ def evaluate_test_split(model, batches, class_names, keep_images):
         first_labels.extend(labels[:wanted])
         first_predicted.extend(probabilities[:wanted].argmax(axis=1))
 
-    probabilities, labels = predictions_and_labels(
-        batches, keras_predictor(model), on_batch=keep)
+    report, tta_report = reports(batches, keras_predictor(model), class_names, tta=tta,
+                                 on_batch=keep)
     return TestResults(
-        report=classification_report(probabilities, labels, class_names),
-        mistakes=mistakes, first_images=first_images, first_labels=first_labels,
+        report=report, tta_report=tta_report, mistakes=mistakes,
+        first_images=first_images, first_labels=first_labels,
         first_predicted=first_predicted)
 
 

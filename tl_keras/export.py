@@ -23,6 +23,8 @@ from tl_keras.config import TFLITE_QUANTIZATIONS
 
 SERVING_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serving_bytes"
+# serving_bytes with --tta=flip: each image averaged with its mirror image.
+TTA_SIGNATURE = "serving_tta"
 # The bare model inside the SavedModel, probabilities only; also a signature.
 PROBABILITIES_FUNCTION = "probabilities"
 DEFAULT_TOP_K = 5
@@ -43,14 +45,16 @@ TFLITE_CALIBRATION_IMAGES = 200
 
 def export_saved_model(model, path, class_names, image_size, resize="stretch",
                        top_k=DEFAULT_TOP_K):
-    """Exports a SavedModel with three signatures (README.md's Serving tables).
+    """Exports a SavedModel with four signatures (README.md's Serving tables).
 
     `serving_default`: input `images`, uint8 `[batch, height, width, 3]` of any
     height and width.
     `serving_bytes`: input `image_bytes`, string `[batch]` of encoded JPEG, PNG,
     GIF or BMP images (what TF Serving's REST API receives as base64).
+    `serving_tta`: as `serving_bytes`, each image's probabilities averaged with
+    those of its mirror image (`--tta=flip`).
 
-    Both return `probabilities` float32 `[batch, classes]`, `top_k_indices`
+    These three return `probabilities` float32 `[batch, classes]`, `top_k_indices`
     int32 `[batch, k]` and `top_k_classes` string `[batch, k]`, best first,
     where k is `min(top_k, classes)`.
     `probabilities`: the bare model; input `images` as above, output
@@ -66,19 +70,28 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
         top_k: how many classes the top-k outputs hold (at most all of them).
     """
     archive = keras.export.ExportArchive()
-    images_spec = tf.TensorSpec(shape=(None, None, None, 3), dtype=tf.uint8, name="images")
     # The model alone, converted by the Keras backend in use (under JAX, by
     # jax2tf); the serving functions around it are plain TensorFlow, so they
     # can decode images and look up class names on any backend.
     probabilities_of = archive.track_and_add_endpoint(
-        PROBABILITIES_FUNCTION, model, input_signature=[images_spec]
+        PROBABILITIES_FUNCTION, model, input_signature=[_IMAGES_SPEC]
     )
+    signatures = _serving_functions(probabilities_of, class_names, image_size, resize, top_k)
+    for name, function in signatures.items():
+        archive.add_endpoint(name=name, fn=function)
+    _write_atomically(path, lambda temporary: archive.write_out(temporary, verbose=False))
+
+
+_IMAGES_SPEC = tf.TensorSpec(shape=(None, None, None, 3), dtype=tf.uint8, name="images")
+_BYTES_SPEC = tf.TensorSpec(shape=(None,), dtype=tf.string, name="image_bytes")
+
+
+def _serving_functions(probabilities_of, class_names, image_size, resize, top_k):
+    """The serving signatures around the model, by name; see `export_saved_model`."""
     names = tf.constant(list(class_names))
     k = min(top_k, len(class_names))
 
-    @tf.function(input_signature=[images_spec])
-    def classify(images):
-        probabilities = probabilities_of(images)
+    def outputs(probabilities):
         top = tf.math.top_k(probabilities, k=k)
         return {
             "probabilities": probabilities,
@@ -86,20 +99,29 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
             "top_k_classes": tf.gather(names, top.indices),
         }
 
-    @tf.function(input_signature=[
-        tf.TensorSpec(shape=(None,), dtype=tf.string, name="image_bytes")
-    ])
-    def classify_encoded(image_bytes):
-        images = tf.map_fn(
+    def decoded(image_bytes):
+        return tf.map_fn(
             lambda encoded: pipeline.resize_uint8(_decode(encoded), image_size, resize),
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8),
         )
-        return classify(images)
 
-    archive.add_endpoint(name=SERVING_SIGNATURE, fn=classify)
-    archive.add_endpoint(name=BYTES_SIGNATURE, fn=classify_encoded)
-    _write_atomically(path, lambda temporary: archive.write_out(temporary, verbose=False))
+    @tf.function(input_signature=[_IMAGES_SPEC])
+    def classify(images):
+        return outputs(probabilities_of(images))
+
+    @tf.function(input_signature=[_BYTES_SPEC])
+    def classify_encoded(image_bytes):
+        return classify(decoded(image_bytes))
+
+    @tf.function(input_signature=[_BYTES_SPEC])
+    def classify_encoded_and_mirrored(image_bytes):
+        images = decoded(image_bytes)
+        mirror_images = tf.reverse(images, axis=[2])  # [batch, height, width, 3]
+        return outputs((probabilities_of(images) + probabilities_of(mirror_images)) / 2)
+
+    return {SERVING_SIGNATURE: classify, BYTES_SIGNATURE: classify_encoded,
+            TTA_SIGNATURE: classify_encoded_and_mirrored}
 
 
 def _decode(encoded):

@@ -46,7 +46,7 @@ _FEATURE_MEMORY_LIMIT_BYTES = 4 * 1024**3
 
 
 def cache_features(classifier, *, batches_of, sizes, num_classes, batch_size, seed,
-                   directory):
+                   directory, class_weights=None):
     """Runs the backbone once over train and validation.
 
     Args:
@@ -57,6 +57,8 @@ def cache_features(classifier, *, batches_of, sizes, num_classes, batch_size, se
         num_classes, batch_size: for the feature batches.
         seed: shuffles the training features.
         directory: where features too large for memory are kept.
+        class_weights: optional float `[num_classes]`, for the training
+            batches' sample weights (`tl_keras.pipeline.feature_batches`).
 
     Returns:
         `CachedFeatures`.
@@ -74,6 +76,7 @@ def cache_features(classifier, *, batches_of, sizes, num_classes, batch_size, se
             datasets[split] = pipeline.feature_batches(
                 values, labels, num_classes=num_classes, batch_size=batch_size,
                 seed=seed if split == "train" else None,
+                class_weights=class_weights if split == "train" else None,
             )
         computing.result = (
             f"Computed backbone features of {sizes['train']:,} train and "

@@ -181,8 +181,9 @@ def recompute_statistics_and_validate(model, backbone, train_batches, validation
                        _known_length(batches), unit="batch") as recomputing:
 
         def images():
-            for batch_images, _ in batches.as_numpy_iterator():
-                yield batch_images
+            # A batch may carry sample weights (--class_weight) after its labels.
+            for batch in batches.as_numpy_iterator():
+                yield batch[0]
                 recomputing.advance()
 
         used = recompute_batchnorm_statistics(model, backbone, images())

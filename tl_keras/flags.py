@@ -329,10 +329,14 @@ def _shown_default(default):
 
 
 def mode():
-    """The parsed `--mode` and its own settings, as a dict."""
+    """The parsed `--mode` and its own settings, as a dict; `tta` is the
+    command line's `--tta`, or None where it gives none (evaluate and predict
+    then take the run's)."""
     settings = {field.name: flags.FLAGS[field.name].value
                 for field in dataclasses.fields(_ModeOptions)}
-    return settings | {"model_dir": flags.FLAGS.model_dir}
+    tta = flags.FLAGS["tta"]
+    return settings | {"model_dir": flags.FLAGS.model_dir,
+                       "tta": tta.value if tta.present else None}
 
 
 def run_config(model_dir):
@@ -356,13 +360,13 @@ def run_config(model_dir):
     return dataclasses.replace(config, model_dir=model_dir)
 
 
-def tflite_resize(tflite_path):
-    """The `--resize` of the run whose folder holds `tflite_path`, from its
-    flags.txt; `stretch`, the default, for a file copied away from its run."""
-    run_folder = os.path.dirname(tflite_path)
+def run_setting(run_folder, name):
+    """The value of option `name` in the run in `run_folder`, from its
+    flags.txt; the option's default for a folder without one, such as a
+    .tflite file's copied away from its run."""
     if not os.path.isfile(os.path.join(run_folder, rundir.FLAGS_FILE)):
-        return flags.FLAGS["resize"].default
-    return run_config(run_folder).resize
+        return flags.FLAGS[name].default
+    return getattr(run_config(run_folder), name)
 
 
 def to_config():

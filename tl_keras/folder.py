@@ -101,6 +101,7 @@ def load_folder(dataset, *, image_size, resize, val_fraction, seed, strict, clas
         sizes={split: len(files) for split, files in listed.items()},
         image_shape=image_shape,
         validation_source=sources["validation"],
+        train_class_counts=subsets.class_counts(listed["train"].labels, len(class_names)),
     )
 
 

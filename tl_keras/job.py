@@ -63,7 +63,7 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
         # Its choices depend on the training set's size and go into flags.txt,
         # which a rerun's flags must match to resume: so the data is read
         # before the folder is claimed, and a rerun on the same data resumes.
-        splits = sources.load_splits(config)
+        splits = _load_splits(config)
         config, flagfile_text = _auto_recipe(config, flagfile_text, splits, given_flags)
     with rundir.claim(config.model_dir, flagfile_text, overwrite) as state:
         if role.num_workers > 1:
@@ -144,12 +144,14 @@ def _auto_recipe(config, flagfile_text, splits, given_flags):
 
 def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, state,
                            verbose, splits=None):
-    splits = splits or sources.load_splits(config)
+    splits = splits or _load_splits(config)
+    class_weights = _class_weights(config, splits)
     steps = recipe.training_steps_per_epoch(
         splits.sizes["train"], config.batch_size, config.steps_per_epoch
     )
     train_batches = _training_batches(config, splits,
-                                      repeat=config.steps_per_epoch is not None)
+                                      repeat=config.steps_per_epoch is not None,
+                                      class_weights=class_weights)
     validation_batches = pipeline.split_batches(config, splits, "validation")
     classifier = _classifier(config, strategy, backbone, splits)
 
@@ -186,7 +188,7 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
                                  splits.class_names, classifier)],
         profile_batches=config.profile_batches,
         cached_features=(
-            (lambda: _cache_features(config, classifier, splits, paths))
+            (lambda: _cache_features(config, classifier, splits, paths, class_weights))
             if config.cache_features else None
         ),
         backup_on_preemption=role.num_workers == 1,
@@ -198,12 +200,30 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
         timers, train_batches, validation_batches, validation_by_phase)
 
 
-def _training_batches(config, splits, repeat):
+def _training_batches(config, splits, repeat, class_weights=None):
     return pipeline.training_batches(
         splits.train, num_examples=splits.sizes["train"], seed=config.seed,
         repeat=repeat, augment=config.augment, mixup=config.mixup, cutmix=config.cutmix,
-        **pipeline.batch_settings(config, splits),
+        class_weights=class_weights, **pipeline.batch_settings(config, splits),
     )
+
+
+def _load_splits(config):
+    # Only balanced weights need the class counts a TFDS dataset doesn't record.
+    return sources.load_splits(config,
+                               count_train_classes=config.class_weight == "balanced")
+
+
+def _class_weights(config, splits):
+    """--class_weight's weight of each class, printed (None for `none`)."""
+    if config.class_weight != "balanced":
+        return None
+    counts = splits.train_class_counts
+    weights = recipe.balanced_class_weights(counts)
+    print(f"Class weights ({config.class_weight}): "
+          f"{recipe.describe_class_weights(weights, counts, splits.class_names)}.",
+          flush=True)
+    return weights
 
 
 def _classifier(config, strategy, backbone, splits):
@@ -241,11 +261,12 @@ def _plan_phases(config):
     )
 
 
-def _cache_features(config, classifier, splits, paths):
+def _cache_features(config, classifier, splits, paths, class_weights):
     return features.cache_features(
         classifier, batches_of=lambda split: pipeline.split_batches(config, splits, split),
         sizes=splits.sizes, num_classes=splits.num_classes,
-        batch_size=config.batch_size, seed=config.seed, directory=paths.features)
+        batch_size=config.batch_size, seed=config.seed, directory=paths.features,
+        class_weights=class_weights)
 
 
 def _evaluate_and_export(config, strategy, role, classifier, backbone, splits, phases,
@@ -268,13 +289,15 @@ def _evaluate_and_export(config, strategy, role, classifier, backbone, splits, p
     export.write_artifacts(model, backbone.name, paths, class_names=splits.class_names,
                            image_size=config.image_size, resize=config.resize)
     metrics = {"validation": validation_by_phase, "test": test_metrics, "exported": exported}
+    if test.tta_report:
+        metrics["test_tta_flip"] = evaluate.summary(test.tta_report)
     if config.export_tflite:
         tflite = _export_tflite(config, model, splits, paths, test)
         if tflite:
             evaluate.add_to_metrics(paths.metrics, "tflite", tflite)
             metrics["tflite"] = tflite
     if role.is_chief:
-        print(_summary(config, test_metrics, exported, phases, timers, splits))
+        print(_summary(config, metrics, exported, phases, timers, splits))
     return metrics
 
 
@@ -298,7 +321,8 @@ def _export_tflite(config, model, splits, paths, test):
 
 
 def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
-    """Evaluates the exported weights on the test split; writes metrics.json.
+    """Evaluates the exported weights on the test split (with --tta=flip, their
+    mirror-averaged predictions too); writes metrics.json.
 
     Returns:
         (the test metrics, the `tl_keras.evaluate.TestResults`, whose first
@@ -306,28 +330,34 @@ def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
     """
     test = evaluate.evaluate_test_split(
         model, pipeline.split_batches(config, splits, "test"), splits.class_names,
-        keep_images=export.TFLITE_ACCURACY_IMAGES if config.export_tflite else 0)
+        keep_images=export.TFLITE_ACCURACY_IMAGES if config.export_tflite else 0,
+        tta=config.tta)
     test_metrics = evaluate.summary(test.report)
-    evaluate.write_metrics(paths.metrics, validation_by_phase, test_metrics, exported)
+    tta_metrics = evaluate.summary(test.tta_report) if test.tta_report else None
+    evaluate.write_metrics(paths.metrics, validation_by_phase, test_metrics, exported,
+                           test_tta=tta_metrics)
     last_epoch = config.head_epochs + config.finetune_epochs - 1
-    run_log.final_metrics({f"test_{k}": v for k, v in test_metrics.items()}, last_epoch)
+    final = {f"test_{k}": v for k, v in test_metrics.items()}
+    final.update({f"test_tta_flip_{k}": v for k, v in (tta_metrics or {}).items()})
+    run_log.final_metrics(final, last_epoch)
     run_log.worst_mistakes(test.mistakes, splits.class_names, last_epoch)
-    print(
-        f"Test ({config.test_split}): top-1 {test_metrics['top1']:.2%}, "
-        f"top-5 {test_metrics['top5']:.2%}, NLL {test_metrics['nll']:.4f}.",
-        flush=True,
-    )
+    flipped = f"; with --tta=flip, {evaluate.headline(tta_metrics)}" if tta_metrics else ""
+    print(f"Test ({config.test_split}): {evaluate.headline(test_metrics)}{flipped}.",
+          flush=True)
     return test_metrics, test
 
 
-def _summary(config, test_metrics, exported, phases, timers, splits):
+def _summary(config, metrics, exported, phases, timers, splits):
     """The run's last lines: results, time, outputs, and where to look next."""
     run = shlex.quote(config.model_dir)
     paths = rundir.RunPaths(config.model_dir)
+    test_metrics, flipped = metrics["test"], metrics.get("test_tta_flip")
     lines = [
         "",
         f"Done. Test ({config.test_split}, {splits.sizes['test']:,} images): top-1 "
-        f"{test_metrics['top1']:.2%}, top-5 {test_metrics['top5']:.2%}.",
+        f"{test_metrics['top1']:.2%}, top-5 {test_metrics['top5']:.2%}" + (
+            f"; with --tta=flip, top-1 {flipped['top1']:.2%}, top-5 {flipped['top5']:.2%}."
+            if flipped else "."),
         f"Exported the {_describe_export(exported)}.",
     ]
     for phase in phases:
@@ -381,7 +411,7 @@ def run_find_lr(config, phase, steps, given_flags=frozenset()):
     strategy, backbone = _strategy_and_backbone(config)
     paths = rundir.RunPaths(config.model_dir)
     with rundir.claim_for_find_lr(config.model_dir):
-        splits = sources.load_splits(config)
+        splits = _load_splits(config)
         if config.recipe == "auto":
             config, _ = _auto_recipe(config, "", splits, given_flags)
         # Repeated batches would fill a batch from fewer examples; training won't.
@@ -392,7 +422,9 @@ def run_find_lr(config, phase, steps, given_flags=frozenset()):
             train_batchnorm=config.batchnorm == "train",
             trained_head=lr_finder.trained_head(paths, phase, config.head_epochs))
         test = lr_finder.range_test(
-            classifier, _training_batches(config, splits, repeat=True), steps=steps,
+            classifier, _training_batches(config, splits, repeat=True,
+                                          class_weights=_class_weights(config, splits)),
+            steps=steps,
             phase=phase, trained=trained, optimizer=config.optimizer,
             weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
             jit_compile=_jit_compile(config.jit_compile), scope=strategy.scope)
@@ -409,30 +441,33 @@ def run_find_lr(config, phase, steps, given_flags=frozenset()):
     return test
 
 
-def run_evaluation(config, split):
+def run_evaluation(config, split, tta=None):
     """Evaluates a finished run's SavedModel on one split and writes the report.
 
     Args:
         config: the run's own configuration (from its `flags.txt`).
         split: `train`, `validation` or `test`.
+        tta: `none` or `flip` (then both figures are reported: the plain
+            predictions' and those averaged with each mirror image's); None
+            takes the run's `--tta`.
 
     Returns:
-        The report from `tl_keras.evaluate.classification_report`.
+        The report from `tl_keras.evaluate.classification_report` (of the plain
+        predictions).
     """
     serving = predict.load_serving(config.model_dir)
     splits = sources.load_splits(config)
     batches = pipeline.split_batches(config, splits, split)
-    probabilities, labels = evaluate.predictions_and_labels(
-        batches, predict.serving_predictor(serving))
-    report = evaluate.classification_report(probabilities, labels, splits.class_names)
+    report, tta_report = evaluate.reports(batches, predict.serving_predictor(serving),
+                                          splits.class_names, tta=tta or config.tta)
     directory = rundir.RunPaths(config.model_dir).evaluation
-    evaluate.write_evaluation(directory, report, split)
-    print(evaluate.format_report(report, split))
+    evaluate.write_evaluation(directory, report, split, tta_report)
+    print(evaluate.format_report(report, split, tta_report=tta_report))
     print(f"\nWrote metrics.json, per_class.csv and confusion_matrix.png to {directory}.")
     return report
 
 
-def run_prediction(model, images, top_k, output, resize="stretch"):
+def run_prediction(model, images, top_k, output, resize="stretch", tta="none"):
     """Predicts the top-k classes of image files with a finished run's
     SavedModel, or with a `.tflite` file and the labels file beside it.
 
@@ -440,14 +475,20 @@ def run_prediction(model, images, top_k, output, resize="stretch"):
         model: a run folder, or a `.tflite` file.
         resize: for a `.tflite` file, how images are brought to its size: the
             run's `--resize`.
+        tta: `none`, or `flip`: average each image's probabilities with its
+            mirror image's (the SavedModel's `serving_tta`; a `.tflite` file
+            runs twice per image).
 
     Returns:
         The predictions, as written by `tl_keras.predict.predict_files`.
     """
+    if tta == "flip":
+        print("--tta=flip: each image's probabilities are averaged with its mirror "
+              "image's.", flush=True)
     if model.endswith(".tflite"):
-        classify, class_names = predict.load_tflite(model, resize)
+        classify, class_names = predict.load_tflite(model, resize, tta)
     else:
-        classify = predict.serving_bytes_classifier(predict.load_serving(model))
+        classify = predict.serving_bytes_classifier(predict.load_serving(model), tta)
         with open(rundir.RunPaths(model).class_names) as file:
             class_names = json.load(file)
     return predict.predict_files(classify, images, class_names, top_k, output)

@@ -56,7 +56,8 @@ class RunLog:
 
     def training_inputs(self, batches, class_names, count=16):
         """A grid of (augmented) training images with their labels, at step 0."""
-        images, labels = next(iter(batches))
+        # A batch may carry sample weights (--class_weight) after its labels.
+        images, labels = next(iter(batches))[:2]
         images, labels = images.numpy()[:count], labels.numpy()[:count]
         titles = []
         for label in labels:

@@ -20,7 +20,7 @@ _SHUFFLE_BUFFER = 16_384
 
 def training_batches(examples, *, num_examples, image_shape, image_size,
                      num_classes, batch_size, seed, repeat, resize="stretch",
-                     augment="none", mixup=0.0, cutmix=0.0):
+                     augment="none", mixup=0.0, cutmix=0.0, class_weights=None):
     """Batches training examples, shuffled the same way for the same seed.
 
     Args:
@@ -39,6 +39,8 @@ def training_batches(examples, *, num_examples, image_shape, image_size,
         augment: `none`, `basic` (random resized crop and horizontal flip) or
             `randaugment` (basic, then Keras' RandAugment on each batch).
         mixup, cutmix: Beta alphas for MixUp and CutMix of each batch; 0 is off.
+        class_weights: optional float `[num_classes]`: each batch then also
+            carries its examples' weights `[batch]` (`_with_sample_weights`).
 
     Returns:
         A `tf.data.Dataset` of (uint8 images [batch, h, w, 3], float32 one-hot
@@ -75,7 +77,26 @@ def training_batches(examples, *, num_examples, image_shape, image_size,
             ),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
+    batches = _with_sample_weights(batches, class_weights)
     return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
+
+
+def _with_sample_weights(batches, class_weights):
+    """Adds each example's weight, which Keras' `fit` applies to its loss: its
+    class's weight, or for a MixUp or CutMix label, its classes' weights mixed
+    in the label's proportions.
+
+    Weighting the mixed label rather than the image's larger share keeps the
+    weight of each class's part of the image as the label counts it. Without
+    `class_weights`, the batches stay (inputs, labels).
+    """
+    if class_weights is None:
+        return batches
+    weights = tf.constant(class_weights, tf.float32)
+    return batches.map(
+        lambda inputs, labels: (inputs, labels, tf.linalg.matvec(labels, weights)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
 
 
 def evaluation_batches(examples, *, num_examples, image_shape, image_size,
@@ -196,7 +217,8 @@ def _fits_in_memory(image_shape, num_examples):
     return num_examples * height * width * 3 <= _CACHE_LIMIT_BYTES
 
 
-def feature_batches(features, labels, *, num_classes, batch_size, seed=None):
+def feature_batches(features, labels, *, num_classes, batch_size, seed=None,
+                    class_weights=None):
     """Batches (features, one-hot labels) from arrays in memory or memory-mapped.
 
     Args:
@@ -206,6 +228,8 @@ def feature_batches(features, labels, *, num_classes, batch_size, seed=None):
         batch_size: the global batch size.
         seed: shuffle with this seed and drop the last partial batch (for
             training); None keeps every example in order (for evaluation).
+        class_weights: optional float `[num_classes]`: each batch then carries
+            its examples' weights, as `training_batches`' do.
     """
     count = len(labels)
 
@@ -223,6 +247,7 @@ def feature_batches(features, labels, *, num_classes, batch_size, seed=None):
                         tf.one_hot(tf.ensure_shape(y, [None]), num_classes)))
     if seed is not None:
         batches = batches.repeat()
+    batches = _with_sample_weights(batches, class_weights)
     return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
 
 

@@ -33,12 +33,24 @@ def load_serving(model_dir):
     return tf.saved_model.load(path)
 
 
-def serving_bytes_classifier(serving):
-    """The SavedModel's `serving_bytes`: encoded images in, `probabilities` out."""
-    return serving.signatures[export.BYTES_SIGNATURE]
+def serving_bytes_classifier(serving, tta="none"):
+    """The SavedModel's `serving_bytes` (`serving_tta` for `tta="flip"`):
+    encoded images in, `probabilities` out.
+
+    Raises:
+        UsageError: for `flip`, when the SavedModel predates `serving_tta`.
+    """
+    if tta == "none":
+        return serving.signatures[export.BYTES_SIGNATURE]
+    if export.TTA_SIGNATURE not in serving.signatures:
+        raise UsageError(
+            f"--tta={tta}: this SavedModel has no {export.TTA_SIGNATURE} signature; "
+            f"it was exported before tl_keras had one. Predict without --tta, or "
+            f"train the run again.")
+    return serving.signatures[export.TTA_SIGNATURE]
 
 
-def load_tflite(path, resize):
+def load_tflite(path, resize, tta="none"):
     """A `.tflite` file from `--export_tflite` as a classifier of encoded images,
     with the class names from the labels file beside it.
 
@@ -46,6 +58,8 @@ def load_tflite(path, resize):
         path: the `.tflite` file.
         resize: `stretch` or `crop`, as the run trained; images are brought to
             the file's input size this way, as `serving_bytes` brings them.
+        tta: `none`, or `flip`: run the file on each image and on its mirror
+            image, and average their probabilities, as `serving_tta` does.
 
     Returns:
         (a function from `image_bytes`, string `[n]`, to `{"probabilities":
@@ -71,14 +85,21 @@ def load_tflite(path, resize):
     target = interpreter.get_output_details()[0]["index"]
     size = int(source["shape"][1])
 
+    def run(image):
+        interpreter.set_tensor(source["index"], image[None])
+        interpreter.invoke()
+        return interpreter.get_tensor(target)[0].copy()
+
     def classify(image_bytes):
         probabilities = []
         # The file takes one image per call.
         for encoded in tf.unstack(image_bytes):
             image = pipeline.resize_uint8(image_io.decode_image(encoded), size, resize)
-            interpreter.set_tensor(source["index"], image.numpy()[None])
-            interpreter.invoke()
-            probabilities.append(interpreter.get_tensor(target)[0].copy())
+            image = image.numpy()
+            if tta == "flip":
+                probabilities.append((run(image) + run(image[:, ::-1].copy())) / 2)
+            else:
+                probabilities.append(run(image))
         return {"probabilities": tf.constant(np.stack(probabilities))}
 
     return classify, class_names

@@ -9,6 +9,7 @@ import dataclasses
 import math
 
 import keras
+import numpy as np
 
 from tl_keras.errors import UsageError
 
@@ -76,6 +77,37 @@ def training_steps_per_epoch(num_examples, batch_size, cap):
             f"--batch_size={batch_size}; pass a smaller batch size."
         )
     return min(full, cap) if cap else full
+
+
+def balanced_class_weights(counts):
+    """`--class_weight=balanced`: scikit-learn's weights, n_examples /
+    (n_classes * count), over the classes that have training examples.
+
+    Every class then carries the same share of the training loss, and the
+    weights average 1 over the training examples, so the loss keeps its scale
+    (and the learning rates their meaning). A class without training examples
+    weighs 0; no training example ever has it.
+
+    Args:
+        counts: the number of training examples of each class, by label.
+
+    Returns:
+        float32 `[classes]`.
+    """
+    counts = np.asarray(counts, np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.astype(np.float32)
+
+
+def describe_class_weights(weights, counts, class_names):
+    """The weights as the run prints them, e.g. `cat 0.55, dog 5.50`."""
+    if len({count for count in counts if count}) == 1:
+        return "1 for every class (each has the same number of training examples)"
+    return ", ".join(
+        f"{name} {weight:.2f}" if count else f"{name} 0 (no training examples)"
+        for name, weight, count in zip(class_names, weights, counts))
 
 
 def learning_rate_schedule(phase, steps_per_epoch):

@@ -7,8 +7,13 @@ from tl_keras import data
 from tl_keras import folder
 
 
-def load_splits(config):
+def load_splits(config, count_train_classes=False):
     """The run's examples, from a TFDS dataset or an image folder.
+
+    Args:
+        config: the run's `tl_keras.config.Config`.
+        count_train_classes: make sure `Splits.train_class_counts` is known,
+            which for a TFDS dataset may cost a pass over the training labels.
 
     Returns:
         `tl_keras.data.Splits`.
@@ -26,6 +31,7 @@ def load_splits(config):
             config.test_split, config.val_fraction, classes=config.classes,
             train_examples_per_class=config.train_examples_per_class, seed=config.seed,
             strict=config.strict_data,
+            count_train_classes=count_train_classes,
         )
     print(
         f"Dataset {config.dataset}: {splits.num_classes} classes; "

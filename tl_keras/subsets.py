@@ -130,3 +130,11 @@ def describe_short_classes(short, class_names, examples_per_class):
         f"Note: --train_examples_per_class={examples_per_class}, but {names} "
         f"had fewer; they keep all they have."
     )
+
+
+def class_counts(labels, num_classes):
+    """The number of examples of each class among `labels`, as a tuple; None
+    when the labels are None (not read)."""
+    if labels is None:
+        return None
+    return tuple(int(count) for count in np.bincount(labels, minlength=num_classes))
