@@ -24,7 +24,8 @@ def main(argv):
             model = settings["model_dir"]
             resize = flags.tflite_resize(model) if model.endswith(".tflite") else None
             job.run_prediction(model, settings["images"], settings["top_k"],
-                               settings["output"], resize=resize)
+                               settings["output"], resize=resize,
+                               explain=settings["explain"])
         else:
             job.run_training(
                 flags.to_config(),

@@ -20,6 +20,7 @@ from tl_keras import evaluate
 from tl_keras import export
 from tl_keras import features
 from tl_keras import finetune
+from tl_keras import gradcam
 from tl_keras import monitor
 from tl_keras import pipeline
 from tl_keras import plots
@@ -29,6 +30,7 @@ from tl_keras import recipe
 from tl_keras import rundir
 from tl_keras import sources
 from tl_keras import train
+from tl_keras.errors import UsageError
 
 
 def run_training(config, flagfile_text="", verbose="auto", overwrite=False):
@@ -248,6 +250,8 @@ def _evaluate_and_export(config, strategy, role, classifier, backbone, splits, p
         if tflite:
             evaluate.add_to_metrics(paths.metrics, "tflite", tflite)
             metrics["tflite"] = tflite
+    _log_gradcam(model, test.examples, splits.class_names, run_log,
+                 step=config.head_epochs + config.finetune_epochs - 1)
     if role.is_chief:
         print(_summary(config, test_metrics, exported, phases, timers, splits))
     return metrics
@@ -286,13 +290,26 @@ def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
     evaluate.write_metrics(paths.metrics, validation_by_phase, test_metrics, exported)
     last_epoch = config.head_epochs + config.finetune_epochs - 1
     run_log.final_metrics({f"test_{k}": v for k, v in test_metrics.items()}, last_epoch)
-    run_log.worst_mistakes(test.mistakes, splits.class_names, last_epoch)
     print(
         f"Test ({config.test_split}): top-1 {test_metrics['top1']:.2%}, "
         f"top-5 {test_metrics['top5']:.2%}, NLL {test_metrics['nll']:.4f}.",
         flush=True,
     )
     return test_metrics, test
+
+
+def _log_gradcam(model, examples, class_names, run_log, step):
+    """Sends the test split's Grad-CAM grid to TensorBoard. After the exports,
+    since the models Grad-CAM builds share (and add calls to) the model's layers."""
+    if not examples.kept:
+        return
+    try:
+        explainer = gradcam.GradCam(model)
+    except UsageError as refusal:
+        # A backend without gradients here; every other output is written.
+        print(f"Note: no Grad-CAM grid in TensorBoard. {refusal}", flush=True)
+        return
+    run_log.gradcam(gradcam.grid(explainer, examples.kept, class_names), step)
 
 
 def _summary(config, test_metrics, exported, phases, timers, splits):
@@ -339,7 +356,8 @@ def _describe_export(exported):
 
 
 def run_evaluation(config, split):
-    """Evaluates a finished run's SavedModel on one split and writes the report.
+    """Evaluates a finished run's SavedModel on one split and writes the
+    report, with the Grad-CAM grid of its worst mistakes.
 
     Args:
         config: the run's own configuration (from its `flags.txt`).
@@ -347,21 +365,34 @@ def run_evaluation(config, split):
 
     Returns:
         The report from `tl_keras.evaluate.classification_report`.
+
+    Raises:
+        UsageError: when the run has no SavedModel or model.keras, or the
+            backend has no gradients here; before the data is read.
     """
     serving = predict.load_serving(config.model_dir)
+    explainer = gradcam.GradCam(predict.load_keras_model(config.model_dir))
     splits = sources.load_splits(config)
     batches = pipeline.split_batches(config, splits, split)
+    examples = evaluate.ExamplesToShow()
     probabilities, labels = evaluate.predictions_and_labels(
-        batches, predict.serving_predictor(serving))
+        batches, predict.serving_predictor(serving), on_batch=examples.add)
     report = evaluate.classification_report(probabilities, labels, splits.class_names)
-    directory = rundir.RunPaths(config.model_dir).evaluation
-    evaluate.write_evaluation(directory, report, split)
+    paths = rundir.RunPaths(config.model_dir)
+    evaluate.write_evaluation(paths.evaluation, report, split)
     print(evaluate.format_report(report, split))
-    print(f"\nWrote metrics.json, per_class.csv and confusion_matrix.png to {directory}.")
+    print(f"\nWrote metrics.json, per_class.csv and confusion_matrix.png to "
+          f"{paths.evaluation}.")
+    if examples.kept:
+        with open(paths.gradcam_grid, "wb") as file:
+            file.write(gradcam.grid(explainer, examples.kept, splits.class_names))
+        print(f"Grad-CAM of the {len(examples.mistakes.kept)} most confident mistakes and "
+              f"the {len(examples.correct.kept)} most confident right predictions: "
+              f"{paths.gradcam_grid}")
     return report
 
 
-def run_prediction(model, images, top_k, output, resize="stretch"):
+def run_prediction(model, images, top_k, output, resize="stretch", explain=False):
     """Predicts the top-k classes of image files with a finished run's
     SavedModel, or with a `.tflite` file and the labels file beside it.
 
@@ -369,17 +400,29 @@ def run_prediction(model, images, top_k, output, resize="stretch"):
         model: a run folder, or a `.tflite` file.
         resize: for a `.tflite` file, how images are brought to its size: the
             run's `--resize`.
+        explain: also write each image's Grad-CAM overlay, from the run's
+            model.keras, under `RUN/explanations/` (a run folder only).
 
     Returns:
         The predictions, as written by `tl_keras.predict.predict_files`.
     """
+    explainer = None
     if model.endswith(".tflite"):
+        if explain:
+            raise UsageError(
+                f"--explain needs the Keras model of a run folder (model.keras): a .tflite "
+                f"file has no gradients for Grad-CAM. Pass --model_dir=RUN, the folder of "
+                f"the run that wrote {os.path.basename(model)}.")
         classify, class_names = predict.load_tflite(model, resize)
     else:
         classify = predict.serving_bytes_classifier(predict.load_serving(model))
         with open(rundir.RunPaths(model).class_names) as file:
             class_names = json.load(file)
-    return predict.predict_files(classify, images, class_names, top_k, output)
+        if explain:
+            explainer = gradcam.GradCam(predict.load_keras_model(model))
+    return predict.predict_files(classify, images, class_names, top_k, output,
+                                 explainer=explainer,
+                                 explanations_dir=rundir.RunPaths(model).explanations)
 
 
 def _jit_compile(setting):
