@@ -406,7 +406,7 @@ def run_prediction(model, images, top_k, output, resize="stretch", explain=False
     Returns:
         The predictions, as written by `tl_keras.predict.predict_files`.
     """
-    explainer = None
+    explainer = explanations_dir = None
     if model.endswith(".tflite"):
         if explain:
             raise UsageError(
@@ -420,9 +420,9 @@ def run_prediction(model, images, top_k, output, resize="stretch", explain=False
             class_names = json.load(file)
         if explain:
             explainer = gradcam.GradCam(predict.load_keras_model(model))
+            explanations_dir = rundir.RunPaths(model).explanations
     return predict.predict_files(classify, images, class_names, top_k, output,
-                                 explainer=explainer,
-                                 explanations_dir=rundir.RunPaths(model).explanations)
+                                 explainer=explainer, explanations_dir=explanations_dir)
 
 
 def _jit_compile(setting):
