@@ -226,7 +226,8 @@ def _write_overlays(explainer, results, class_names, directory, root):
                                                   explanation.classes):
         png = os.path.join(directory, os.path.relpath(os.path.abspath(path), root) + ".png")
         os.makedirs(os.path.dirname(png), exist_ok=True)
-        title = f"{os.path.basename(path)}\n{class_names[label]} ({probabilities[label]:.0%})"
+        title = (f"{os.path.basename(path)}\npredicted {class_names[label]} "
+                 f"({probabilities[label]:.0%})")
         with open(png, "wb") as file:
             file.write(plots.image_grid([tile], [title], columns=1))
         written.append(png)
