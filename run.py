@@ -28,7 +28,8 @@ def main(argv):
             job.run_prediction(
                 model, settings["images"], settings["top_k"], settings["output"],
                 resize=flags.run_setting(run_folder, "resize"),
-                tta=settings["tta"] or flags.run_setting(run_folder, "tta"))
+                tta=settings["tta"] or flags.run_setting(run_folder, "tta"),
+                explain=settings["explain"])
         elif settings["mode"] == "find_lr":
             job.run_find_lr(flags.to_config(), settings["find_lr_phase"],
                             settings["find_lr_steps"], given_flags=flags.given_flags())

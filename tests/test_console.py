@@ -87,6 +87,7 @@ def test_evaluate_and_predict_print_no_library_lines(trained, tmp_path):
     evaluation = _run("--mode=evaluate", f"--model_dir={model_dir}")
     _assert_quiet(evaluation)
     assert "top-1" in evaluation and "Wrote metrics.json" in evaluation
+    assert f"right predictions: {model_dir}/evaluation/gradcam.png" in evaluation
 
     image = tmp_path / "image.png"
     from PIL import Image
@@ -95,6 +96,13 @@ def test_evaluate_and_predict_print_no_library_lines(trained, tmp_path):
     _assert_quiet(prediction)
     assert f"{image}: " in prediction
     assert len(prediction.splitlines()) <= 2, prediction  # the image's line and a count
+
+    explained = _run("--mode=predict", f"--model_dir={model_dir}", f"--images={image}",
+                     "--explain")
+    _assert_quiet(explained)
+    # The image's line, naming its overlay, a count, and where the overlays went.
+    assert len(explained.splitlines()) <= 3, explained
+    assert f"(Grad-CAM: {model_dir}/explanations/image.png.png)" in explained, explained
 
 
 @pytest.mark.slow

@@ -58,6 +58,21 @@ def test_quantized_tflite_with_its_export_is_accepted():
     assert config.tflite_quantization == "int8" and config.tflite_max_drop == 2.0
 
 
+def test_explain_outside_predict_is_refused():
+    with pytest.raises(absl_flags.Error) as raised:
+        parse_config("--mode=evaluate", "--model_dir=run", "--explain")
+    assert "--explain writes Grad-CAM overlays of --images, for --mode=predict only" in str(
+        raised.value)
+
+
+def test_explain_with_a_tflite_file_is_refused_before_any_work(tmp_path):
+    # No file there: the refusal comes before anything is read.
+    with pytest.raises(UsageError, match=r"--explain needs the Keras model of a run folder "
+                                         r"\(model.keras\): a .tflite file has no gradients"):
+        job.run_prediction(str(tmp_path / "model.tflite"), str(tmp_path), top_k=1,
+                           output=None, explain=True)
+
+
 def test_no_epochs_at_all_is_refused():
     with pytest.raises(absl_flags.Error, match="nothing to train"):
         parse_config("--head_epochs=0", "--finetune_epochs=0")

@@ -79,7 +79,7 @@ class _CountedIterable:
 
 @pytest.mark.slow
 def test_the_test_split_is_read_once(bfloat16_run):
-    """The evaluation, the worst-mistakes grid and the TFLite check share one pass."""
+    """The evaluation, the Grad-CAM grid and the TFLite check share one pass."""
     _, _, reads = bfloat16_run
     assert reads == 1
 

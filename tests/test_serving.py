@@ -56,8 +56,16 @@ def test_evaluate_mode_reproduces_the_training_runs_test_metrics(finished_run, c
     out = capsys.readouterr().out
     assert "test: 64 examples, top-1" in out and "precision" in out
     directory = os.path.join(config.model_dir, "evaluation")
-    assert sorted(os.listdir(directory)) == ["confusion_matrix.png", "metrics.json",
-                                             "per_class.csv"]
+    assert sorted(os.listdir(directory)) == ["confusion_matrix.png", "gradcam.png",
+                                             "metrics.json", "per_class.csv"]
+    mistakes = round((1 - report["top1"]) * 64)
+    shown = f"{min(mistakes, 12)} most confident mistakes and the {min(64 - mistakes, 4)} "
+    assert f"Grad-CAM of the {shown}most confident right predictions: " \
+           f"{directory}/gradcam.png" in out
+    grid = np.asarray(Image.open(os.path.join(directory, "gradcam.png")).convert("RGB"))
+    # Four tiles a row, each at least 128 px wide, titled: not blank.
+    assert grid.shape[1] >= 4 * 128, grid.shape
+    assert len(np.unique(grid.reshape(-1, 3), axis=0)) > 100
     with open(os.path.join(directory, "per_class.csv")) as file:
         assert len(list(csv.DictReader(file))) == 10
 
@@ -105,6 +113,30 @@ def test_predict_names_the_bad_file_and_predicts_the_rest(finished_run, tmp_path
     assert [row["path"] for row in rows] == [path for path, _ in predictions]
     assert set(rows[0]) == {"path", "class_1", "probability_1", "class_2",
                             "probability_2", "class_3", "probability_3"}
+
+
+def test_predict_explain_writes_an_overlay_per_image_in_the_run(finished_run, tmp_path,
+                                                                capsys):
+    config, _ = finished_run
+    images = tmp_path / "images"
+    (images / "nested").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "a.png", "nested/b.jpg"):
+        Image.fromarray(rng.integers(0, 256, (40, 30, 3), np.uint8)).save(images / name)
+    before = sorted(str(path) for path in images.rglob("*"))
+
+    job.run_prediction(config.model_dir, str(images), top_k=2, output=None, explain=True)
+
+    out = capsys.readouterr().out
+    explanations = os.path.join(config.model_dir, "explanations")
+    for name in ("a.jpg", "a.png", "nested/b.jpg"):
+        overlay = os.path.join(explanations, name + ".png")
+        assert f"{images / name}: " in out and f" (Grad-CAM: {overlay})" in out, out
+        with Image.open(overlay) as written:
+            assert written.format == "PNG" and written.size[0] >= 128
+    assert f"Wrote 3 Grad-CAM overlay(s) to {explanations}." in out
+    # Nothing is written beside the user's images.
+    assert sorted(str(path) for path in images.rglob("*")) == before
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +261,7 @@ def test_tensorboard_holds_the_promised_scalars_images_and_hparams(finished_run)
     tensors = set(run.Tags()["tensors"])
     assert {"learning_rate_per_step", "phase", "training_inputs",
             "validation_confusion_matrix/head", "validation_confusion_matrix/finetune",
-            "test_worst_mistakes", "final/test_top1", "phase_boundary"} <= tensors
+            "test_gradcam", "final/test_top1", "phase_boundary"} <= tensors
     steps = [event.step for event in run.Tensors("learning_rate_per_step")]
     assert steps == list(range(len(steps))) and len(steps) == 3  # one per step, 3 epochs
     phases = [float(tf.make_ndarray(e.tensor_proto)) for e in run.Tensors("phase")]

@@ -44,11 +44,16 @@ class ImagePreprocessing(keras.layers.Layer):
         self._preprocess_input = backbones.backbone_spec(backbone).preprocess_input
 
     def call(self, images):
+        return self.normalized(self.resized(images))
+
+    def resized(self, images):
+        """The images as the backbone sees them, before its normalisation:
+        float32 `[batch, image_size, image_size, 3]` in whole levels 0-255."""
         images = ops.cast(images, "float32")
         if images.shape[1] == images.shape[2] == self.image_size:
             # Already the right size (known when the graph is built): a resize
             # would copy the pixels unchanged.
-            return self._preprocess_input(images)
+            return images
         images = ops.image.resize(
             images,
             (self.image_size, self.image_size),
@@ -61,7 +66,10 @@ class ImagePreprocessing(keras.layers.Layer):
         # Whole levels, as `pipeline.resize_uint8` leaves the images the input
         # pipeline resizes: an image resized there or here is then the same
         # pixels, so evaluation and serving agree.
-        images = ops.clip(ops.round(images), 0, 255)
+        return ops.clip(ops.round(images), 0, 255)
+
+    def normalized(self, images):
+        """The backbone family's own `preprocess_input` of `resized`'s output."""
         return self._preprocess_input(images)
 
     def compute_output_shape(self, input_shape):

@@ -180,35 +180,67 @@ def write_evaluation(directory, report, split, tta_report=None):
             title=f"Confusion matrix ({split})"))
 
 
-class MostConfidentMistakes:
-    """The most confident wrong predictions seen so far, with their images,
-    most confident first: kept while the data streams past once.
+class MostConfident:
+    """The most confident predictions seen so far, either the wrong or the
+    right ones, with their images, most confident first: kept while the data
+    streams past once.
+
+    Args:
+        count: how many to keep. Defaults to 16.
+        correct: keep right predictions instead of wrong ones. Defaults to
+            False.
 
     Attributes:
-        kept: `Mistake`s, most confident first.
+        kept: `Prediction`s, most confident first.
     """
 
-    def __init__(self, count=16):
+    def __init__(self, count=16, correct=False):
         self.count = count
+        self.correct = correct
         self.kept = []
         self._seen = 0
 
     def add(self, images, probabilities, labels):
         predicted = probabilities.argmax(axis=1)
-        for offset in np.flatnonzero(predicted != labels):
-            self.kept.append(Mistake(
+        for offset in np.flatnonzero((predicted == labels) == self.correct):
+            self.kept.append(Prediction(
                 confidence=float(probabilities[offset, predicted[offset]]),
-                position=self._seen + offset, image=images[offset],
+                position=self._seen + offset,
+                # A copy, so that the kept image doesn't keep its whole batch.
+                image=images[offset].copy(),
                 label=int(labels[offset]), predicted=int(predicted[offset])))
-        self.kept = sorted(self.kept, key=lambda mistake: (-mistake.confidence,
-                                                           mistake.position))[:self.count]
+        self.kept = sorted(self.kept, key=lambda kept: (-kept.confidence,
+                                                        kept.position))[:self.count]
         self._seen += len(labels)
 
 
+class ExamplesToShow:
+    """What the Grad-CAM grid shows: the most confident mistakes, then a few
+    of the most confident right predictions for comparison, kept in one pass.
+
+    Args:
+        mistakes: how many mistakes to keep. Defaults to 12.
+        correct: how many right predictions to keep. Defaults to 4.
+    """
+
+    def __init__(self, mistakes=12, correct=4):
+        self.mistakes = MostConfident(mistakes)
+        self.correct = MostConfident(correct, correct=True)
+
+    def add(self, images, probabilities, labels):
+        self.mistakes.add(images, probabilities, labels)
+        self.correct.add(images, probabilities, labels)
+
+    @property
+    def kept(self):
+        """The kept `Prediction`s: mistakes first, each kind most confident first."""
+        return self.mistakes.kept + self.correct.kept
+
+
 @dataclasses.dataclass(frozen=True)
-class Mistake:
-    """One wrong prediction: its confidence, its place in the split, the image,
-    the true and the predicted class."""
+class Prediction:
+    """One prediction kept with its image: its confidence, its place in the
+    split, the image, the true and the predicted class."""
 
     confidence: float
     position: int
@@ -231,27 +263,27 @@ def write_metrics(path, validation_by_phase, test, exported, test_tta=None):
 
 @dataclasses.dataclass(frozen=True)
 class TestResults:
-    """The test split's report (and its `--tta=flip` report, or None), its most
-    confident mistakes, and its first images with their true and predicted
-    classes."""
+    """The test split's report (and its `--tta=flip` report, or None), the
+    `ExamplesToShow` in the Grad-CAM grid, and its first images with their true
+    and predicted classes."""
 
     report: dict
     tta_report: dict | None
-    mistakes: object
+    examples: object
     first_images: list
     first_labels: list
     first_predicted: list
 
 
 def evaluate_test_split(model, batches, class_names, keep_images, tta="none"):
-    """Evaluates on the test split in one pass, keeping what the worst-mistakes
-    grid and the TFLite checks need, so neither reads it again; with
-    `tta="flip"`, reports the mirror-averaged predictions too."""
-    mistakes = MostConfidentMistakes()
+    """Evaluates on the test split in one pass, keeping what the Grad-CAM grid
+    and the TFLite checks need, so neither reads it again; with `tta="flip"`,
+    reports the mirror-averaged predictions too."""
+    examples = ExamplesToShow()
     first_images, first_labels, first_predicted = [], [], []
 
     def keep(images, probabilities, labels):
-        mistakes.add(images, probabilities, labels)
+        examples.add(images, probabilities, labels)
         wanted = keep_images - len(first_images)
         first_images.extend(images[:wanted])
         first_labels.extend(labels[:wanted])
@@ -260,7 +292,7 @@ def evaluate_test_split(model, batches, class_names, keep_images, tta="none"):
     report, tta_report = reports(batches, keras_predictor(model), class_names, tta=tta,
                                  on_batch=keep)
     return TestResults(
-        report=report, tta_report=tta_report, mistakes=mistakes,
+        report=report, tta_report=tta_report, examples=examples,
         first_images=first_images, first_labels=first_labels,
         first_predicted=first_predicted)
 

@@ -54,6 +54,10 @@ class _ModeOptions:
         "--model_dir when it has them, else from an untrained head.")
     find_lr_steps: int = _MODES.integer(
         100, "--mode=find_lr: training steps over which the rate rises from 1e-7 to 1.")
+    explain: bool = _MODES.boolean(
+        False,
+        "--mode=predict: also write each image's Grad-CAM heatmap, for its top class, "
+        "over it as a PNG under RUN/explanations/. Needs a run folder, not a .tflite file.")
     overwrite: bool = config_lib.RUN.boolean(
         False,
         "Train afresh in a --model_dir that holds a complete or unfinished run, "
@@ -134,9 +138,14 @@ _check("unfreeze", lambda v: v == "all" or (v.isdigit() and int(v) > 0) or
        "pass all, a positive number of top layers, or a layer name.")
 
 
-@flags.multi_flags_validator(["mode", "model_dir", "images"])
+@flags.multi_flags_validator(["mode", "model_dir", "images", "explain"])
 def _validate_mode(values):
     mode = values["mode"]
+    if values["explain"] and mode != "predict":
+        raise flags.ValidationError(
+            f"--explain writes Grad-CAM overlays of --images, for --mode=predict only "
+            f"(--mode=evaluate writes its Grad-CAM grid without it); drop it for "
+            f"--mode={mode}.")
     if mode in ("evaluate", "predict") and not values["model_dir"]:
         raise flags.ValidationError(
             f"--mode={mode} needs --model_dir=RUN, the folder of a finished training run.")

@@ -21,6 +21,7 @@ from tl_keras import evaluate
 from tl_keras import export
 from tl_keras import features
 from tl_keras import finetune
+from tl_keras import gradcam
 from tl_keras import lr_finder
 from tl_keras import monitor
 from tl_keras import pipeline
@@ -31,6 +32,7 @@ from tl_keras import recipe
 from tl_keras import rundir
 from tl_keras import sources
 from tl_keras import train
+from tl_keras.errors import UsageError
 
 
 def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
@@ -296,6 +298,8 @@ def _evaluate_and_export(config, strategy, role, classifier, backbone, splits, p
         if tflite:
             evaluate.add_to_metrics(paths.metrics, "tflite", tflite)
             metrics["tflite"] = tflite
+    _log_gradcam(model, test.examples, splits.class_names, run_log,
+                 step=config.head_epochs + config.finetune_epochs - 1)
     if role.is_chief:
         print(_summary(config, metrics, exported, phases, timers, splits))
     return metrics
@@ -340,11 +344,24 @@ def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
     final = {f"test_{k}": v for k, v in test_metrics.items()}
     final.update({f"test_tta_flip_{k}": v for k, v in (tta_metrics or {}).items()})
     run_log.final_metrics(final, last_epoch)
-    run_log.worst_mistakes(test.mistakes, splits.class_names, last_epoch)
     flipped = f"; with --tta=flip, {evaluate.headline(tta_metrics)}" if tta_metrics else ""
     print(f"Test ({config.test_split}): {evaluate.headline(test_metrics)}{flipped}.",
           flush=True)
     return test_metrics, test
+
+
+def _log_gradcam(model, examples, class_names, run_log, step):
+    """Sends the test split's Grad-CAM grid to TensorBoard. After the exports,
+    since the models Grad-CAM builds share (and add calls to) the model's layers."""
+    if not examples.kept:
+        return
+    try:
+        explainer = gradcam.GradCam(model)
+    except UsageError as refusal:
+        # A backend without gradients here; every other output is written.
+        print(f"Note: no Grad-CAM grid in TensorBoard. {refusal}", flush=True)
+        return
+    run_log.gradcam(gradcam.grid(explainer, examples.kept, class_names), step)
 
 
 def _summary(config, metrics, exported, phases, timers, splits):
@@ -442,7 +459,8 @@ def run_find_lr(config, phase, steps, given_flags=frozenset()):
 
 
 def run_evaluation(config, split, tta=None):
-    """Evaluates a finished run's SavedModel on one split and writes the report.
+    """Evaluates a finished run's SavedModel on one split and writes the
+    report, with the Grad-CAM grid of its worst mistakes.
 
     Args:
         config: the run's own configuration (from its `flags.txt`).
@@ -454,20 +472,35 @@ def run_evaluation(config, split, tta=None):
     Returns:
         The report from `tl_keras.evaluate.classification_report` (of the plain
         predictions).
+
+    Raises:
+        UsageError: when the run has no SavedModel or model.keras, or the
+            backend has no gradients here; before the data is read.
     """
     serving = predict.load_serving(config.model_dir)
+    explainer = gradcam.GradCam(predict.load_keras_model(config.model_dir))
     splits = sources.load_splits(config)
     batches = pipeline.split_batches(config, splits, split)
+    examples = evaluate.ExamplesToShow()
     report, tta_report = evaluate.reports(batches, predict.serving_predictor(serving),
-                                          splits.class_names, tta=tta or config.tta)
-    directory = rundir.RunPaths(config.model_dir).evaluation
-    evaluate.write_evaluation(directory, report, split, tta_report)
+                                          splits.class_names, tta=tta or config.tta,
+                                          on_batch=examples.add)
+    paths = rundir.RunPaths(config.model_dir)
+    evaluate.write_evaluation(paths.evaluation, report, split, tta_report)
     print(evaluate.format_report(report, split, tta_report=tta_report))
-    print(f"\nWrote metrics.json, per_class.csv and confusion_matrix.png to {directory}.")
+    print(f"\nWrote metrics.json, per_class.csv and confusion_matrix.png to "
+          f"{paths.evaluation}.")
+    if examples.kept:
+        with open(paths.gradcam_grid, "wb") as file:
+            file.write(gradcam.grid(explainer, examples.kept, splits.class_names))
+        print(f"Grad-CAM of the {len(examples.mistakes.kept)} most confident mistakes and "
+              f"the {len(examples.correct.kept)} most confident right predictions: "
+              f"{paths.gradcam_grid}")
     return report
 
 
-def run_prediction(model, images, top_k, output, resize="stretch", tta="none"):
+def run_prediction(model, images, top_k, output, resize="stretch", tta="none",
+                   explain=False):
     """Predicts the top-k classes of image files with a finished run's
     SavedModel, or with a `.tflite` file and the labels file beside it.
 
@@ -478,6 +511,8 @@ def run_prediction(model, images, top_k, output, resize="stretch", tta="none"):
         tta: `none`, or `flip`: average each image's probabilities with its
             mirror image's (the SavedModel's `serving_tta`; a `.tflite` file
             runs twice per image).
+        explain: also write each image's Grad-CAM overlay, from the run's
+            model.keras, under `RUN/explanations/` (a run folder only).
 
     Returns:
         The predictions, as written by `tl_keras.predict.predict_files`.
@@ -485,13 +520,23 @@ def run_prediction(model, images, top_k, output, resize="stretch", tta="none"):
     if tta == "flip":
         print("--tta=flip: each image's probabilities are averaged with its mirror "
               "image's.", flush=True)
+    explainer = explanations_dir = None
     if model.endswith(".tflite"):
+        if explain:
+            raise UsageError(
+                f"--explain needs the Keras model of a run folder (model.keras): a .tflite "
+                f"file has no gradients for Grad-CAM. Pass --model_dir=RUN, the folder of "
+                f"the run that wrote {os.path.basename(model)}.")
         classify, class_names = predict.load_tflite(model, resize, tta)
     else:
         classify = predict.serving_bytes_classifier(predict.load_serving(model), tta)
         with open(rundir.RunPaths(model).class_names) as file:
             class_names = json.load(file)
-    return predict.predict_files(classify, images, class_names, top_k, output)
+        if explain:
+            explainer = gradcam.GradCam(predict.load_keras_model(model))
+            explanations_dir = rundir.RunPaths(model).explanations
+    return predict.predict_files(classify, images, class_names, top_k, output,
+                                 explainer=explainer, explanations_dir=explanations_dir)
 
 
 def _jit_compile(setting):

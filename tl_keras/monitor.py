@@ -1,5 +1,6 @@
 """TensorBoard beyond Keras' callback: per-step learning rate, the phase
-boundary, image grids, confusion matrices and the HParams table.
+boundary, image grids, confusion matrices, the Grad-CAM grid and the HParams
+table.
 
 Keras' TensorBoard callback writes the epoch scalars (loss, top-1, top-5, the
 learning rate at each epoch's end) to `tensorboard/train` and
@@ -20,6 +21,7 @@ from tl_keras import plots
 from tl_keras import recipe
 
 RUN_LOG = "run"
+GRADCAM_TAG = "test_gradcam"
 PHASE_NUMBERS = {recipe.HEAD_PHASE: 0, recipe.FINETUNE_PHASE: 1}
 
 
@@ -79,18 +81,12 @@ class RunLog:
                 tf.summary.scalar(f"final/{name}", value, step=step)
         self.writer.flush()
 
-    def worst_mistakes(self, mistakes, class_names, step):
-        """A grid of `evaluate.MostConfidentMistakes`' images, with their labels."""
-        if not mistakes.kept:
-            return
-        titles = [
-            f"true {class_names[mistake.label]}\npredicted {class_names[mistake.predicted]} "
-            f"({mistake.confidence:.0%})"
-            for mistake in mistakes.kept
-        ]
-        self.image("test_worst_mistakes",
-                   plots.image_grid([mistake.image for mistake in mistakes.kept], titles),
-                   step=step, description="The most confident wrong test predictions.")
+    def gradcam(self, png, step):
+        """The test split's Grad-CAM grid, from `tl_keras.gradcam.grid`."""
+        self.image(GRADCAM_TAG, png, step=step,
+                   description="Grad-CAM heatmaps, for the predicted class, over the most "
+                               "confident wrong test predictions, then a few of the most "
+                               "confident right ones.")
 
 
 class PhaseMonitor(keras.callbacks.Callback):

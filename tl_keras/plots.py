@@ -53,6 +53,19 @@ def image_grid(images, titles, columns=4):
     return _png(figure)
 
 
+def heatmap_overlay(image, heatmap, opacity=0.4):
+    """A heatmap in colour over an image of the same size, as uint8.
+
+    Args:
+        image: `[height, width, 3]`, values 0-255.
+        heatmap: `[height, width]`, values 0-1: blue for 0, red for 1.
+        opacity: the heatmap's share of each pixel. Defaults to 0.4.
+    """
+    colours = matplotlib.colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3] * 255
+    blended = (1 - opacity) * np.asarray(image, np.float32) + opacity * colours
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
 def training_curves(rows, head_epochs):
     """Loss and top-1 over epochs, train and validation, the phase boundary marked.
 

@@ -1,17 +1,21 @@
 """Predicting with a finished run's SavedModel, or its model.tflite: the
-artifacts a server or a phone loads, so what people try is what they ship."""
+artifacts a server or a phone loads, so what people try is what they ship.
+With Grad-CAM, the run's Keras model too: a SavedModel has no gradients."""
 
 import csv
 import glob
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from tl_keras import console
 from tl_keras import export
+from tl_keras import gradcam
 from tl_keras import image_io
 from tl_keras import pipeline
+from tl_keras import plots
 from tl_keras import rundir
 from tl_keras.errors import UsageError
 
@@ -31,6 +35,22 @@ def load_serving(model_dir):
             f"(python run.py --model_dir={model_dir} ... trains one)."
         )
     return tf.saved_model.load(path)
+
+
+def load_keras_model(model_dir):
+    """Loads `MODEL_DIR/model.keras`, the model Grad-CAM differentiates.
+
+    Raises:
+        UsageError: when the run has no model.keras.
+    """
+    path = rundir.RunPaths(model_dir).keras_model
+    if not os.path.isfile(path):
+        raise UsageError(
+            f"No {rundir.KERAS_MODEL_FILE} in {model_dir}: Grad-CAM needs the Keras model "
+            f"a finished training run writes there.")
+    # tl_keras.classifier, imported with tl_keras.gradcam, has registered the
+    # model's own layer. Not compiled: only its forward pass and gradients count.
+    return keras.saving.load_model(path, compile=False)
 
 
 def serving_bytes_classifier(serving, tta="none"):
@@ -94,8 +114,7 @@ def load_tflite(path, resize, tta="none"):
         probabilities = []
         # The file takes one image per call.
         for encoded in tf.unstack(image_bytes):
-            image = pipeline.resize_uint8(image_io.decode_image(encoded), size, resize)
-            image = image.numpy()
+            image = _model_input(encoded, size, resize)
             if tta == "flip":
                 probabilities.append((run(image) + run(image[:, ::-1].copy())) / 2)
             else:
@@ -103,6 +122,12 @@ def load_tflite(path, resize, tta="none"):
         return {"probabilities": tf.constant(np.stack(probabilities))}
 
     return classify, class_names
+
+
+def _model_input(encoded, size, resize):
+    """An encoded image as `serving_bytes` feeds it to the model: decoded and
+    brought to `size`, as uint8 NumPy."""
+    return pipeline.resize_uint8(image_io.decode_image(encoded), size, resize).numpy()
 
 
 def serving_predictor(serving):
@@ -137,7 +162,8 @@ def image_files(spec):
     return sorted(found)
 
 
-def predict_files(classify, spec, class_names, top_k, output=None):
+def predict_files(classify, spec, class_names, top_k, output=None, explainer=None,
+                  explanations_dir=None):
     """Prints (and optionally writes as CSV) the top-k classes of each image.
 
     Files that can't be read as images are reported by name and skipped; the
@@ -150,12 +176,18 @@ def predict_files(classify, spec, class_names, top_k, output=None):
         class_names: the run's class names, by label.
         top_k: how many classes to report per image.
         output: optional CSV path.
+        explainer: optionally, a `tl_keras.gradcam.GradCam` of the same
+            model: each image's Grad-CAM overlay, for its top class, is then
+            written as a PNG under `explanations_dir`, and its path printed
+            on the image's line.
+        explanations_dir: where the overlays go, at each image's path
+            relative to the folder that holds all the images, `.png` added.
 
     Returns:
         A list of (path, [(class name, probability), ...]) for the predicted files.
     """
     k = min(top_k, len(class_names))
-    predictions, failures = [], []
+    predictions, failures, explained = [], [], 0
     paths = image_files(spec)
     readable = []
     for path in paths:
@@ -166,18 +198,61 @@ def predict_files(classify, spec, class_names, top_k, output=None):
             readable.append(path)
     for start in range(0, len(readable), _FILES_PER_CALL):
         chunk = readable[start:start + _FILES_PER_CALL]
-        for path, probabilities in _classify_files(classify, chunk, failures):
+        results = _classify_files(classify, chunk, failures)
+        overlays = [None] * len(results)
+        if explainer and results:
+            overlays = _write_overlays(explainer, results, class_names, explanations_dir,
+                                       root=_common_folder(readable))
+            explained += len(overlays)
+        for (path, probabilities), overlay in zip(results, overlays):
             top = np.argsort(-probabilities)[:k]
             ranked = [(class_names[i], float(probabilities[i])) for i in top]
             predictions.append((path, ranked))
-            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in ranked))
+            line = f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in ranked)
+            print(line + (f" (Grad-CAM: {overlay})" if overlay else ""))
     for path, problem in failures:
         print(f"skipped {path}: {problem}")
     print(f"Predicted {len(predictions)} image(s); skipped {len(failures)}.")
+    if explainer:
+        print(f"Wrote {explained} Grad-CAM overlay(s) to {explanations_dir}.")
     if output:
         _write_csv(output, predictions, k)
         print(f"Wrote {output}.")
     return predictions
+
+
+def _common_folder(paths):
+    return os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in paths])
+
+
+def _write_overlays(explainer, results, class_names, directory, root):
+    """Writes each image's Grad-CAM overlay, for its top class, as a titled PNG.
+
+    Args:
+        explainer: a `tl_keras.gradcam.GradCam`.
+        results: (path, probabilities) pairs, as `_classify_files` returns them.
+        directory: where the PNGs go, at each image's path relative to `root`.
+
+    Returns:
+        The PNGs' paths, in the order of `results`.
+    """
+    preprocessing = explainer.preprocessing
+    images = np.stack([
+        _model_input(tf.io.read_file(path), preprocessing.image_size, preprocessing.resize)
+        for path, _ in results])
+    explanation = explainer.explain(
+        images, classes=[int(np.argmax(probabilities)) for _, probabilities in results])
+    written = []
+    for (path, probabilities), tile, label in zip(results, gradcam.overlays(explanation),
+                                                  explanation.classes):
+        png = os.path.join(directory, os.path.relpath(os.path.abspath(path), root) + ".png")
+        os.makedirs(os.path.dirname(png), exist_ok=True)
+        title = (f"{os.path.basename(path)}\npredicted {class_names[label]} "
+                 f"({probabilities[label]:.0%})")
+        with open(png, "wb") as file:
+            file.write(plots.image_grid([tile], [title], columns=1))
+        written.append(png)
+    return written
 
 
 def _classify_files(classify, paths, failures):

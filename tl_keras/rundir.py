@@ -29,6 +29,10 @@ BACKUP_DIR = "backup"
 FEATURES_DIR = "features"
 PLOTS_DIR = "plots"
 EVALUATION_DIR = "evaluation"
+# In EVALUATION_DIR: --mode=evaluate's Grad-CAM grid.
+GRADCAM_FILE = "gradcam.png"
+# --mode=predict --explain's Grad-CAM overlays.
+EXPLANATIONS_DIR = "explanations"
 SAVED_MODEL_DIR = "saved_model"
 KERAS_MODEL_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
@@ -58,8 +62,8 @@ _COMPLETE_TEXT = "This run finished; rerunning it does nothing without --overwri
 RUN_OUTPUTS = frozenset({
     FLAGS_FILE, COMPLETE_FILE, PROGRESS_FILE, PROGRESS_FILE + ".tmp", CLASS_NAMES_FILE,
     METRICS_FILE, HISTORY_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR, BACKUP_DIR,
-    FEATURES_DIR, PLOTS_DIR, EVALUATION_DIR, SAVED_MODEL_DIR, KERAS_MODEL_FILE,
-    TFLITE_FILE, TFLITE_LABELS_FILE, BACKBONE_WEIGHTS_FILE,
+    FEATURES_DIR, PLOTS_DIR, EVALUATION_DIR, EXPLANATIONS_DIR, SAVED_MODEL_DIR,
+    KERAS_MODEL_FILE, TFLITE_FILE, TFLITE_LABELS_FILE, BACKBONE_WEIGHTS_FILE,
 })
 # Temporary folders of atomic writes (tl_keras.export), left by a kill.
 TEMPORARY_PREFIX = ".export-"
@@ -84,6 +88,8 @@ class RunPaths:
     tensorboard = property(lambda self: self._in(TENSORBOARD_DIR))
     features = property(lambda self: self._in(FEATURES_DIR))
     evaluation = property(lambda self: self._in(EVALUATION_DIR))
+    gradcam_grid = property(lambda self: self._in(EVALUATION_DIR, GRADCAM_FILE))
+    explanations = property(lambda self: self._in(EXPLANATIONS_DIR))
     saved_model = property(lambda self: self._in(SAVED_MODEL_DIR))
     keras_model = property(lambda self: self._in(KERAS_MODEL_FILE))
     tflite = property(lambda self: self._in(TFLITE_FILE))
