@@ -188,6 +188,13 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
     def __init__(self, backup_dir):
         super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
 
+    def on_train_begin(self, logs=None):
+        # Keras' restore sets the model's `_initial_epoch`, which outlives the
+        # fit: a later phase, with no backup of its own, would start at the
+        # epoch an earlier phase resumed at. Only this phase's backup counts.
+        self.model._initial_epoch = None
+        super().on_train_begin(logs)
+
     def saved_position(self):
         """(epoch, batches of it already trained) a restore starts at; see
         `tl_keras.runstate.backup_position`."""
