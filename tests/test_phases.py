@@ -433,6 +433,7 @@ def test_pending_best_weights_are_kept_only_once_recorded(tmp_path):
     assert not settled.best_pending and not os.path.exists(paths.pending_best_checkpoint)
 
 
+@pytest.mark.slow  # test_early_stopping's rerun test takes the same path
 def test_a_rerun_after_a_kill_in_the_head_phase_fine_tunes_at_its_own_epochs(tmp_path):
     """The head phase resumes from its backup; fine-tuning, with none, must
     still start at its planned epoch, not where the head phase resumed."""
