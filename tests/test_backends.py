@@ -72,3 +72,52 @@ def test_tf_only_strategies_are_refused_under_jax(tmp_path):
     assert "--strategy=mirrored is a tf.distribute strategy, which needs " \
            "KERAS_BACKEND=tensorflow" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_fine_tuning_controls_resume_after_a_kill_under_jax(tmp_path):
+    """--layer_decay's optimizer and --ema's average are optimizer state a
+    JAX run backs up and a rerun restores."""
+    import csv
+    import time
+
+    import keras
+
+    from tl_keras import classifier  # what loading model.keras needs imported
+    from tl_keras import rundir
+
+    environment = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    command = [sys.executable, LAUNCHER, f"--flagfile={SMOKE_FLAGS}", "--batch_size=8",
+               "--backbone=mobilenet", "--finetune_epochs=3", "--layer_decay=0.5",
+               "--ema=0.9", "--early_stopping=2", f"--model_dir={tmp_path / 'run'}"]
+    history = tmp_path / "run" / "history.csv"
+
+    def epochs():
+        if not history.exists():
+            return []
+        with open(history, newline="") as file:
+            return [(int(row["epoch"]), row["phase"]) for row in csv.DictReader(file)]
+
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Killed once the first fine-tuning epoch is backed up.
+    backed_up = tmp_path / "run" / "backup" / "finetune" / rundir.BACKUP_METADATA_FILE
+    deadline = time.time() + 400
+    while not backed_up.exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.kill()
+    process.communicate()
+
+    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True,
+                            text=True, timeout=600)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Phase finetune: epochs 2-4, resuming at epoch" in result.stdout
+    assert "Layer-wise learning-rate decay 0.5: the head and 5 backbone blocks." in result.stdout
+    # Each epoch once. (--early_stopping=2 can't end a 3-epoch phase early:
+    # its stop would come after the last epoch.)
+    assert epochs() == [(1, "head"), (2, "finetune"), (3, "finetune"), (4, "finetune")]
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert type(model.optimizer) in classifier.SAVED_OBJECTS
+    assert model.optimizer.use_ema and model.optimizer.ema_momentum == 0.9

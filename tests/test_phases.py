@@ -431,3 +431,33 @@ def test_pending_best_weights_are_kept_only_once_recorded(tmp_path):
     with open(paths.best_checkpoint) as file:
         assert file.read() == "epoch 2"
     assert not settled.best_pending and not os.path.exists(paths.pending_best_checkpoint)
+
+
+@pytest.mark.slow  # test_early_stopping's rerun test takes the same path
+def test_a_rerun_after_a_kill_in_the_head_phase_fine_tunes_at_its_own_epochs(tmp_path):
+    """The head phase resumes from its backup; fine-tuning, with none, must
+    still start at its planned epoch, not where the head phase resumed."""
+    import csv
+
+    import tiny_training
+
+    class Killed(Exception):
+        pass
+
+    class KillAtSecondEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise Killed
+
+    settings = dict(head_epochs=3, finetune_epochs=2, steps_per_epoch=1)
+    model, backbone = tiny_training.build()
+    with pytest.raises(Killed):
+        tiny_training.train_phases(model, backbone, tmp_path, **settings,
+                                   phase_callbacks=lambda phase: [KillAtSecondEpoch()])
+    model, backbone = tiny_training.build()
+    tiny_training.train_phases(model, backbone, tmp_path, **settings)
+
+    with open(rundir.RunPaths(str(tmp_path)).history, newline="") as file:
+        timeline = [(int(row["epoch"]), row["phase"]) for row in csv.DictReader(file)]
+    assert timeline == [(1, "head"), (2, "head"), (3, "head"),
+                        (4, "finetune"), (5, "finetune")]

@@ -181,12 +181,107 @@ class ProgressWriter(keras.callbacks.Callback):
             runstate.promote_pending_best(self.progress, self.paths)
 
 
+# Not keras.callbacks.EarlyStopping: it keeps its count in memory, which a
+# rerun after a kill would start again; progress.json holds each epoch's top-1.
+class PhaseEarlyStopping(keras.callbacks.Callback):
+    """Stops a phase (a `recipe.PhasePlan`) before its last epoch once
+    `runstate.Progress.early_stop` says so, after the epoch has been recorded
+    (so it comes after `ProgressWriter`).
+
+    Attributes:
+        stopped: the `runstate.EarlyStop` that stopped it, or None.
+    """
+
+    def __init__(self, progress, phase, patience):
+        super().__init__()
+        self.progress = progress
+        self.phase = phase
+        self.patience = patience
+        self.stopped = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        stop = early_stop(self.progress, self.phase, epoch, self.patience)
+        if stop:
+            self.stopped = stop
+            self.model.stop_training = True
+            print(stop.describe(self.phase.name), flush=True)
+
+
+def early_stop(progress, phase, epoch, patience):
+    """The `runstate.EarlyStop` due after `epoch` of `phase` (a
+    `recipe.PhasePlan`), or None; never after the phase's last epoch, which
+    ends it anyway."""
+    if epoch + 1 >= phase.first_epoch + phase.epochs:
+        return None
+    return progress.early_stop(phase.name, epoch, patience)
+
+
+class EmaWeights(keras.callbacks.Callback):
+    """With `--ema`: the optimizer's moving average of the weights is what each
+    epoch validates and what the epoch-end callbacks before this one save
+    (the best checkpoint); the model trains, and the callbacks after this one
+    (the backup) save, the raw weights, with the average beside them in the
+    optimizer.
+
+    At the end of `fit`, Keras puts the average in the model
+    (`finalize_variable_values`): what the phase ends with. A `fit` that goes
+    on with the phase (after a resume part-way through an epoch) restores the
+    raw weights from the backup first.
+
+    Not keras.callbacks.SwapEMAWeights: to checkpoint the average, it leaves
+    it in the model from one epoch's end to the next's start, so a backup
+    would hold the two swapped; and under TensorFlow it swaps by adding and
+    subtracting, which doesn't give back the raw weights exactly.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._average_in_model = False
+
+    def _swap(self):
+        for weight, average in self._weights_and_averages():
+            if average is not None:
+                raw = keras.ops.convert_to_numpy(weight)
+                weight.assign(average)
+                average.assign(raw)
+        self._average_in_model = not self._average_in_model
+
+    def on_test_begin(self, logs=None):
+        if not self._average_in_model:
+            self._swap()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._average_in_model:
+            self._swap()
+
+    def on_train_end(self, logs=None):
+        # finalize_variable_values assigned each average to its weight, which
+        # under JAX leaves the two holding one array; the next jitted
+        # evaluate or predict donates (deletes) the weight's, and the
+        # optimizer, whose state model.keras saves, would hold a deleted
+        # array. Each average gets an array of its own.
+        for _, average in self._weights_and_averages():
+            if average is not None:
+                average.assign(keras.ops.convert_to_numpy(average))
+
+    def _weights_and_averages(self):
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        return zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)
+
+
 class ResumableBackup(keras.callbacks.BackupAndRestore):
     """Keras' BackupAndRestore, kept until the phase's end is recorded, and
     able to save on demand (on SIGTERM)."""
 
     def __init__(self, backup_dir):
         super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+
+    def on_train_begin(self, logs=None):
+        # Keras' restore sets the model's `_initial_epoch`, which outlives the
+        # fit: a later phase, with no backup of its own, would start at the
+        # epoch an earlier phase resumed at. Only this phase's backup counts.
+        self.model._initial_epoch = None
+        super().on_train_begin(logs)
 
     def saved_position(self):
         """(epoch, batches of it already trained) a restore starts at; see

@@ -12,6 +12,7 @@ import keras
 from keras import ops
 
 from tl_keras import backbones
+from tl_keras import layer_decay
 
 # The names of the layers after the backbone: `tl_keras.features` splits the
 # classifier there, into the backbone's features and the head on them.
@@ -81,6 +82,13 @@ class ImagePreprocessing(keras.layers.Layer):
             backbone=self.backbone, image_size=self.image_size, resize=self.resize
         )
         return config
+
+
+# What a model.keras may hold beyond Keras' own objects: the preprocessing, and
+# the optimizers --layer_decay fine-tunes with. Each is registered with Keras
+# where it is defined, so `keras.saving.load_model` needs only this module
+# imported.
+SAVED_OBJECTS = (ImagePreprocessing, *layer_decay.OPTIMIZERS.values())
 
 
 def build_classifier(backbone, backbone_name, num_classes, image_size, dropout,

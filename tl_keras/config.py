@@ -192,6 +192,22 @@ class Config:
         "Test-time augmentation. flip: the test evaluation also reports the figures of "
         "each image's probabilities averaged with its mirror's, and --mode=evaluate and "
         "--mode=predict average so (they take the run's --tta unless given one).")
+    # The fine-tuning recipe's controls (issue 16).
+    layer_decay: float = TRAINING.float(
+        1.0,
+        "Layer-wise learning-rate decay F in (0, 1]; 1 is off. Fine-tuning trains the "
+        "head at the peak learning rate and each backbone block at F**(its depth from "
+        "the top), blocks found from the backbone's graph (residual blocks; stages "
+        "of a plain chain such as VGG16).")
+    ema: float = TRAINING.float(
+        0.0,
+        "Exponential moving average of the weights, e.g. 0.999; 0 is off. The average "
+        "is what each epoch validates, and what the checkpoints, the test evaluation "
+        "and every export hold, in place of the raw weights.")
+    early_stopping: int = TRAINING.integer(
+        0,
+        "End a phase after this many epochs without a better validation top-1; 0 is "
+        "off. The run goes on with the next phase, which starts at its planned epoch.")
     export_weights: str = TRAINING.enum(
         "best", ["best", "last"],
         "Which weights the test evaluation and every exported file use: best, the "

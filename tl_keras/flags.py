@@ -121,6 +121,11 @@ _check("head_learning_rate", lambda v: v > 0, "must be greater than 0, e.g. 1e-3
 _check("finetune_learning_rate", lambda v: v > 0, "must be greater than 0, e.g. 1e-4.")
 _check("weight_decay", lambda v: v >= 0, "must be 0 or more, e.g. 0.05.")
 _check("warmup_epochs", lambda v: v >= 0, "must be 0 or more.")
+_check("layer_decay", lambda v: 0 < v <= 1,
+       "must be in (0, 1], e.g. 0.75; 1 is off.")
+_check("ema", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.999; 0 is off.")
+_check("early_stopping", lambda v: v >= 0,
+       "must be 0 (off) or a number of epochs, e.g. 3.")
 _check("label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.1.")
 _check("train_examples_per_class", lambda v: v >= 1,
        "must be at least 1, or left out to keep every training image.")

@@ -184,6 +184,9 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
         jit_compile=_jit_compile(config.jit_compile),
         scope=strategy.scope,
         paths=paths,
+        layer_decay=config.layer_decay,
+        ema=config.ema,
+        early_stopping=config.early_stopping,
         phase_callbacks=lambda phase: [
             timers[phase.name],
             monitor.PhaseMonitor(run_log, phase, steps, validation_batches,

@@ -11,6 +11,7 @@ import math
 import keras
 import numpy as np
 
+from tl_keras import layer_decay
 from tl_keras.errors import UsageError
 
 HEAD_PHASE = "head"
@@ -130,7 +131,7 @@ def learning_rate_schedule(phase, steps_per_epoch):
     )
 
 
-def make_optimizer(name, learning_rate, weight_decay):
+def make_optimizer(name, learning_rate, weight_decay, *, ema=0.0, rate_factors=None):
     """Creates the optimizer named by `--optimizer`.
 
     Weight decay skips biases and normalisation parameters, whose decay only
@@ -140,33 +141,47 @@ def make_optimizer(name, learning_rate, weight_decay):
         name: `adamw`, `adam`, `sgd` (Nesterov momentum 0.9) or `rmsprop`.
         learning_rate: a float or a schedule.
         weight_decay: the decoupled weight decay coefficient; 0 for none.
+        ema: `--ema`: the momentum of an exponential moving average of the
+            trained weights, kept by the optimizer (Keras' `use_ema`); 0, the
+            default, for none. `tl_keras.callbacks.EmaWeights` puts it in the
+            model for validation and checkpoints.
+        rate_factors: `--layer_decay`'s factors on the learning rate, from
+            `tl_keras.layer_decay.LayerRates`; None, the default, for none.
 
     Returns:
         A `keras.optimizers.Optimizer`.
     """
     decay = weight_decay or None
-    if name == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
-    elif name == "adam":
-        optimizer = keras.optimizers.Adam(learning_rate, weight_decay=decay)
-    elif name == "sgd":
-        optimizer = keras.optimizers.SGD(
-            learning_rate, momentum=0.9, nesterov=True, weight_decay=decay
-        )
-    elif name == "rmsprop":
-        optimizer = keras.optimizers.RMSprop(learning_rate, weight_decay=decay)
-    else:
+    classes = layer_decay.OPTIMIZERS if rate_factors is not None else _OPTIMIZERS
+    if name not in classes:
         raise ValueError(f"Unknown optimizer: {name!r}")
+    settings = dict(weight_decay=weight_decay if name == "adamw" else decay)
+    if name == "sgd":
+        settings.update(momentum=0.9, nesterov=True)
+    if ema:
+        settings.update(use_ema=True, ema_momentum=ema)
+    if rate_factors is not None:
+        settings.update(rate_factors=rate_factors)
+    optimizer = classes[name](learning_rate, **settings)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     return optimizer
 
 
+_OPTIMIZERS = {"adamw": keras.optimizers.AdamW, "adam": keras.optimizers.Adam,
+               "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+
+
 def compile_for_phase(model, phase, *, steps_per_epoch, optimizer, weight_decay,
-                      label_smoothing, num_classes, jit_compile):
-    """Compiles the model for one phase (after its trainable flags are set)."""
+                      label_smoothing, num_classes, jit_compile, ema=0.0,
+                      rate_factors=None):
+    """Compiles the model for one phase (after its trainable flags are set).
+
+    `ema` and `rate_factors` are as for `make_optimizer`.
+    """
     model.compile(
         optimizer=make_optimizer(
-            optimizer, learning_rate_schedule(phase, steps_per_epoch), weight_decay
+            optimizer, learning_rate_schedule(phase, steps_per_epoch), weight_decay,
+            ema=ema, rate_factors=rate_factors,
         ),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=classification_metrics(num_classes),

@@ -6,6 +6,7 @@ and the resume position multi-worker runs compare. The paths are
 `tl_keras.rundir.RunPaths`.
 """
 
+import dataclasses
 import json
 import os
 
@@ -53,7 +54,11 @@ class Progress:
         return self.phases.get(phase, {}).get("complete", False)
 
     def record_epoch(self, phase, epoch, validation, is_best):
-        self.phases.setdefault(phase, {"complete": False})["validation"] = validation
+        state = self.phases.setdefault(phase, {"complete": False})
+        state["validation"] = validation
+        # Each epoch's top-1, for --early_stopping; an epoch redone after a
+        # kill replaces its entry. (JSON keys are strings.)
+        state.setdefault("top1_by_epoch", {})[str(epoch)] = validation["top1"]
         if is_best:
             self._set_best(phase, epoch, validation, statistics_recomputed=False)
         self._write()
@@ -76,9 +81,39 @@ class Progress:
         self.phases[phase]["validation"] = validation
         self._write()
 
-    def complete_phase(self, phase):
-        self.phases.setdefault(phase, {})["complete"] = True
+    def complete_phase(self, phase, last_epoch, stopped_early=None):
+        """Marks a phase complete, at `last_epoch` (from 0), with the
+        `EarlyStop` that ended it, if one did; a rerun then skips it."""
+        state = self.phases.setdefault(phase, {})
+        state.update(complete=True, last_epoch=last_epoch)
+        if stopped_early:
+            state["stopped_early"] = dataclasses.asdict(stopped_early)
         self._write()
+
+    def last_epoch(self, phase):
+        """The last epoch (from 0) a complete phase trained, or None."""
+        return self.phases.get(phase, {}).get("last_epoch")
+
+    def early_stop(self, phase, epoch, patience):
+        """The `EarlyStop` due after `epoch` (from 0) of `phase`: when none of
+        the last `patience` epochs up to it beat the phase's best validation
+        top-1 before them. None when training goes on, or `patience` is 0.
+
+        Only epochs up to `epoch` count, so that entries an interrupted run
+        recorded for later epochs (redone after the rerun) don't."""
+        if not patience:
+            return None
+        recorded = self.phases.get(phase, {}).get("top1_by_epoch", {})
+        top1 = {int(key): value for key, value in recorded.items() if int(key) <= epoch}
+        if not top1:
+            return None
+        # The first epoch that reached the best: a later one only as good is
+        # not better.
+        best_epoch = max(sorted(top1), key=lambda key: top1[key])
+        if epoch - best_epoch < patience:
+            return None
+        return EarlyStop(epoch=epoch, best_epoch=best_epoch, best_top1=top1[best_epoch],
+                         patience=patience)
 
     def validation_by_phase(self):
         return {name: state["validation"] for name, state in self.phases.items()
@@ -89,6 +124,22 @@ class Progress:
         with open(temporary, "w") as file:
             json.dump(self.state, file, indent=2)
         os.replace(temporary, self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStop:
+    """Why `--early_stopping` ended a phase. Epochs count from 0."""
+
+    epoch: int
+    best_epoch: int
+    best_top1: float
+    patience: int
+
+    def describe(self, phase):
+        return (f"Phase {phase} stopped early after epoch {self.epoch + 1}: no better "
+                f"validation top-1 for {self.epoch - self.best_epoch} epochs "
+                f"(--early_stopping={self.patience}); best {self.best_top1:.2%} at epoch "
+                f"{self.best_epoch + 1}.")
 
 
 def promote_pending_best(progress, paths):

@@ -16,6 +16,7 @@ import keras
 from tl_keras import callbacks
 from tl_keras import features
 from tl_keras import finetune
+from tl_keras import layer_decay
 from tl_keras import recipe
 from tl_keras import runstate
 
@@ -24,6 +25,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
                      steps_per_epoch, phases, unfreeze, train_batchnorm=False,
                      optimizer, weight_decay,
                      label_smoothing, num_classes, jit_compile, scope, paths,
+                     layer_decay=1.0, ema=0.0, early_stopping=0,
                      phase_callbacks=None, profile_batches=None, cached_features=None,
                      backup_on_preemption=True, verbose="auto"):
     """Trains the head on the frozen backbone, then fine-tunes; resumes a killed run.
@@ -48,6 +50,17 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         num_classes: the number of classes, for top-5 on fewer classes.
         scope: returns a context manager (the strategy's scope) for compiling.
         paths: `tl_keras.rundir.RunPaths`.
+        layer_decay: `--layer_decay`: fine-tuning trains each backbone block
+            at the learning rate times this to the power of its depth from
+            the top (`tl_keras.layer_decay`); 1, the default, for none.
+        ema: `--ema`: the momentum of a moving average of the weights, which
+            each epoch validates and the checkpoints and phase ends hold in
+            place of the raw weights (`tl_keras.callbacks.EmaWeights`); 0, the
+            default, for none.
+        early_stopping: `--early_stopping`: a phase ends after this many
+            epochs without a better validation top-1 than its best before
+            them; the next phase still starts at its planned epoch. 0, the
+            default, for never.
         phase_callbacks: optional function from a `PhasePlan` to more callbacks
             for that phase.
         profile_batches: optional (first, last) batch of the first phase to
@@ -79,7 +92,8 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         unfreeze=unfreeze, train_batchnorm=train_batchnorm,
         compile_settings=dict(optimizer=optimizer, weight_decay=weight_decay,
                               label_smoothing=label_smoothing, num_classes=num_classes,
-                              jit_compile=jit_compile),
+                              jit_compile=jit_compile, ema=ema),
+        layer_decay=layer_decay, early_stopping=early_stopping,
         scope=scope, paths=paths, progress=progress, phase_callbacks=phase_callbacks,
         profile_batches=profile_batches, cached_features=cached_features,
         backup_on_preemption=backup_on_preemption, verbose=verbose,
@@ -112,6 +126,8 @@ class _Run:
     unfreeze: str
     train_batchnorm: bool
     compile_settings: dict
+    layer_decay: float
+    early_stopping: int
     scope: object
     paths: object
     progress: runstate.Progress
@@ -132,13 +148,22 @@ class _Fit:
 
 
 def _train_phase(run, phase):
-    fit, trained = _configure_phase(run, phase)
+    fit, trained, rates = _configure_phase(run, phase)
     backup = callbacks.ResumableBackup(run.paths.backup_dir(phase.name))
     resumed_at, batches_done = backup.saved_position()
-    _announce_phase(run, phase, trained, resumed_at, batches_done)
+    # A phase --early_stopping ended just before a kill: it is finished from
+    # its backup, without training on.
+    stopped = (callbacks.early_stop(run.progress, phase, resumed_at - 1, run.early_stopping)
+               if resumed_at is not None and not batches_done else None)
+    _announce_phase(run, phase, trained, rates, resumed_at, batches_done, stopped)
     watcher = callbacks.PreemptionWatcher(
         backup if run.backup_on_preemption else None, run.steps_per_epoch)
-    phase_callbacks = _callbacks(run, phase, backup, watcher)
+    extras = _PhaseExtras(
+        early_stopping=(callbacks.PhaseEarlyStopping(run.progress, phase,
+                                                     run.early_stopping)
+                        if run.early_stopping else None),
+        ema=callbacks.EmaWeights() if run.compile_settings["ema"] else None)
+    phase_callbacks = _callbacks(run, phase, backup, watcher, extras)
     trains_batchnorm = run.train_batchnorm and phase.name != recipe.HEAD_PHASE
     # With --batchnorm=train, the moving statistics follow the weights
     # closely, so that each epoch's validation and the best checkpoint mean
@@ -147,11 +172,32 @@ def _train_phase(run, phase):
     # momentum.
     with (finetune.batchnorm_momentum(run.backbone, finetune.TRACKING_BATCHNORM_MOMENTUM)
           if trains_batchnorm else contextlib.nullcontext()):
-        _fit_phase(run, phase, fit, phase_callbacks, watcher, resumed_at, batches_done)
+        if stopped:
+            # No epochs: fit only restores the backup (and with --ema puts
+            # the average in the model, as at the end of any fit).
+            _fit(run, fit, phase_callbacks, resumed_at, resumed_at, run.steps_per_epoch)
+        else:
+            _fit_phase(run, phase, fit, phase_callbacks, watcher, extras, resumed_at,
+                       batches_done)
+    _finish_phase(run, phase, backup, trains_batchnorm,
+                  stopped or (extras.early_stopping and extras.early_stopping.stopped))
+
+
+@dataclasses.dataclass(frozen=True)
+class _PhaseExtras:
+    """The callbacks of the options a phase may run with; None when off."""
+
+    early_stopping: callbacks.PhaseEarlyStopping | None
+    ema: callbacks.EmaWeights | None
+
+
+def _finish_phase(run, phase, backup, trains_batchnorm, stopped):
+    """Records the phase's end: its last epoch's weights, and that it is complete."""
+    last_epoch = stopped.epoch if stopped else phase.first_epoch + phase.epochs - 1
     if trains_batchnorm:
-        _recompute_statistics(run, phase)
+        _recompute_statistics(run, phase, last_epoch)
     runstate.save_weights(run.model, run.paths.phase_end_weights(phase.name))
-    run.progress.complete_phase(phase.name)
+    run.progress.complete_phase(phase.name, last_epoch, stopped)
     backup.delete()
 
 
@@ -159,7 +205,8 @@ def _configure_phase(run, phase):
     """Sets what the phase trains and compiles for it.
 
     Returns:
-        (`_Fit`, what trains, in words).
+        (`_Fit`, what trains, in words, the `tl_keras.layer_decay.LayerRates`
+        it trains with or None).
     """
     if phase.name == recipe.HEAD_PHASE:
         finetune.freeze_backbone(run.backbone)
@@ -180,18 +227,24 @@ def _configure_phase(run, phase):
         cached = run.cached_features()
         fit = _Fit(features.head_of(run.model), cached.train, cached.validation)
         trained = "the head on cached backbone features"
+    # Only fine-tuning trains the backbone, whose blocks the decay sets apart.
+    rates = (layer_decay.layer_rates(run.backbone, run.layer_decay)
+             if phase.name != recipe.HEAD_PHASE and run.layer_decay < 1 else None)
     with run.scope():
         # Recompile after changing `trainable`: the compiled step captures
         # which weights it updates.
         recipe.compile_for_phase(fit.model, phase, steps_per_epoch=run.steps_per_epoch,
+                                 rate_factors=rates.factors if rates else None,
                                  **run.compile_settings)
-    return fit, trained
+    return fit, trained, rates
 
 
-def _announce_phase(run, phase, trained, resumed_at, batches_done):
+def _announce_phase(run, phase, trained, rates, resumed_at, batches_done, stopped):
     last_epoch = phase.first_epoch + phase.epochs
     resuming = ""
-    if resumed_at is not None:
+    if stopped:
+        resuming = f", stopped early after epoch {stopped.epoch + 1}, finishing it"
+    elif resumed_at is not None:
         resuming = f", resuming at epoch {resumed_at + 1}" + (
             f", batch {batches_done + 1}" if batches_done else "")
     print(
@@ -200,9 +253,13 @@ def _announce_phase(run, phase, trained, resumed_at, batches_done):
         f"learning rate {phase.learning_rate:g}, {run.steps_per_epoch} steps/epoch.",
         flush=True,
     )
+    if rates:
+        print(rates.describe(phase.learning_rate), flush=True)
+    if stopped:
+        print(stopped.describe(phase.name), flush=True)
 
 
-def _callbacks(run, phase, backup, watcher):
+def _callbacks(run, phase, backup, watcher, extras):
     """The phase's callbacks, in the order their work must happen."""
     checkpoint = callbacks.ClassifierCheckpoint(
         run.model,
@@ -225,6 +282,12 @@ def _callbacks(run, phase, backup, watcher):
         checkpoint,
         callbacks.HistoryWriter(run.paths.history, phase.name),
         callbacks.ProgressWriter(run.progress, phase.name, checkpoint, run.paths),
+        # After ProgressWriter, which records the top-1 it decides by.
+        *([extras.early_stopping] if extras.early_stopping else []),
+        # After every callback that saves the average weights, before the
+        # backup, which saves the raw ones; and before the phase's own, whose
+        # on_train_end predicts with the weights the phase ends with.
+        *([extras.ema] if extras.ema else []),
         *(run.phase_callbacks(phase) if run.phase_callbacks else []),
         # After every callback that records the epoch, so that a kill
         # never leaves a backup of an epoch that history.csv or
@@ -236,29 +299,33 @@ def _callbacks(run, phase, backup, watcher):
     ]
 
 
-def _fit_phase(run, phase, fit, phase_callbacks, watcher, resumed_at, batches_done):
+def _fit_phase(run, phase, fit, phase_callbacks, watcher, extras, resumed_at,
+               batches_done):
     last_epoch = phase.first_epoch + phase.epochs
-
-    def fit_epochs(first_epoch, end_epoch, steps):
-        fit.model.fit(
-            fit.data, validation_data=fit.validation, initial_epoch=first_epoch,
-            epochs=end_epoch, steps_per_epoch=steps, callbacks=phase_callbacks,
-            # The input pipeline shuffles; fit can't shuffle a dataset.
-            shuffle=False, verbose=run.verbose,
-        )
-
     if batches_done:
         # A SIGTERM stopped this epoch part-way: train only its remaining
         # batches, so the optimizer's step count (and with it the
         # learning-rate schedule) goes on exactly as it would have.
         watcher.batches_before = batches_done
-        fit_epochs(resumed_at, resumed_at + 1, run.steps_per_epoch - batches_done)
+        _fit(run, fit, phase_callbacks, resumed_at, resumed_at + 1,
+             run.steps_per_epoch - batches_done)
         watcher.batches_before = 0
+        if extras.early_stopping and extras.early_stopping.stopped:
+            return
     if not batches_done or resumed_at + 1 < last_epoch:
-        fit_epochs(phase.first_epoch, last_epoch, run.steps_per_epoch)
+        _fit(run, fit, phase_callbacks, phase.first_epoch, last_epoch, run.steps_per_epoch)
 
 
-def _recompute_statistics(run, phase):
+def _fit(run, fit, phase_callbacks, first_epoch, end_epoch, steps):
+    fit.model.fit(
+        fit.data, validation_data=fit.validation, initial_epoch=first_epoch,
+        epochs=end_epoch, steps_per_epoch=steps, callbacks=phase_callbacks,
+        # The input pipeline shuffles; fit can't shuffle a dataset.
+        shuffle=False, verbose=run.verbose,
+    )
+
+
+def _recompute_statistics(run, phase, last_epoch):
     """With --batchnorm=train: the phase's last epoch, validated again with
     recomputed statistics, competes for the best checkpoint."""
     progress = run.progress
@@ -270,7 +337,7 @@ def _recompute_statistics(run, phase):
         # Validated with its own statistics, the last epoch can beat the epoch
         # chosen on statistics that lagged the weights.
         run.model.save_weights(run.paths.pending_best_checkpoint)
-        progress.record_best(phase.name, phase.first_epoch + phase.epochs - 1, validation,
+        progress.record_best(phase.name, last_epoch, validation,
                              statistics_recomputed=True)
         runstate.promote_pending_best(progress, run.paths)
 
@@ -306,7 +373,10 @@ def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
     """
     progress = runstate.Progress(paths.progress)
     last_phase = [phase for phase in phases if phase.epochs][-1]
-    last = {"weights": choice, "epoch": last_phase.first_epoch + last_phase.epochs,
+    last_epoch = progress.last_epoch(last_phase.name)
+    if last_epoch is None:  # a phase not recorded complete: its planned end
+        last_epoch = last_phase.first_epoch + last_phase.epochs - 1
+    last = {"weights": choice, "epoch": last_epoch + 1,
             "phase": last_phase.name,
             "validation": progress.phases[last_phase.name]["validation"]}
     best = progress.best
