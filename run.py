@@ -12,6 +12,7 @@ from absl import app  # noqa: E402
 
 from tl_keras import flags  # noqa: E402
 from tl_keras import job  # noqa: E402
+from tl_keras import modes  # noqa: E402
 from tl_keras.errors import Preempted, TrainingDiverged, UsageError  # noqa: E402
 
 
@@ -20,18 +21,18 @@ def main(argv):
     settings = flags.mode()
     try:
         if settings["mode"] == "evaluate":
-            job.run_evaluation(flags.run_config(settings["model_dir"]), settings["split"],
+            modes.run_evaluation(flags.run_config(settings["model_dir"]), settings["split"],
                                tta=settings["tta"])
         elif settings["mode"] == "predict":
             model = settings["model_dir"]
             run_folder = os.path.dirname(model) if model.endswith(".tflite") else model
-            job.run_prediction(
+            modes.run_prediction(
                 model, settings["images"], settings["top_k"], settings["output"],
                 resize=flags.run_setting(run_folder, "resize"),
                 tta=settings["tta"] or flags.run_setting(run_folder, "tta"),
                 explain=settings["explain"])
         elif settings["mode"] == "find_lr":
-            job.run_find_lr(flags.to_config(), settings["find_lr_phase"],
+            modes.run_find_lr(flags.to_config(), settings["find_lr_phase"],
                             settings["find_lr_steps"], given_flags=flags.given_flags())
         else:
             job.run_training(

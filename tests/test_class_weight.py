@@ -11,7 +11,7 @@ import tensorflow as tf
 from conftest import IMBALANCED_TRAIN, parse_config, run_job, write_imbalanced_folder
 from tl_keras import flags
 from tl_keras import folder
-from tl_keras import job
+from tl_keras import modes
 from tl_keras import pipeline
 from tl_keras import recipe
 
@@ -142,7 +142,7 @@ def _majority_predictions(tmp_path, *args):
     config, _ = run_job(tmp_path, f"--dataset={dataset}", "--cache_features",
                         "--head_epochs=4", "--head_learning_rate=1e-2",
                         "--finetune_epochs=0", "--batch_size=22", "--export_weights=last", *args)
-    report = job.run_evaluation(flags.run_config(config.model_dir), "test")
+    report = modes.run_evaluation(flags.run_config(config.model_dir), "test")
     return int(report["confusion"][:, 0].sum())
 
 

@@ -13,6 +13,7 @@ from absl import flags as absl_flags
 from conftest import REPO_ROOT, SMOKE_FLAGS, parse_config
 from tl_keras import backbones
 from tl_keras import job
+from tl_keras import modes
 from tl_keras.errors import UsageError
 
 
@@ -69,7 +70,7 @@ def test_explain_with_a_tflite_file_is_refused_before_any_work(tmp_path):
     # No file there: the refusal comes before anything is read.
     with pytest.raises(UsageError, match=r"--explain needs the Keras model of a run folder "
                                          r"\(model.keras\): a .tflite file has no gradients"):
-        job.run_prediction(str(tmp_path / "model.tflite"), str(tmp_path), top_k=1,
+        modes.run_prediction(str(tmp_path / "model.tflite"), str(tmp_path), top_k=1,
                            output=None, explain=True)
 
 

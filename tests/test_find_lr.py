@@ -16,7 +16,7 @@ from absl import flags as absl_flags
 
 import sliced_mock
 from conftest import REPO_ROOT, SMOKE_FLAGS, TEST_BACKBONE, parse_config
-from tl_keras import job
+from tl_keras import modes
 from tl_keras import lr_finder
 from tl_keras import rundir
 from tl_keras.errors import UsageError
@@ -152,7 +152,7 @@ def test_find_lr_on_a_finished_run_writes_its_curve_and_nothing_else(finished_ru
     config, _ = parse_config("--jit_compile=false", "--unfreeze=2",
                              flagfile=os.path.join(trained.model_dir, "flags.txt"))
     with sliced_mock.mock_data(num_examples=64):
-        test = job.run_find_lr(config, "finetune", steps=STEPS)
+        test = modes.run_find_lr(config, "finetune", steps=STEPS)
 
     assert _digests(trained.model_dir) == before  # checkpoints, progress, flags, COMPLETE
     out = capsys.readouterr().out
@@ -175,7 +175,7 @@ def test_find_lr_on_a_finished_run_writes_its_curve_and_nothing_else(finished_ru
 @pytest.mark.slow
 def test_find_lr_before_a_run_leaves_the_folder_to_it(tmp_path, mock_tfds, capsys):
     config, flagfile_text = parse_config(TEST_BACKBONE, f"--model_dir={tmp_path / 'run'}")
-    job.run_find_lr(config, "head", steps=STEPS)
+    modes.run_find_lr(config, "head", steps=STEPS)
     assert "Learning-rate range test of the head phase, training the head" in (
         capsys.readouterr().out)
     assert sorted(os.listdir(config.model_dir)) == [rundir.FIND_LR_DIR]

@@ -49,7 +49,7 @@ def test_evaluation_predicts_what_serving_predicts_on_the_original_files(tmp_pat
     )
     serving = predict.load_serving(config.model_dir)
 
-    # What job.run_evaluation computes for --mode=evaluate --split=test.
+    # What modes.run_evaluation computes for --mode=evaluate --split=test.
     splits = sources.load_splits(config)
     evaluated, labels = evaluate.predictions_and_labels(
         pipeline.split_batches(config, splits, "test"), predict.serving_predictor(serving))

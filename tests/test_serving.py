@@ -19,7 +19,7 @@ import sliced_mock
 from conftest import REPO_ROOT
 from tl_keras import evaluate
 from tl_keras import flags
-from tl_keras import job
+from tl_keras import modes
 
 
 def test_report_matches_a_hand_computed_confusion_matrix():
@@ -49,7 +49,7 @@ def test_report_matches_a_hand_computed_confusion_matrix():
 def test_evaluate_mode_reproduces_the_training_runs_test_metrics(finished_run, capsys):
     config, metrics = finished_run
     with sliced_mock.mock_data(num_examples=64):
-        report = job.run_evaluation(flags.run_config(config.model_dir), "test")
+        report = modes.run_evaluation(flags.run_config(config.model_dir), "test")
 
     assert report["top1"] == pytest.approx(metrics["test"]["top1"])
     assert report["nll"] == pytest.approx(metrics["test"]["nll"], rel=1e-4)
@@ -97,7 +97,7 @@ def test_predict_names_the_bad_file_and_predicts_the_rest(finished_run, tmp_path
     (images / "bad.jpg").write_text("not an image")
     output = tmp_path / "predictions.csv"
 
-    predictions = job.run_prediction(config.model_dir, str(images), top_k=3,
+    predictions = modes.run_prediction(config.model_dir, str(images), top_k=3,
                                      output=str(output))
 
     out = capsys.readouterr().out
@@ -125,7 +125,7 @@ def test_predict_explain_writes_an_overlay_per_image_in_the_run(finished_run, tm
         Image.fromarray(rng.integers(0, 256, (40, 30, 3), np.uint8)).save(images / name)
     before = sorted(str(path) for path in images.rglob("*"))
 
-    job.run_prediction(config.model_dir, str(images), top_k=2, output=None, explain=True)
+    modes.run_prediction(config.model_dir, str(images), top_k=2, output=None, explain=True)
 
     out = capsys.readouterr().out
     explanations = os.path.join(config.model_dir, "explanations")
@@ -296,16 +296,16 @@ def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
     for index, image in enumerate(np.random.default_rng(0).integers(
             0, 256, (6, 40, 24, 3), dtype=np.uint8)):
         Image.fromarray(image).save(images / f"{index}.png")
-    job.run_prediction(config.model_dir, str(images), top_k=2, output=None)
+    modes.run_prediction(config.model_dir, str(images), top_k=2, output=None)
     from_saved_model = capsys.readouterr().out
-    job.run_prediction(os.path.join(config.model_dir, "model.tflite"), str(images),
+    modes.run_prediction(os.path.join(config.model_dir, "model.tflite"), str(images),
                        top_k=2, output=None)
     assert capsys.readouterr().out == from_saved_model
     # With --tta=flip too: the file runs on each image and its mirror, as
     # serving_tta does.
-    job.run_prediction(config.model_dir, str(images), top_k=2, output=None, tta="flip")
+    modes.run_prediction(config.model_dir, str(images), top_k=2, output=None, tta="flip")
     averaged = capsys.readouterr().out
-    job.run_prediction(os.path.join(config.model_dir, "model.tflite"), str(images),
+    modes.run_prediction(os.path.join(config.model_dir, "model.tflite"), str(images),
                        top_k=2, output=None, tta="flip")
     assert capsys.readouterr().out == averaged
     announced, *predictions = averaged.splitlines()

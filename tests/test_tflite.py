@@ -16,6 +16,7 @@ from PIL import Image
 import sliced_mock
 from conftest import TEST_BACKBONE, parse_config
 from tl_keras import job
+from tl_keras import modes
 
 pytest.importorskip("tensorflow.lite.python.lite",
                     reason="this TensorFlow has no TFLite converter")
@@ -139,10 +140,10 @@ def test_predict_on_the_int8_file_names_the_saved_models_classes(int8_run, tmp_p
                                                                  capsys):
     config, _, _ = int8_run
     images = str(_image_folder(tmp_path / "images"))
-    from_saved_model = job.run_prediction(config.model_dir, images, top_k=3, output=None)
+    from_saved_model = modes.run_prediction(config.model_dir, images, top_k=3, output=None)
     capsys.readouterr()
     tflite = os.path.join(config.model_dir, "model.tflite")
-    from_tflite = job.run_prediction(tflite, images, top_k=3, output=None)
+    from_tflite = modes.run_prediction(tflite, images, top_k=3, output=None)
 
     printed = capsys.readouterr().out
     assert "Predicted 8 image(s); skipped 0." in printed

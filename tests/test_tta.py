@@ -18,7 +18,7 @@ import sliced_mock
 from tl_keras import evaluate
 from tl_keras import export
 from tl_keras import flags
-from tl_keras import job
+from tl_keras import modes
 
 CLASS_NAMES = ["ant", "bee", "cat"]
 
@@ -103,7 +103,7 @@ def test_serving_tta_averages_each_image_with_its_mirror(tmp_path, mirror_symmet
 def test_evaluate_mode_reports_both_figures(finished_run, capsys):
     config, metrics = finished_run
     with sliced_mock.mock_data(num_examples=64):
-        report = job.run_evaluation(flags.run_config(config.model_dir), "test", tta="flip")
+        report = modes.run_evaluation(flags.run_config(config.model_dir), "test", tta="flip")
 
     with open(os.path.join(config.model_dir, "evaluation", "metrics.json")) as file:
         written = json.load(file)
@@ -126,7 +126,7 @@ def test_predict_with_flip_averages_the_image_and_its_mirror(finished_run, tmp_p
         Image.fromarray(pixels).save(tmp_path / f"{name}.png")
 
     def probabilities(tta):
-        predictions = job.run_prediction(config.model_dir, str(tmp_path), top_k=10,
+        predictions = modes.run_prediction(config.model_dir, str(tmp_path), top_k=10,
                                          output=None, tta=tta)
         return {os.path.basename(path)[:-4]: dict(ranked) for path, ranked in predictions}
 

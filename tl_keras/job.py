@@ -1,9 +1,9 @@
-"""The run modes, start to finish: the stages joined in data-flow order.
+"""Training, start to finish: the stages joined in data-flow order.
 
-Training is sources -> pipeline -> backbones -> classifier -> recipe -> train
--> evaluate -> export, each a plain function of the one before. `run.py`
-calls one function per `--mode`; `--mode=find_lr` builds the data and model
-as training does and runs `tl_keras.lr_finder` on them.
+sources -> pipeline -> backbones -> classifier -> recipe -> train -> evaluate
+-> export, each a plain function of the one before; `tl_keras.assembly`
+builds the first four from the config. The other modes are in
+`tl_keras.modes`.
 """
 
 import dataclasses
@@ -11,26 +11,20 @@ import json
 import os
 import shlex
 
-import keras
-
-from tl_keras import backbones
+from tl_keras import assembly
 from tl_keras import callbacks
 from tl_keras import classifier as classifier_lib
 from tl_keras import distribute
 from tl_keras import evaluate
 from tl_keras import export
 from tl_keras import features
-from tl_keras import finetune
 from tl_keras import gradcam
-from tl_keras import lr_finder
 from tl_keras import monitor
 from tl_keras import pipeline
 from tl_keras import plots
-from tl_keras import precision
 from tl_keras import predict
 from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import sources
 from tl_keras import train
 from tl_keras.errors import UsageError
 
@@ -57,7 +51,7 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
         tl_keras.errors.Preempted: on SIGTERM, after saving a backup (on one
             machine; see `tl_keras.train.train_two_phases`).
     """
-    strategy, backbone = _strategy_and_backbone(config)
+    strategy, backbone = assembly.strategy_and_backbone(config)
     role = distribute.worker_role(strategy)
     config = _this_workers_config(config, role)
     splits = None
@@ -65,8 +59,9 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
         # Its choices depend on the training set's size and go into flags.txt,
         # which a rerun's flags must match to resume: so the data is read
         # before the folder is claimed, and a rerun on the same data resumes.
-        splits = _load_splits(config)
-        config, flagfile_text = _auto_recipe(config, flagfile_text, splits, given_flags)
+        splits = assembly.load_splits(config)
+        config, flagfile_text = assembly.apply_auto_recipe(
+            config, flagfile_text, splits, given_flags)
     with rundir.claim(config.model_dir, flagfile_text, overwrite) as state:
         if role.num_workers > 1:
             state = distribute.agreed_state(strategy, role, config.model_dir, state)
@@ -82,29 +77,6 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
         if not role.is_chief:
             rundir.discard_worker_outputs(config.model_dir)
         return metrics
-
-
-def _strategy_and_backbone(config):
-    """Sets up the strategy, dtype policy and seed, and builds the backbone."""
-    strategy = distribute.create_strategy(config.strategy, config.tpu)
-    distribute.check_batch_size(config.batch_size, strategy.num_replicas_in_sync)
-    policy, reason = precision.resolve_mixed_precision(config.mixed_precision)
-    keras.config.set_dtype_policy(policy)
-    keras.utils.set_random_seed(config.seed)
-    # First, so that weights that can't load (a file of another architecture,
-    # no network) are refused before anything else is printed.
-    with strategy.scope():
-        backbone = backbones.build_backbone(
-            config.backbone, config.image_size, config.weights
-        )
-    print(
-        f"Strategy: {distribute.describe(strategy)} with {strategy.num_replicas_in_sync} "
-        f"replica(s); dtype policy {policy} ({reason}).",
-        flush=True,
-    )
-    print(f"Backbone: {backbone.name} at {config.image_size}x{config.image_size} px, "
-          f"weights {config.weights}.", flush=True)
-    return strategy, backbone
 
 
 def _this_workers_config(config, role):
@@ -135,27 +107,18 @@ def _already_complete(config, role):
         return json.load(file)
 
 
-def _auto_recipe(config, flagfile_text, splits, given_flags):
-    """`--recipe=auto`: prints its choices; returns `config` and `flagfile_text`
-    with them."""
-    chosen = recipe.auto_recipe(splits.sizes["train"], config, given_flags)
-    print("\n".join(chosen.lines), flush=True)
-    return (dataclasses.replace(config, **chosen.values),
-            rundir.with_flag_values(flagfile_text, chosen.values))
-
-
 def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, state,
                            verbose, splits=None):
-    splits = splits or _load_splits(config)
-    class_weights = _class_weights(config, splits)
+    splits = splits or assembly.load_splits(config)
+    class_weights = assembly.class_weights(config, splits)
     steps = recipe.training_steps_per_epoch(
         splits.sizes["train"], config.batch_size, config.steps_per_epoch
     )
-    train_batches = _training_batches(config, splits,
+    train_batches = assembly.training_batches(config, splits,
                                       repeat=config.steps_per_epoch is not None,
                                       class_weights=class_weights)
     validation_batches = pipeline.split_batches(config, splits, "validation")
-    classifier = _classifier(config, strategy, backbone, splits)
+    classifier = assembly.build_classifier(config, strategy, backbone, splits)
 
     paths = rundir.RunPaths(config.model_dir)
     if state == rundir.FRESH:
@@ -181,7 +144,7 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
         weight_decay=config.weight_decay,
         label_smoothing=config.label_smoothing,
         num_classes=splits.num_classes,
-        jit_compile=_jit_compile(config.jit_compile),
+        jit_compile=assembly.jit_compile(config.jit_compile),
         scope=strategy.scope,
         paths=paths,
         layer_decay=config.layer_decay,
@@ -203,50 +166,6 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
     return _evaluate_and_export(
         config, strategy, role, classifier, backbone, splits, phases, paths, run_log,
         timers, train_batches, validation_batches, validation_by_phase)
-
-
-def _training_batches(config, splits, repeat, class_weights=None):
-    return pipeline.training_batches(
-        splits.train, num_examples=splits.sizes["train"], seed=config.seed,
-        repeat=repeat, augment=config.augment, mixup=config.mixup, cutmix=config.cutmix,
-        class_weights=class_weights, **pipeline.batch_settings(config, splits),
-    )
-
-
-def _load_splits(config):
-    # Only balanced weights need the class counts a TFDS dataset doesn't record.
-    return sources.load_splits(config,
-                               count_train_classes=config.class_weight == "balanced")
-
-
-def _class_weights(config, splits):
-    """--class_weight's weight of each class, printed (None for `none`)."""
-    if config.class_weight != "balanced":
-        return None
-    counts = splits.train_class_counts
-    weights = recipe.balanced_class_weights(counts)
-    print(f"Class weights ({config.class_weight}): "
-          f"{recipe.describe_class_weights(weights, counts, splits.class_names)}.",
-          flush=True)
-    return weights
-
-
-def _classifier(config, strategy, backbone, splits):
-    """Builds the classifier, and checks `--unfreeze` before phase 1 starts."""
-    train_batchnorm = config.batchnorm == "train"
-    with strategy.scope():
-        classifier = classifier_lib.build_classifier(
-            backbone, config.backbone, splits.num_classes, config.image_size,
-            config.dropout, config.resize, train_batchnorm=train_batchnorm,
-        )
-    if config.finetune_epochs:
-        # Resolve --unfreeze now, so a bad layer name fails before phase 1.
-        finetune.first_unfrozen_layer_index(backbone, config.unfreeze)
-        if config.weights == "none" and not train_batchnorm:
-            print("Note: --weights=none with --batchnorm=frozen keeps BatchNormalization "
-                  "at its initial statistics, which normalise nothing. To train a "
-                  "backbone from scratch, pass --batchnorm=train.", flush=True)
-    return classifier
 
 
 def _plan_phases(config):
@@ -411,136 +330,3 @@ def _describe_export(exported):
     return (f"weights of epoch {exported['epoch']} ({exported['phase']} phase; "
             f"--export_weights={exported['weights']}: {which} "
             f"{exported['validation']['top1']:.2%})")
-
-
-def run_find_lr(config, phase, steps, given_flags=frozenset()):
-    """`--mode=find_lr`: a learning-rate range test of one phase, set up as
-    training sets it up, written to `--model_dir/find_lr/` and TensorBoard.
-
-    It holds the folder's lock and writes nothing but `find_lr/`, so a run
-    there keeps its checkpoints, progress and flags as they were.
-
-    Args:
-        config, given_flags: as for `run_training`.
-        phase: `head` or `finetune`.
-        steps: the steps the learning rate rises over.
-
-    Returns:
-        The `tl_keras.lr_finder.RangeTest`.
-    """
-    strategy, backbone = _strategy_and_backbone(config)
-    paths = rundir.RunPaths(config.model_dir)
-    with rundir.claim_for_find_lr(config.model_dir):
-        splits = _load_splits(config)
-        if config.recipe == "auto":
-            config, _ = _auto_recipe(config, "", splits, given_flags)
-        # Repeated batches would fill a batch from fewer examples; training won't.
-        recipe.training_steps_per_epoch(splits.sizes["train"], config.batch_size, None)
-        classifier = _classifier(config, strategy, backbone, splits)
-        trained = lr_finder.set_up_phase(
-            classifier, backbone, phase, unfreeze=config.unfreeze,
-            train_batchnorm=config.batchnorm == "train",
-            trained_head=lr_finder.trained_head(paths, phase, config.head_epochs))
-        test = lr_finder.range_test(
-            classifier, _training_batches(config, splits, repeat=True,
-                                          class_weights=_class_weights(config, splits)),
-            steps=steps,
-            phase=phase, trained=trained, optimizer=config.optimizer,
-            weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
-            jit_compile=_jit_compile(config.jit_compile), scope=strategy.scope)
-        png = lr_finder.write_curve(paths, phase, test, title=(
-            f"Learning-rate range test, {phase} phase ({config.backbone})"))
-        monitor.RunLog(paths.find_lr_tensorboard).image(
-            f"find_lr/{phase}", png, step=0,
-            description="Training loss against learning rate, the suggestion marked.")
-    scale = recipe.learning_rate_scale(config.batch_size, config.lr_scaling)
-    print("\n".join([
-        *lr_finder.summary(test, phase, scale),
-        f"Wrote {phase}.csv and {phase}.png to {os.path.dirname(paths.find_lr_csv(phase))}.",
-        f"  tensorboard --logdir {shlex.quote(paths.find_lr_tensorboard)}"]), flush=True)
-    return test
-
-
-def run_evaluation(config, split, tta=None):
-    """Evaluates a finished run's SavedModel on one split and writes the
-    report, with the Grad-CAM grid of its worst mistakes.
-
-    Args:
-        config: the run's own configuration (from its `flags.txt`).
-        split: `train`, `validation` or `test`.
-        tta: `none` or `flip` (then both figures are reported: the plain
-            predictions' and those averaged with each mirror image's); None
-            takes the run's `--tta`.
-
-    Returns:
-        The report from `tl_keras.evaluate.classification_report` (of the plain
-        predictions).
-
-    Raises:
-        UsageError: when the run has no SavedModel or model.keras, or the
-            backend has no gradients here; before the data is read.
-    """
-    serving = predict.load_serving(config.model_dir)
-    explainer = gradcam.GradCam(predict.load_keras_model(config.model_dir))
-    splits = sources.load_splits(config)
-    batches = pipeline.split_batches(config, splits, split)
-    examples = evaluate.ExamplesToShow()
-    report, tta_report = evaluate.reports(batches, predict.serving_predictor(serving),
-                                          splits.class_names, tta=tta or config.tta,
-                                          on_batch=examples.add)
-    paths = rundir.RunPaths(config.model_dir)
-    evaluate.write_evaluation(paths.evaluation, report, split, tta_report)
-    print(evaluate.format_report(report, split, tta_report=tta_report))
-    print(f"\nWrote metrics.json, per_class.csv and confusion_matrix.png to "
-          f"{paths.evaluation}.")
-    if examples.kept:
-        with open(paths.gradcam_grid, "wb") as file:
-            file.write(gradcam.grid(explainer, examples.kept, splits.class_names))
-        print(f"Grad-CAM of the {len(examples.mistakes.kept)} most confident mistakes and "
-              f"the {len(examples.correct.kept)} most confident right predictions: "
-              f"{paths.gradcam_grid}")
-    return report
-
-
-def run_prediction(model, images, top_k, output, resize="stretch", tta="none",
-                   explain=False):
-    """Predicts the top-k classes of image files with a finished run's
-    SavedModel, or with a `.tflite` file and the labels file beside it.
-
-    Args:
-        model: a run folder, or a `.tflite` file.
-        resize: for a `.tflite` file, how images are brought to its size: the
-            run's `--resize`.
-        tta: `none`, or `flip`: average each image's probabilities with its
-            mirror image's (the SavedModel's `serving_tta`; a `.tflite` file
-            runs twice per image).
-        explain: also write each image's Grad-CAM overlay, from the run's
-            model.keras, under `RUN/explanations/` (a run folder only).
-
-    Returns:
-        The predictions, as written by `tl_keras.predict.predict_files`.
-    """
-    if tta == "flip":
-        print("--tta=flip: each image's probabilities are averaged with its mirror "
-              "image's.", flush=True)
-    explainer = explanations_dir = None
-    if model.endswith(".tflite"):
-        if explain:
-            raise UsageError(
-                f"--explain needs the Keras model of a run folder (model.keras): a .tflite "
-                f"file has no gradients for Grad-CAM. Pass --model_dir=RUN, the folder of "
-                f"the run that wrote {os.path.basename(model)}.")
-        classify, class_names = predict.load_tflite(model, resize, tta)
-    else:
-        classify = predict.serving_bytes_classifier(predict.load_serving(model), tta)
-        with open(rundir.RunPaths(model).class_names) as file:
-            class_names = json.load(file)
-        if explain:
-            explainer = gradcam.GradCam(predict.load_keras_model(model))
-            explanations_dir = rundir.RunPaths(model).explanations
-    return predict.predict_files(classify, images, class_names, top_k, output,
-                                 explainer=explainer, explanations_dir=explanations_dir)
-
-
-def _jit_compile(setting):
-    return {"auto": "auto", "true": True, "false": False}[setting]
