@@ -1,6 +1,8 @@
 """--layer_decay: the backbone's blocks come from its structure, and each
 trains at the peak learning rate times the decay to the power of its depth."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -25,7 +27,9 @@ from tl_keras import recipe
                  marks=pytest.mark.slow),
     pytest.param("efficientnetv2b0", 21, "stem_conv to block2a_project_bn", "top_conv to top_bn",
                  marks=pytest.mark.slow),
-    # Its residual additions are operations, not layers.
+    # Its residual additions are operations, not layers. Its last layer is
+    # named by Keras' counter, `layer_normalization` plus a suffix if the
+    # process built one before: so only the name's start is checked.
     pytest.param("convnexttiny", 23, "convnext_tiny_stem", "layer_normalization",
                  marks=pytest.mark.slow),
 ])
@@ -36,7 +40,8 @@ def test_blocks_follow_the_backbones_structure(name, count, stem, top):
 
     spans = [block.first if block.first == block.last else f"{block.first} to {block.last}"
              for block in blocks]
-    assert (len(blocks), spans[0], spans[-1]) == (count, stem, top), spans
+    assert (len(blocks), spans[0]) == (count, stem), spans
+    assert re.fullmatch(re.escape(top) + r"(_\d+)?", spans[-1]), spans
     # Every weight in exactly one block.
     ids = [id(weight) for block in blocks for weight in block.weights]
     assert sorted(ids) == sorted(id(weight) for weight in backbone.weights)
