@@ -34,7 +34,9 @@ def _write_photos(root, split, sizes_by_index, count):
                                          quality=90)
 
 
-@pytest.mark.parametrize("resize", ["stretch", "crop"])
+# crop repeats stretch's check for the other --resize: slow, to keep the
+# default suite near its four minutes.
+@pytest.mark.parametrize("resize", ["stretch", pytest.param("crop", marks=pytest.mark.slow)])
 def test_evaluation_predicts_what_serving_predicts_on_the_original_files(tmp_path, resize):
     root = str(tmp_path / "photos")
     _write_photos(root, "train", lambda index: _TRAIN_SIZE, count=8)
