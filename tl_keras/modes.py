@@ -127,9 +127,6 @@ def run_prediction(model, images, top_k, output, resize="stretch", tta="none",
     Returns:
         The predictions, as written by `tl_keras.predict.predict_files`.
     """
-    if tta == "flip":
-        print("--tta=flip: each image's probabilities are averaged with its mirror "
-              "image's.", flush=True)
     explainer = explanations_dir = None
     if model.endswith(".tflite"):
         if explain:
@@ -145,6 +142,10 @@ def run_prediction(model, images, top_k, output, resize="stretch", tta="none",
         if explain:
             explainer = gradcam.GradCam(predict.load_keras_model(model))
             explanations_dir = rundir.RunPaths(model).explanations
+    # Announced once the model has loaded, so a refusal above comes alone.
+    if tta == "flip":
+        print("--tta=flip: each image's probabilities are averaged with its mirror "
+              "image's.", flush=True)
     return predict.predict_files(classify, images, class_names, top_k, output,
                                  explainer=explainer, explanations_dir=explanations_dir)
 
