@@ -106,3 +106,32 @@ def test_a_finished_run_made_by_another_command_is_not_reported(experiment, tmp_
     assert runner.run("source", "source", ["--augment=none"]) == (50.0, 10.0)
     with pytest.raises(SystemExit, match="--augment=basic --augment=none"):
         runner.run("source", "source", ["--augment=basic"])
+
+
+def test_every_target_arm_gets_the_same_augmentation(experiment):
+    """The scratch arm must not lose to transfer for want of the augmentation
+    the transferred arms get."""
+    for size in (20, 100):
+        augments = {arm: _flag_values(experiment.target_flags(
+            "DATA", size, arm, experiment.FULL, "SRC.h5"))["augment"]
+            for arm in experiment.ARMS}
+        assert set(augments.values()) == {"basic"}, augments
+
+
+def test_results_table_shows_the_mirrored_figure_beside_the_plain_one(experiment):
+    results = {(100, "both"): (77.8, 180.0)}
+    table = experiment.results_table((84.7, 4087.0), results, [100], ["both"],
+                                     flip={(100, "both"): 79.16})
+    assert "| Train images per class | (c) both phases |" in table
+    assert "| 100 | 77.8% / 79.2% (180 s) |" in table
+
+
+def test_an_unknown_arm_is_refused_before_any_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, SCRIPT, f"--data={tmp_path}", f"--work_dir={tmp_path / 'work'}",
+         "--arms=both,teacher"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--arms=both,teacher: choose from scratch, head, both" in result.stderr
+    assert not (tmp_path / "work").exists()
