@@ -32,6 +32,9 @@ class Splits:
             label; None where nothing read the labels (a TFDS dataset loaded
             without `count_train_classes`, `classes` or
             `train_examples_per_class`).
+        files: for a folder dataset, each split's file paths, by split name,
+            which `tl_keras.self_training` keeps out of its unlabelled pool;
+            None for a TFDS dataset.
     """
 
     train: tf.data.Dataset
@@ -42,6 +45,7 @@ class Splits:
     image_shape: tuple | None
     validation_source: str
     train_class_counts: tuple | None = None
+    files: dict | None = None
 
     @property
     def num_classes(self):
