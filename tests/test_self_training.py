@@ -285,14 +285,20 @@ def test_a_round_that_lowers_validation_top1_is_not_exported(tmp_path):
     phases = tiny_training.phases(0, 6, 1e-2) + recipe.plan_self_training(
         first_epoch=6, rounds=1, epochs=2, learning_rate=1e-2, warmup_epochs=0)
     paths = rundir.RunPaths(str(tmp_path))
+    asked = []
+
+    def phase_inputs(phase):
+        asked.append(phase.name)
+        return (wrong, 4) if phase.name == "self_training_1" else None
+
     train.train_two_phases(
         model, backbone, train_batches=right, validation_batches=right.take(1),
         steps_per_epoch=4, phases=phases, unfreeze="all", optimizer="adam",
         weight_decay=0.0, label_smoothing=0.0, num_classes=tiny_training.NUM_CLASSES,
         jit_compile=False, scope=tf.distribute.get_strategy().scope, paths=paths,
-        phase_inputs=lambda phase: (wrong, 4) if phase.name == "self_training_1" else None,
-        verbose=0)
+        phase_inputs=phase_inputs, verbose=0)
 
+    assert asked == ["finetune", "self_training_1"]
     progress = runstate.Progress(paths.progress)
     round_top1 = progress.phases["self_training_1"]["validation"]["top1"]
     assert progress.best["phase"] == "finetune" and round_top1 < progress.best_top1
