@@ -24,6 +24,7 @@ from tl_keras import rundir
 from tl_keras import runstate
 from tl_keras import self_training
 from tl_keras import train
+from tl_keras import unlabeled
 from tl_keras.errors import UsageError
 
 CLASSES = ("bright", "dark")
@@ -59,8 +60,8 @@ def _splits(dataset):
 
 
 def _pool(source, splits):
-    return self_training.load_pool(source, splits, image_size=32, resize="stretch",
-                                   strict=False)
+    return unlabeled.load_pool(source, splits, dataset=f"folder:{source}", data_dir=None,
+                               image_size=32, resize="stretch", strict=False)
 
 
 @pytest.fixture
@@ -151,7 +152,7 @@ def test_same_files_finds_a_link_and_a_copy_but_not_another_file_of_the_same_siz
     (tmp_path / "copy.bin").write_bytes(b"x" * 100)
     os.symlink(second, tmp_path / "link.bin")
     (tmp_path / "other.bin").write_bytes(b"z" * 100)
-    found = self_training.same_files(
+    found = unlabeled.same_files(
         [str(tmp_path / name) for name in ("copy.bin", "link.bin", "other.bin")],
         [str(first), str(second)])
     assert found == {0: str(first), 1: str(second)}
@@ -230,9 +231,9 @@ def test_a_rounds_pseudo_labels_are_written_and_read_back(dataset_and_pool, tmp_
 
 
 def test_the_rounds_line_counts_per_class_and_scores_hidden_labels():
-    pool = self_training.Pool(source="POOL", ids=np.array(["a", "b", "c", "d"]),
-                              hidden_labels=np.array([0, 1, -1, 1]), image_shape=None,
-                              read=None)
+    pool = unlabeled.Pool(source="POOL", ids=np.array(["a", "b", "c", "d"]),
+                          hidden_labels=np.array([0, 1, -1, 1]), image_shape=None,
+                          read=None)
     kept = self_training.PseudoLabels(np.array([0, 1, 2, 3]), np.array([0, 0, 1, 1]),
                                       np.ones(4))
     line = self_training.describe_round(1, kept, pool, ("cat", "dog"), cap=5, threshold=0.8)
@@ -265,6 +266,9 @@ def test_a_resumed_round_reads_its_pseudo_labels_instead_of_labelling_again(
     batches, steps = rounds(phase)
     # The 16 labelled images and the 3 kept ones, in full batches of 4.
     assert steps == 4 and rounds.steps == {"self_training_1": 4}
+    # Known, so that Keras starts the batches afresh each epoch rather than
+    # running out of them in the second (under JAX, a crash).
+    assert int(batches.cardinality()) == 4
     images, labels = next(iter(batches))
     assert images.shape == (4, 16, 16, 3) and labels.shape == (4, 2)
     assert rounds(recipe.plan_phases(head_epochs=1, head_learning_rate=1e-3,
@@ -362,3 +366,58 @@ def test_a_run_killed_mid_round_resumes_in_that_round_with_the_same_pseudo_label
         (epoch, "self_training_1") for epoch in (3, 4, 5)]
     with open(os.path.join(model_dir, "metrics.json")) as file:
         assert "self_training_1" in json.load(file)["validation"]
+
+
+# --- A TFDS split as the pool ---------------------------------------------------
+
+def _tfds_pool(source, splits, dataset="cifar10"):
+    return unlabeled.load_pool(source, splits, dataset=dataset, data_dir=None, image_size=32,
+                               resize="stretch", strict=False)
+
+
+@pytest.mark.parametrize("source, role", [
+    ("tfds:cifar10:test", "test"),
+    ("tfds:cifar10:train", "validation"),  # validation is carved from train
+])
+def test_a_tfds_pool_that_shares_the_validation_or_test_split_is_refused(
+        mock_tfds, source, role):
+    from tl_keras import data
+
+    splits = data.load_tfds("cifar10", None, "train", "", "test", 0.1)
+    with pytest.raises(UsageError, match=f"shares examples with the run's {role} split"):
+        _tfds_pool(source, splits)
+
+
+def test_a_tfds_pool_reads_the_chosen_examples_with_their_pseudo_labels(mock_tfds):
+    from tl_keras import data
+
+    splits = data.load_tfds("cifar10", None, "train", "", "test", 0.1)
+    pool = _tfds_pool("tfds:cifar10:train[:50%]", splits)
+    assert len(pool) == 32 and pool.ids[3] == "tfds:cifar10:train[:50%]#3"
+    assert (pool.hidden_labels >= 0).all()  # the mock's labels name cifar10's classes
+    examples = list(pool.read(np.array([0, 3, 5]), np.array([7, 8, 9]), False)
+                    .as_numpy_iterator())
+    assert [label for _, label in examples] == [7, 8, 9]
+    assert all(image.shape == (32, 32, 3) for image, _ in examples)
+    # Another dataset's split may be anything.
+    assert len(_tfds_pool("tfds:cifar10:test", splits, dataset="folder:IMAGES")) == 64
+
+
+@pytest.mark.slow
+def test_a_round_trains_every_epoch_under_jax(tmp_path):
+    """Under JAX, a round's second epoch needs its batches started afresh."""
+    dataset, source = write_dataset_and_pool(str(tmp_path))
+    environment = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "run.py"), f"--flagfile={SMOKE_FLAGS}",
+         "--backbone=mobilenet", f"--dataset={dataset}", f"--unlabeled={source}",
+         "--batch_size=8", "--head_epochs=1", "--finetune_epochs=0",
+         "--self_training_epochs=2", "--pseudo_label_threshold=0.3",
+         f"--model_dir={tmp_path / 'run'}"],
+        cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "jax backend" in result.stdout
+    assert "Phase self_training_1: epochs 2-3" in result.stdout
+    assert _history(str(tmp_path / "run")) == [(1, "head"), (2, "self_training_1"),
+                                               (3, "self_training_1")]

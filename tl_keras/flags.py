@@ -144,7 +144,7 @@ _check("self_training_mixup", lambda v: v >= 0,
 _check("self_training_cutmix", lambda v: v >= 0,
        "must be 0 (off) or a positive alpha, e.g. 1.0.")
 _check("unlabeled", lambda v: bool(v.strip()) and (
-           not v.startswith("tfds:") or re.fullmatch(r"tfds:[^:]+:[^:]+", v)),
+           not v.startswith("tfds:") or re.fullmatch(r"tfds:[^:]+:.+", v)),
        "pass a folder of images, or tfds:NAME:SPLIT such as tfds:stl10:unlabelled.")
 _check("top_k", lambda v: v >= 1, "must be at least 1.")
 _check("find_lr_steps", lambda v: v >= 10, "must be at least 10, e.g. 100.")

@@ -27,6 +27,7 @@ from tl_keras import recipe
 from tl_keras import rundir
 from tl_keras import self_training
 from tl_keras import train
+from tl_keras import unlabeled
 from tl_keras.errors import UsageError
 
 
@@ -120,8 +121,9 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
                                       class_weights=class_weights)
     validation_batches = pipeline.split_batches(config, splits, "validation")
     # Before any training, so that a bad pool stops the run first.
-    pool = (self_training.load_pool(config.unlabeled, splits, image_size=config.image_size,
-                                    resize=config.resize, strict=config.strict_data)
+    pool = (unlabeled.load_pool(config.unlabeled, splits, dataset=config.dataset,
+                                data_dir=config.data_dir, image_size=config.image_size,
+                                resize=config.resize, strict=config.strict_data)
             if config.self_training_rounds else None)
     classifier = assembly.build_classifier(config, strategy, backbone, splits)
 

@@ -1,6 +1,6 @@
-"""Self-training on unlabelled images (`--unlabeled`): the pool of images, the
-current model's labels for them, the confident ones kept per class, and the
-batches each round's student trains on.
+"""Self-training on unlabelled images (`--unlabeled`): the current model's
+labels for the pool (`tl_keras.unlabeled`), the confident ones kept per
+class, and the batches each round's student trains on.
 
 Each round is a phase of `tl_keras.train.train_two_phases` after fine-tuning
 (`tl_keras.recipe.plan_self_training`); `Rounds` is its `phase_inputs`. At
@@ -16,7 +16,6 @@ teacher already knows.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -26,162 +25,16 @@ import tensorflow as tf
 
 from tl_keras import classifier as classifier_lib
 from tl_keras import evaluate
-from tl_keras import folder
-from tl_keras import image_io
 from tl_keras import pipeline
-from tl_keras import progress
 from tl_keras import recipe
 from tl_keras.errors import UsageError
 
-TFDS_PREFIX = "tfds:"
 # --pseudo_labels_per_class's default: this many times the mean number of
 # labelled training images per class. Noisy Student balanced its pseudo-labels
 # at about 100 times ImageNet's labelled images per class; at 20 times, a few
 # hundred labels per class already admit most of a pool of tens of thousands,
 # and no class can take more than its share.
 DEFAULT_CAP_MULTIPLE = 20
-_FILES_SHOWN = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class Pool:
-    """The unlabelled images.
-
-    Attributes:
-        source: `--unlabeled` as given.
-        ids: str `[images]`: what names each image in a round's file: its path.
-        hidden_labels: int `[images]`: the run's label where the pool's layout
-            names one (the image's subfolder is named after a class), else -1.
-            Read only to report how right the pseudo-labels are.
-        image_shape: the shape the images travel at (as `Splits.image_shape`).
-        read: a function from (indices, labels, reduce_jpeg) to unbatched
-            (uint8 image, label) examples of those images, in that order.
-    """
-
-    source: str
-    ids: np.ndarray
-    hidden_labels: np.ndarray
-    image_shape: tuple
-    read: object
-
-    def __len__(self):
-        return len(self.ids)
-
-
-def load_pool(source, splits, *, image_size, resize, strict):
-    """Lists `--unlabeled`'s images and checks them, before any training.
-
-    A folder is searched recursively for image files; files that can't be
-    images are skipped (or, with `strict`, refused) as a folder dataset's are.
-    Files that are also the run's training images are left out (they have
-    their labels); one that is a validation or test image is refused.
-
-    Raises:
-        UsageError: for a missing or empty pool, or one that holds a
-            validation or test image.
-    """
-    if source.startswith(TFDS_PREFIX):
-        raise UsageError(f"--unlabeled={source}: TFDS pools are not supported yet; "
-                         f"pass a folder of images.")
-    files = _pool_files(source, splits.class_names, strict)
-    if splits.files is not None:
-        files = _without_split_files(files, splits.files, source)
-    if not len(files):
-        raise UsageError(f"--unlabeled={source}: no images left to label.")
-    image_shape = image_io.common_image_shape(files.paths, image_size)
-
-    def read(indices, labels, reduce_jpeg):
-        chosen = folder.FileList(files.paths[indices], labels)
-        return image_io.decoded_examples(chosen, image_shape=image_shape,
-                                         image_size=image_size, resize=resize,
-                                         reduce_jpeg=reduce_jpeg)
-
-    hidden = int((files.labels >= 0).sum())
-    print(f"Unlabelled images (--unlabeled={source}): {len(files):,}" + (
-        f", {hidden:,} of them in subfolders named after classes, whose names only "
-        f"measure how right the pseudo-labels are" if hidden else "") + ".", flush=True)
-    return Pool(source=source, ids=files.paths.astype(str), hidden_labels=files.labels,
-                image_shape=image_shape, read=read)
-
-
-def _pool_files(root, class_names, strict):
-    """The pool's readable image files, sorted, with their hidden labels."""
-    if not os.path.isdir(root):
-        raise UsageError(f"--unlabeled={root}: no such folder. Pass a folder of images, "
-                         f"or tfds:NAME:SPLIT.")
-    label_of = {name: label for label, name in enumerate(class_names)}
-    paths, labels = [], []
-    for directory, subdirectories, names in os.walk(root):
-        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
-        relative = os.path.relpath(directory, root).split(os.sep)
-        label = label_of.get(relative[0], -1) if relative[0] != "." else -1
-        for name in sorted(names):
-            if (not name.startswith(".")
-                    and os.path.splitext(name)[1].lower() in image_io.IMAGE_EXTENSIONS):
-                paths.append(os.path.join(directory, name))
-                labels.append(label)
-    if not paths:
-        raise UsageError(
-            f"--unlabeled={root}: no image files in it or its subfolders "
-            f"({', '.join(sorted(image_io.IMAGE_EXTENSIONS))}).")
-    files = folder.FileList(paths, labels)
-    with progress.step(f"Checking {len(files):,} unlabelled image files", len(files),
-                       unit="file") as checking:
-        problems = folder.file_problems(files, checking.advance)
-        checking.result = f"Checked {len(files):,} unlabelled image files"
-    return folder.drop_unreadable(files, problems, strict)
-
-
-def _without_split_files(files, split_files, source):
-    """`files` without the run's training images; refuses validation and test ones."""
-    for split in ("validation", "test"):
-        shared = same_files(files.paths, split_files[split])
-        if shared:
-            listing = "\n".join(f"  {files.paths[index]} (the {split} image {other})"
-                                for index, other in sorted(shared.items())[:_FILES_SHOWN])
-            raise UsageError(
-                f"--unlabeled={source} holds {len(shared)} of the run's {split} images, "
-                f"which must never be trained on:\n{listing}\nRemove them from the "
-                f"unlabelled folder.")
-    training = same_files(files.paths, split_files["train"])
-    if training:
-        print(f"Leaving out {len(training):,} unlabelled images that are the run's "
-              f"training images, labelled already.", flush=True)
-    return files.take(np.setdiff1d(np.arange(len(files)), list(training)))
-
-
-def same_files(paths, others):
-    """The files of `paths` that are also one of `others`: the same file (the
-    same real path) or the same bytes.
-
-    Only files of a size some other file has are read.
-
-    Returns:
-        {index into `paths`: the path in `others` it equals}.
-    """
-    real_others = {os.path.realpath(other): other for other in others}
-    by_size = {}
-    for other in others:
-        by_size.setdefault(os.path.getsize(other), []).append(other)
-    digests = {}
-
-    def digest(path):
-        if path not in digests:
-            with open(path, "rb") as file:
-                digests[path] = hashlib.sha256(file.read()).digest()
-        return digests[path]
-
-    shared = {}
-    for index, path in enumerate(paths):
-        real = os.path.realpath(path)
-        if real in real_others:
-            shared[index] = real_others[real]
-            continue
-        for other in by_size.get(os.path.getsize(path), ()):
-            if digest(other) == digest(path):
-                shared[index] = other
-                break
-    return shared
 
 
 def per_class_cap(num_train, num_classes, given):
@@ -381,7 +234,11 @@ class Rounds:
                                 for examples in (labelled, pseudo))
             settings["image_shape"] = (config.image_size, config.image_size, 3)
         examples = tf.data.Dataset.choose_from_datasets(
-            [labelled, pseudo], tf.data.Dataset.from_tensor_slices(choice))
+            [labelled, pseudo], tf.data.Dataset.from_tensor_slices(choice),
+        ).apply(
+            # Keras restarts a dataset each epoch only when it knows how many
+            # batches it holds; choosing between datasets hides that.
+            tf.data.experimental.assert_cardinality(len(choice)))
         return pipeline.training_batches(
             examples, num_examples=len(choice), seed=config.seed + round_number,
             repeat=config.steps_per_epoch is not None,
