@@ -188,7 +188,9 @@ def _plan_phases(config):
         print(f"Learning rates scaled linearly to the global batch of {config.batch_size} "
               f"(x{scale:g} of their values for {recipe.LINEAR_SCALING_REFERENCE_BATCH}): "
               f"head {config.head_learning_rate * scale:g}, fine-tuning "
-              f"{config.finetune_learning_rate * scale:g}.", flush=True)
+              f"{config.finetune_learning_rate * scale:g}" + (
+                  f", self-training {config.self_training_learning_rate * scale:g}"
+                  if config.self_training_rounds else "") + ".", flush=True)
     return recipe.plan_phases(
         head_epochs=config.head_epochs,
         head_learning_rate=config.head_learning_rate * scale,
@@ -338,7 +340,8 @@ def _summary(config, metrics, exported, phases, timers, splits):
     lines += [
         f"Outputs in {config.model_dir}: {rundir.SAVED_MODEL_DIR}/, "
         f"{rundir.KERAS_MODEL_FILE}, {tflite}{rundir.METRICS_FILE}, {rundir.HISTORY_FILE}, "
-        f"{rundir.PLOTS_DIR}/, {rundir.TENSORBOARD_DIR}/.",
+        f"{rundir.PLOTS_DIR}/, {rundir.TENSORBOARD_DIR}/"
+        + (f", {rundir.SELF_TRAINING_DIR}/." if config.self_training_rounds else "."),
         "Look further:",
         f"  tensorboard --logdir {shlex.quote(paths.tensorboard)}",
         f"  python run.py --mode=evaluate --model_dir={run}",
