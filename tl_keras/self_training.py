@@ -24,7 +24,6 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import classifier as classifier_lib
-from tl_keras import evaluate
 from tl_keras import pipeline
 from tl_keras import recipe
 from tl_keras.errors import UsageError
@@ -93,9 +92,10 @@ def label_pool(model, pool, *, batch_size, image_size, resize, num_classes):
         pool.read(everything, np.zeros(len(pool), np.int64), False),
         num_examples=len(pool), image_shape=pool.image_shape, image_size=image_size,
         num_classes=num_classes, batch_size=batch_size, resize=resize)
-    predictor = evaluate.keras_predictor(classifier_lib.float32_copy(model))
-    probabilities, _ = evaluate.predictions_and_labels(batches, predictor)
-    return probabilities
+    # One predict over all the batches: a pool of tens of thousands of images
+    # would spend most of its time in the overhead of one predict per batch.
+    images = batches.map(lambda batch_images, _: batch_images)
+    return classifier_lib.float32_copy(model).predict(images, verbose=0)
 
 
 def write_round(path, round_number, pool, kept, *, threshold, cap):
