@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -210,6 +211,20 @@ def test_rounds_follow_fine_tuning_on_the_same_timeline():
     assert recipe.self_training_round("finetune") is None
     assert [monitor.phase_number(name) for name in ("head", "finetune", "self_training_2")] \
         == [0, 1, 3]
+
+
+def test_the_model_labels_every_pool_image_in_order_and_in_inference_mode(dataset_and_pool):
+    import tiny_training
+
+    dataset, source = dataset_and_pool
+    pool = _pool(source, _splits(dataset))
+    model, _ = tiny_training.build()
+    dropped = keras.layers.Dropout(0.9)(model.output)  # a layer that differs in training
+    model = keras.Model(model.input, dropped)
+    probabilities = self_training.label_pool(model, pool, batch_size=5, image_size=16,
+                                             resize="stretch", num_classes=3)
+    images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in pool.ids])
+    np.testing.assert_allclose(probabilities, model(images, training=False), atol=1e-6)
 
 
 def test_a_rounds_pseudo_labels_are_written_and_read_back(dataset_and_pool, tmp_path):
