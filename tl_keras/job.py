@@ -120,11 +120,7 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
                                       repeat=config.steps_per_epoch is not None,
                                       class_weights=class_weights)
     validation_batches = pipeline.split_batches(config, splits, "validation")
-    # Before any training, so that a bad pool stops the run first.
-    pool = (unlabeled.load_pool(config.unlabeled, splits, dataset=config.dataset,
-                                data_dir=config.data_dir, image_size=config.image_size,
-                                resize=config.resize, strict=config.strict_data)
-            if config.self_training_rounds else None)
+    pool = _unlabeled_pool(config, splits)
     classifier = assembly.build_classifier(config, strategy, backbone, splits)
 
     paths = rundir.RunPaths(config.model_dir)
@@ -139,9 +135,9 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
 
     phases = _plan_phases(config)
     timers = {phase.name: callbacks.PhaseTimer() for phase in phases}
-    rounds = (self_training.Rounds(model=classifier, pool=pool, splits=splits, paths=paths,
-                                   config=config, class_weights=class_weights)
-              if pool else None)
+    rounds = None if pool is None else self_training.Rounds(
+        model=classifier, pool=pool, splits=splits, paths=paths, config=config,
+        class_weights=class_weights)
     validation_by_phase = train.train_two_phases(
         classifier, backbone,
         train_batches=train_batches,
@@ -178,6 +174,16 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
     return _evaluate_and_export(
         config, strategy, role, classifier, backbone, splits, phases, paths, run_log,
         timers, train_batches, validation_batches, validation_by_phase)
+
+
+def _unlabeled_pool(config, splits):
+    """--unlabeled's images, checked before anything is written or trained, so
+    that a bad pool stops the run first; None without self-training."""
+    if not config.self_training_rounds:
+        return None
+    return unlabeled.load_pool(config.unlabeled, splits, dataset=config.dataset,
+                               data_dir=config.data_dir, image_size=config.image_size,
+                               resize=config.resize, strict=config.strict_data)
 
 
 def _plan_phases(config):
