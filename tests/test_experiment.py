@@ -26,7 +26,8 @@ def _flag_values(flags_):
 @pytest.mark.parametrize("mode", ["FULL", "QUICK"])
 def test_the_arms_differ_only_in_weights_and_what_trains(experiment, mode):
     schedule = getattr(experiment, mode)
-    arms = {arm: _flag_values(experiment.target_flags("DATA", 100, arm, schedule, "SRC.h5"))
+    arms = {arm: _flag_values(experiment.target_flags("DATA", 100, arm, schedule, "SRC.h5",
+                                                      unlabeled="POOL"))
             for arm in experiment.ARMS}
 
     for arm, values in arms.items():
@@ -43,6 +44,51 @@ def test_the_arms_differ_only_in_weights_and_what_trains(experiment, mode):
     assert set(arms["both"]["classes"].split(",")).isdisjoint(experiment.SOURCE_CLASSES)
 
 
+@pytest.mark.parametrize("mode", ["FULL", "QUICK"])
+def test_the_self_training_arm_is_both_phases_then_a_round_on_the_pool(experiment, mode):
+    schedule = getattr(experiment, mode)
+    both = experiment.target_flags("DATA", 100, "both", schedule, "SRC.h5")
+    self_training = experiment.target_flags("DATA", 100, "self", schedule, "SRC.h5",
+                                            unlabeled="POOL")
+    assert self_training[:len(both)] == both
+    assert _flag_values(self_training[len(both):]) == {
+        "unlabeled": "POOL", "self_training_rounds": "1",
+        "self_training_epochs": str(schedule.self_training_epochs)}
+    assert schedule.self_training_epochs > 0
+    with pytest.raises(ValueError, match="unlabelled"):
+        experiment.target_flags("DATA", 100, "self", schedule, "SRC.h5")
+
+
+def test_the_unlabelled_pool_holds_the_target_images_no_run_trains_or_validates_on(
+        experiment, tmp_path):
+    """The pool must keep out the run's validation images, which --unlabeled
+    refuses, and leaves out its labelled ones."""
+    from PIL import Image
+
+    from tl_keras import folder, unlabeled
+
+    for split, count in (("train", 50), ("test", 2)):
+        for name in ("cat", "dog", "frog"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for index in range(count):
+                colour = (index, len(name), 0 if split == "train" else 200)
+                Image.new("RGB", (8, 8), colour).save(
+                    tmp_path / "data" / split / name / f"{index}.png")
+    data = str(tmp_path / "data")
+    pool = experiment.write_unlabeled_pool(data, str(tmp_path / "pool"), 5, ("dog", "frog"))
+    splits = folder.load_folder(
+        f"folder:{data}", image_size=32, resize="stretch",
+        val_fraction=experiment.TARGET_VAL_FRACTION, seed=experiment.TARGET_SEED,
+        strict=False, classes=("dog", "frog"), train_examples_per_class=5)
+
+    assert sorted(os.listdir(pool)) == ["dog", "frog"]
+    # 50 a class, less 1 validation image (2%) and 5 labelled ones.
+    assert [len(os.listdir(os.path.join(pool, name))) for name in ("dog", "frog")] == [44, 44]
+    checked = unlabeled.load_pool(pool, splits, dataset=f"folder:{data}", data_dir=None,
+                                  image_size=32, resize="stretch", strict=False)
+    assert len(checked) == 88 and (checked.hidden_labels >= 0).all()
+
+
 def test_source_trains_every_layer_from_scratch(experiment):
     values = _flag_values(experiment.source_flags("DATA", experiment.FULL))
     assert values["weights"] == "none"
@@ -54,8 +100,10 @@ def test_source_trains_every_layer_from_scratch(experiment):
 def test_results_table_has_a_row_per_size_and_a_column_per_arm(experiment):
     results = {(size, arm): (10.0 * i, 60.0)
                for i, (size, arm) in enumerate((s, a) for s in (20, 100) for a in experiment.ARMS)}
+    del results[20, "self"]  # arm (d) runs at some sizes only
     table = experiment.results_table((70.0, 300.0), results, [20, 100])
-    assert "| 100 | 30.0% (60 s) | 40.0% (60 s) | 50.0% (60 s) |" in table
+    assert "| 20 | 0.0% (60 s) | 10.0% (60 s) | 20.0% (60 s) | - |" in table
+    assert "| 100 | 40.0% (60 s) | 50.0% (60 s) | 60.0% (60 s) | 70.0% (60 s) |" in table
     assert "test top-1 70.0% in 300 s" in table
 
 

@@ -75,6 +75,7 @@ class OptionGroup:
 DATA = OptionGroup("Data")
 MODEL = OptionGroup("Model")
 TRAINING = OptionGroup("Training")
+SELF_TRAINING = OptionGroup("Self-training")
 RUN = OptionGroup("Run")
 
 
@@ -218,6 +219,39 @@ class Config:
         "the head on those features (much faster; no augmentation in phase 1).")
     steps_per_epoch: int | None = TRAINING.integer(
         None, "Cap on training steps per epoch, for quick runs (default: the whole split).")
+
+    # Self-training on unlabelled images (issue 17): rounds after fine-tuning.
+    unlabeled: str | None = SELF_TRAINING.string(
+        None,
+        "Unlabelled images for self-training: a folder, searched recursively (subfolder "
+        "names are never used for training), or tfds:NAME:SPLIT. Each round, the model "
+        "labels them and a student trains on the labelled images plus the confident ones.")
+    self_training_rounds: int | None = SELF_TRAINING.integer(
+        None,
+        "Self-training rounds after fine-tuning, each a phase of its own (default: 1 "
+        "with --unlabeled, else 0).")
+    pseudo_label_threshold: float = SELF_TRAINING.float(
+        0.8,
+        "Keep an unlabelled image only when the model's largest class probability for it "
+        "is at least this, in (0, 1).")
+    pseudo_labels_per_class: int | None = SELF_TRAINING.integer(
+        None,
+        "The most pseudo-labelled images kept per class each round, the most confident "
+        "first, so that no class takes over (default: 20 times the mean number of "
+        "labelled training images per class).")
+    self_training_epochs: int = SELF_TRAINING.integer(
+        10, "Epochs of each self-training round.")
+    self_training_learning_rate: float = SELF_TRAINING.float(
+        1e-4,
+        "Each round's peak learning rate, after --warmup_epochs of warmup (at most half "
+        "the round), then cosine decay to 0.")
+    self_training_augment: str = SELF_TRAINING.enum(
+        "randaugment", ["none", "basic", "randaugment"],
+        "The student's augmentation, as --augment: the strong noise self-training needs.")
+    self_training_mixup: float = SELF_TRAINING.float(
+        0.2, "The student's MixUp Beta alpha; 0 is off.")
+    self_training_cutmix: float = SELF_TRAINING.float(
+        0.0, "The student's CutMix Beta alpha; 0 is off. With MixUp, each batch uses one.")
 
     model_dir: str = RUN.string(
         None, "Where the run writes its outputs (default: runs/DATASET-BACKBONE).")

@@ -32,6 +32,11 @@ class Splits:
             label; None where nothing read the labels (a TFDS dataset loaded
             without `count_train_classes`, `classes` or
             `train_examples_per_class`).
+        files: for a folder dataset, each split's file paths, by split name,
+            which `tl_keras.self_training` keeps out of its unlabelled pool;
+            None for a TFDS dataset.
+        split_specs: for a TFDS dataset, the split specs validation and test
+            read (validation's as carved), by split name; None for a folder.
     """
 
     train: tf.data.Dataset
@@ -42,6 +47,8 @@ class Splits:
     image_shape: tuple | None
     validation_source: str
     train_class_counts: tuple | None = None
+    files: dict | None = None
+    split_specs: dict | None = None
 
     @property
     def num_classes(self):
@@ -80,10 +87,7 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
             supervision, a download that failed, or (with `strict`) a split
             without examples of some class.
     """
-    builder = _builder(name, data_dir)
-    _check_supervision(builder)
-    _download_and_prepare(builder)
-
+    builder = prepared_builder(name, data_dir)
     available = set(builder.info.splits.keys())
     if not val_split:
         if "validation" in available:
@@ -92,7 +96,7 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
             val_split = None
     for flag, split in (("train", train_split), ("val", val_split), ("test", test_split)):
         if split is not None:
-            _check_split(builder, flag, split, available)
+            check_split(builder, f"--{flag}_split", split)
     if val_split is None:
         read_for_training, val_split = _carve(train_split, val_fraction, builder.info.splits)
         validation_source = f"the last {val_fraction:.0%} of {train_split}: {val_split}"
@@ -113,7 +117,7 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
         list(label_feature.names), datasets, classes, train_examples_per_class, seed, strict
     )
     if count_train_classes and train_labels is None:
-        train_labels = _labels(builder, read_for_training)
+        train_labels = split_labels(builder, read_for_training)
     return Splits(
         **datasets,
         class_names=tuple(class_names),
@@ -121,10 +125,24 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
         image_shape=image_shape if None not in image_shape else None,
         validation_source=validation_source,
         train_class_counts=subsets.class_counts(train_labels, len(class_names)),
+        split_specs={"validation": val_split, "test": test_split},
     )
 
 
-def _labels(builder, split):
+def prepared_builder(name, data_dir):
+    """The TFDS builder of an image classification dataset, prepared in `data_dir`.
+
+    Raises:
+        UsageError: for an unknown dataset, one without (image, label)
+            supervision, or a download that failed.
+    """
+    builder = _builder(name, data_dir)
+    _check_supervision(builder)
+    _download_and_prepare(builder)
+    return builder
+
+
+def split_labels(builder, split):
     """The labels of a split, in one pass that reads but doesn't decode its images."""
     image_key = builder.info.supervised_keys[0]
     labels_only = builder.as_dataset(
@@ -232,14 +250,16 @@ def _download_and_prepare(builder):
         ) from error
 
 
-def _check_split(builder, flag, split, available):
+def check_split(builder, option, split):
+    """Refuses a split spec (`option`'s value) naming a split the dataset lacks."""
+    available = set(builder.info.splits.keys())
     # A split may be a slice such as `train[:10%]` or a sum `train+test`.
     names = {part.split("[")[0].strip() for part in split.split("+")}
     # A mocked dataset (in tests) has no split metadata; accept what TFDS accepts.
     missing = sorted(names - available) if available else []
     if missing:
         raise UsageError(
-            f"--{flag}_split={split}: {builder.name} has no split "
+            f"{option}={split}: {builder.name} has no split "
             f"{', '.join(missing)}. Its splits are {', '.join(sorted(available))}; "
             f"a slice such as train[:90%] also works."
         )
@@ -290,23 +310,34 @@ def _check_disjoint(train_split, val_split, split_infos):
     Raises:
         UsageError: naming both splits and the slices they share.
     """
-    for train_part in _parts(train_split):
-        for val_part in _parts(val_split):
-            if train_part.split_name != val_part.split_name:
+    shared = shared_slices(train_split, val_split, split_infos)
+    if shared:
+        raise UsageError(
+            f"--train_split={train_split} and --val_split={val_split} overlap: "
+            f"{shared} share examples, so validation would score examples the model "
+            f"trains on. Pass slices that don't overlap (e.g. --train_split=train[:90%] "
+            f"--val_split=train[90%:]), or leave --val_split empty to carve it."
+        )
+
+
+def shared_slices(first, second, split_infos):
+    """The first two parts of split specs `first` and `second` that share
+    examples, in words (`train[0:100] and train[50:150]`), or None.
+
+    Parts that read the same TFDS split are compared by their slice bounds.
+    """
+    for first_part in _parts(first):
+        for second_part in _parts(second):
+            if first_part.split_name != second_part.split_name:
                 continue
-            train_unit, train_start, train_end = _bounds(train_part, split_infos)
-            _, val_start, val_end = _bounds(val_part, split_infos)
-            if train_end <= val_start or val_end <= train_start:
+            unit, first_start, first_end = _bounds(first_part, split_infos)
+            _, second_start, second_end = _bounds(second_part, split_infos)
+            if first_end <= second_start or second_end <= first_start:
                 continue
-            name = train_part.split_name
-            raise UsageError(
-                f"--train_split={train_split} and --val_split={val_split} overlap: "
-                f"{_slice(name, train_unit, train_start, train_end)} and "
-                f"{_slice(name, train_unit, val_start, val_end)} share examples, so "
-                f"validation would score examples the model trains on. Pass slices "
-                f"that don't overlap (e.g. --train_split=train[:90%] "
-                f"--val_split=train[90%:]), or leave --val_split empty to carve it."
-            )
+            name = first_part.split_name
+            return (f"{_slice(name, unit, first_start, first_end)} and "
+                    f"{_slice(name, unit, second_start, second_end)}")
+    return None
 
 
 def _parts(split):

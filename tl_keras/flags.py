@@ -131,6 +131,21 @@ _check("train_examples_per_class", lambda v: v >= 1,
        "must be at least 1, or left out to keep every training image.")
 _check("mixup", lambda v: v >= 0, "must be 0 (off) or a positive alpha, e.g. 0.2.")
 _check("cutmix", lambda v: v >= 0, "must be 0 (off) or a positive alpha, e.g. 1.0.")
+_check("pseudo_label_threshold", lambda v: 0 < v < 1,
+       "must be in (0, 1), e.g. 0.8: the least confidence a pseudo-label is kept at.")
+_check("pseudo_labels_per_class", lambda v: v >= 1,
+       "must be at least 1, or left out for 20 times the labelled images per class.")
+_check("self_training_rounds", lambda v: v >= 0, "must be 0 or more.")
+_check("self_training_epochs", lambda v: v >= 1, "must be at least 1, e.g. 10.")
+_check("self_training_learning_rate", lambda v: v > 0,
+       "must be greater than 0, e.g. 1e-4.")
+_check("self_training_mixup", lambda v: v >= 0,
+       "must be 0 (off) or a positive alpha, e.g. 0.2.")
+_check("self_training_cutmix", lambda v: v >= 0,
+       "must be 0 (off) or a positive alpha, e.g. 1.0.")
+_check("unlabeled", lambda v: bool(v.strip()) and (
+           not v.startswith("tfds:") or re.fullmatch(r"tfds:[^:]+:.+", v)),
+       "pass a folder of images, or tfds:NAME:SPLIT such as tfds:stl10:unlabelled.")
 _check("top_k", lambda v: v >= 1, "must be at least 1.")
 _check("find_lr_steps", lambda v: v >= 10, "must be at least 10, e.g. 100.")
 _check("profile_batches",
@@ -181,6 +196,20 @@ def _validate_cache_features(values):
             f"--cache_features computes each training image's features once, so "
             f"phase 1 can't see augmented images ({', '.join(augmenting)}). Drop "
             f"--cache_features, or the augmentation.")
+    return True
+
+
+@flags.multi_flags_validator(["unlabeled", "self_training_rounds", "strategy"])
+def _validate_self_training(values):
+    rounds = values["self_training_rounds"]
+    if rounds and not values["unlabeled"]:
+        raise flags.ValidationError(
+            f"--self_training_rounds={rounds} needs unlabelled images to label: add "
+            f"--unlabeled=FOLDER (or tfds:NAME:SPLIT), or drop --self_training_rounds.")
+    if values["unlabeled"] and values["strategy"] == "multi_worker":
+        raise flags.ValidationError(
+            "--unlabeled runs on one machine: its pseudo-label files and rounds are "
+            "not shared across workers yet. Drop --strategy=multi_worker, or --unlabeled.")
     return True
 
 
@@ -394,6 +423,10 @@ def to_config():
         classes=tuple(name.strip() for name in values["classes"]),
         backbone=spec.name,
         image_size=values["image_size"] or spec.native_image_size,
+        unlabeled=values["unlabeled"].strip() if values["unlabeled"] else None,
+        self_training_rounds=(
+            values["self_training_rounds"] if values["self_training_rounds"] is not None
+            else int(bool(values["unlabeled"]))),
         model_dir=values["model_dir"] or _default_model_dir(values["dataset"], spec.name),
         profile_batches=(
             tuple(int(b) for b in values["profile_batches"].split(","))

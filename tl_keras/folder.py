@@ -102,6 +102,7 @@ def load_folder(dataset, *, image_size, resize, val_fraction, seed, strict, clas
         image_shape=image_shape,
         validation_source=sources["validation"],
         train_class_counts=subsets.class_counts(listed["train"].labels, len(class_names)),
+        files={split: files.paths for split, files in listed.items()},
     )
 
 
@@ -114,10 +115,10 @@ def _readable_files(split_dirs, train_dir, class_names, strict):
             listed[split] = _list_files(split_dirs[split], class_names)
     total = sum(len(files) for files in listed.values())
     with progress.step(f"Checking {total:,} image files", total, unit="file") as checking:
-        problems = {split: _problems(files, checking.advance)
+        problems = {split: file_problems(files, checking.advance)
                     for split, files in listed.items()}
         checking.result = f"Checked {total:,} image files"
-    return {split: _drop_unreadable(files, problems[split], strict)
+    return {split: drop_unreadable(files, problems[split], strict)
             for split, files in listed.items()}
 
 
@@ -248,7 +249,7 @@ def _describe(split_dir, root):
     return os.path.relpath(split_dir, root) + "/" if split_dir else "the folder"
 
 
-def _problems(files, checked):
+def file_problems(files, checked):
     """Why each file can't be an image (None if it can), by its first and last
     bytes; calls `checked()` after each file."""
     problems = []
@@ -259,7 +260,7 @@ def _problems(files, checked):
     return problems
 
 
-def _drop_unreadable(files, problems, strict):
+def drop_unreadable(files, problems, strict):
     """Drops the files `problems` says can't be images, naming them."""
     bad = [i for i, problem in enumerate(problems) if problem]
     if not bad:

@@ -25,7 +25,9 @@ from tl_keras import plots
 from tl_keras import predict
 from tl_keras import recipe
 from tl_keras import rundir
+from tl_keras import self_training
 from tl_keras import train
+from tl_keras import unlabeled
 from tl_keras.errors import UsageError
 
 
@@ -118,6 +120,7 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
                                       repeat=config.steps_per_epoch is not None,
                                       class_weights=class_weights)
     validation_batches = pipeline.split_batches(config, splits, "validation")
+    pool = _unlabeled_pool(config, splits)
     classifier = assembly.build_classifier(config, strategy, backbone, splits)
 
     paths = rundir.RunPaths(config.model_dir)
@@ -132,6 +135,9 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
 
     phases = _plan_phases(config)
     timers = {phase.name: callbacks.PhaseTimer() for phase in phases}
+    rounds = None if pool is None else self_training.Rounds(
+        model=classifier, pool=pool, splits=splits, paths=paths, config=config,
+        class_weights=class_weights)
     validation_by_phase = train.train_two_phases(
         classifier, backbone,
         train_batches=train_batches,
@@ -152,13 +158,15 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
         early_stopping=config.early_stopping,
         phase_callbacks=lambda phase: [
             timers[phase.name],
-            monitor.PhaseMonitor(run_log, phase, steps, validation_batches,
-                                 splits.class_names, classifier)],
+            monitor.PhaseMonitor(run_log, phase,
+                                 rounds.steps.get(phase.name, steps) if rounds else steps,
+                                 validation_batches, splits.class_names, classifier)],
         profile_batches=config.profile_batches,
         cached_features=(
             (lambda: _cache_features(config, classifier, splits, paths, class_weights))
             if config.cache_features else None
         ),
+        phase_inputs=rounds,
         backup_on_preemption=role.num_workers == 1,
         verbose=verbose,
     )
@@ -168,19 +176,37 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
         timers, train_batches, validation_batches, validation_by_phase)
 
 
+def _unlabeled_pool(config, splits):
+    """--unlabeled's images, checked before anything is written or trained, so
+    that a bad pool stops the run first; None without self-training."""
+    if not config.self_training_rounds:
+        return None
+    return unlabeled.load_pool(config.unlabeled, splits, dataset=config.dataset,
+                               data_dir=config.data_dir, image_size=config.image_size,
+                               resize=config.resize, strict=config.strict_data)
+
+
 def _plan_phases(config):
-    """The two phases, their learning rates scaled as --lr_scaling says."""
+    """The two phases and the self-training rounds, their learning rates
+    scaled as --lr_scaling says."""
     scale = recipe.learning_rate_scale(config.batch_size, config.lr_scaling)
     if scale != 1:
         print(f"Learning rates scaled linearly to the global batch of {config.batch_size} "
               f"(x{scale:g} of their values for {recipe.LINEAR_SCALING_REFERENCE_BATCH}): "
               f"head {config.head_learning_rate * scale:g}, fine-tuning "
-              f"{config.finetune_learning_rate * scale:g}.", flush=True)
+              f"{config.finetune_learning_rate * scale:g}" + (
+                  f", self-training {config.self_training_learning_rate * scale:g}"
+                  if config.self_training_rounds else "") + ".", flush=True)
     return recipe.plan_phases(
         head_epochs=config.head_epochs,
         head_learning_rate=config.head_learning_rate * scale,
         finetune_epochs=config.finetune_epochs,
         finetune_learning_rate=config.finetune_learning_rate * scale,
+        warmup_epochs=config.warmup_epochs,
+    ) + recipe.plan_self_training(
+        first_epoch=config.head_epochs + config.finetune_epochs,
+        rounds=config.self_training_rounds, epochs=config.self_training_epochs,
+        learning_rate=config.self_training_learning_rate * scale,
         warmup_epochs=config.warmup_epochs,
     )
 
@@ -221,7 +247,7 @@ def _evaluate_and_export(config, strategy, role, classifier, backbone, splits, p
             evaluate.add_to_metrics(paths.metrics, "tflite", tflite)
             metrics["tflite"] = tflite
     _log_gradcam(model, test.examples, splits.class_names, run_log,
-                 step=config.head_epochs + config.finetune_epochs - 1)
+                 step=_last_epoch(config))
     if role.is_chief:
         print(_summary(config, metrics, exported, phases, timers, splits))
     return metrics
@@ -262,7 +288,7 @@ def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
     tta_metrics = evaluate.summary(test.tta_report) if test.tta_report else None
     evaluate.write_metrics(paths.metrics, validation_by_phase, test_metrics, exported,
                            test_tta=tta_metrics)
-    last_epoch = config.head_epochs + config.finetune_epochs - 1
+    last_epoch = _last_epoch(config)
     final = {f"test_{k}": v for k, v in test_metrics.items()}
     final.update({f"test_tta_flip_{k}": v for k, v in (tta_metrics or {}).items()})
     run_log.final_metrics(final, last_epoch)
@@ -270,6 +296,12 @@ def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
     print(f"Test ({config.test_split}): {evaluate.headline(test_metrics)}{flipped}.",
           flush=True)
     return test_metrics, test
+
+
+def _last_epoch(config):
+    """The last epoch of the run's timeline, counted from 0."""
+    return (config.head_epochs + config.finetune_epochs
+            + config.self_training_rounds * config.self_training_epochs - 1)
 
 
 def _log_gradcam(model, examples, class_names, run_log, step):
@@ -314,7 +346,8 @@ def _summary(config, metrics, exported, phases, timers, splits):
     lines += [
         f"Outputs in {config.model_dir}: {rundir.SAVED_MODEL_DIR}/, "
         f"{rundir.KERAS_MODEL_FILE}, {tflite}{rundir.METRICS_FILE}, {rundir.HISTORY_FILE}, "
-        f"{rundir.PLOTS_DIR}/, {rundir.TENSORBOARD_DIR}/.",
+        f"{rundir.PLOTS_DIR}/, {rundir.TENSORBOARD_DIR}/"
+        + (f", {rundir.SELF_TRAINING_DIR}/." if config.self_training_rounds else "."),
         "Look further:",
         f"  tensorboard --logdir {shlex.quote(paths.tensorboard)}",
         f"  python run.py --mode=evaluate --model_dir={run}",

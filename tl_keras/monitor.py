@@ -25,6 +25,12 @@ GRADCAM_TAG = "test_gradcam"
 PHASE_NUMBERS = {recipe.HEAD_PHASE: 0, recipe.FINETUNE_PHASE: 1}
 
 
+def phase_number(name):
+    """0 for the head phase, 1 for fine-tuning, 1 + N for self-training round N."""
+    round_number = recipe.self_training_round(name)
+    return PHASE_NUMBERS[name] if round_number is None else 1 + round_number
+
+
 class RunLog:
     """A summary writer for `tensorboard/run`, and what goes into it."""
 
@@ -52,8 +58,9 @@ class RunLog:
                                   step=phase.first_epoch * steps_per_epoch + step)
             # A step function, 0 in the head phase and 1 in fine-tuning, that
             # marks the boundary on the epoch axis of every other chart.
-            tf.summary.scalar("phase", PHASE_NUMBERS[phase.name], step=epoch,
-                              description="0: head phase, 1: fine-tuning")
+            tf.summary.scalar("phase", phase_number(phase.name), step=epoch,
+                              description="0: head phase, 1: fine-tuning, 1 + N: "
+                                          "self-training round N")
         self.writer.flush()
 
     def training_inputs(self, batches, class_names, count=16):

@@ -83,11 +83,21 @@ def training_curves(rows, head_epochs):
         if 0 < head_epochs < len(rows):
             axes.axvline(head_epochs + 0.5, color="grey", linestyle="--",
                          label="fine-tuning starts")
+        for epoch, phase in _self_training_starts(rows):
+            axes.axvline(epoch - 0.5, color="tab:purple", linestyle=":",
+                         label=f"{phase} starts")
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.legend()
     figure.tight_layout()
     return _png(figure)
+
+
+def _self_training_starts(rows):
+    """(epoch, phase) of the first row of each self-training round."""
+    return [(int(row["epoch"]), row["phase"]) for index, row in enumerate(rows)
+            if row["phase"].startswith("self_training_")
+            and (index == 0 or rows[index - 1]["phase"] != row["phase"])]
 
 
 def learning_rate_range_test(rates, losses, smoothed, suggestion, rule, title):

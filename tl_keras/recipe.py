@@ -16,6 +16,8 @@ from tl_keras.errors import UsageError
 
 HEAD_PHASE = "head"
 FINETUNE_PHASE = "finetune"
+# Self-training round N's phase is self_training_N (tl_keras.self_training).
+SELF_TRAINING_PHASE_PREFIX = "self_training_"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +25,7 @@ class PhasePlan:
     """What one phase trains and how.
 
     Attributes:
-        name: `head` or `finetune`.
+        name: `head`, `finetune`, or `self_training_N` for self-training round N.
         first_epoch: the epoch index the phase starts at; phases share one
             timeline, so fine-tuning starts at the number of head epochs.
         epochs: how many epochs the phase runs (may be 0).
@@ -51,6 +53,33 @@ def plan_phases(*, head_epochs, head_learning_rate, finetune_epochs,
         PhasePlan(FINETUNE_PHASE, head_epochs, finetune_epochs,
                   finetune_learning_rate, warmup_epochs),
     ]
+
+
+def plan_self_training(*, first_epoch, rounds, epochs, learning_rate, warmup_epochs):
+    """Lays out the self-training rounds on the same timeline, after the two phases.
+
+    Each round warms up for `warmup_epochs`, but at most half the round, so
+    that a short round still decays.
+
+    Returns:
+        A list of `rounds` `PhasePlan`s named `self_training_1`, ...
+    """
+    return [
+        PhasePlan(self_training_phase(number), first_epoch + (number - 1) * epochs, epochs,
+                  learning_rate, min(warmup_epochs, epochs / 2))
+        for number in range(1, rounds + 1)
+    ]
+
+
+def self_training_phase(round_number):
+    return f"{SELF_TRAINING_PHASE_PREFIX}{round_number}"
+
+
+def self_training_round(phase_name):
+    """The round number of a self-training phase's name; None for another phase."""
+    if not phase_name.startswith(SELF_TRAINING_PHASE_PREFIX):
+        return None
+    return int(phase_name[len(SELF_TRAINING_PHASE_PREFIX):])
 
 
 # The batch that --lr_scaling=linear takes the learning rates to be for, as in

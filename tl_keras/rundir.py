@@ -27,6 +27,8 @@ TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 BACKUP_DIR = "backup"
 FEATURES_DIR = "features"
+# Each self-training round's pseudo-labels, round_N.json (tl_keras.self_training).
+SELF_TRAINING_DIR = "self_training"
 PLOTS_DIR = "plots"
 EVALUATION_DIR = "evaluation"
 # In EVALUATION_DIR: --mode=evaluate's Grad-CAM grid.
@@ -62,8 +64,8 @@ _COMPLETE_TEXT = "This run finished; rerunning it does nothing without --overwri
 RUN_OUTPUTS = frozenset({
     FLAGS_FILE, COMPLETE_FILE, PROGRESS_FILE, PROGRESS_FILE + ".tmp", CLASS_NAMES_FILE,
     METRICS_FILE, HISTORY_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR, BACKUP_DIR,
-    FEATURES_DIR, PLOTS_DIR, EVALUATION_DIR, EXPLANATIONS_DIR, SAVED_MODEL_DIR,
-    KERAS_MODEL_FILE, TFLITE_FILE, TFLITE_LABELS_FILE, BACKBONE_WEIGHTS_FILE,
+    FEATURES_DIR, SELF_TRAINING_DIR, PLOTS_DIR, EVALUATION_DIR, EXPLANATIONS_DIR,
+    SAVED_MODEL_DIR, KERAS_MODEL_FILE, TFLITE_FILE, TFLITE_LABELS_FILE, BACKBONE_WEIGHTS_FILE,
 })
 # Temporary folders of atomic writes (tl_keras.export), left by a kill.
 TEMPORARY_PREFIX = ".export-"
@@ -112,6 +114,9 @@ class RunPaths:
 
     def backup_dir(self, phase):
         return self._in(BACKUP_DIR, phase)
+
+    def pseudo_labels(self, round_number):
+        return self._in(SELF_TRAINING_DIR, f"round_{round_number}.json")
 
     def phase_end_weights(self, phase):
         return self._in(CHECKPOINTS_DIR, f"{phase}_end.weights.npz")

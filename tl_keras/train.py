@@ -27,7 +27,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
                      label_smoothing, num_classes, jit_compile, scope, paths,
                      layer_decay=1.0, ema=0.0, early_stopping=0,
                      phase_callbacks=None, profile_batches=None, cached_features=None,
-                     backup_on_preemption=True, verbose="auto"):
+                     phase_inputs=None, backup_on_preemption=True, verbose="auto"):
     """Trains the head on the frozen backbone, then fine-tunes; resumes a killed run.
 
     Rerun in the same `paths.model_dir` after a kill, it skips completed phases
@@ -68,6 +68,11 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         cached_features: optional function returning
             `tl_keras.features.CachedFeatures`; the head phase then trains on
             them instead of on images. Called only if the head phase runs.
+        phase_inputs: optional function from a `PhasePlan` to that phase's own
+            (training batches, steps per epoch), or to None for the run's.
+            Called just before the phase trains (not for one already
+            complete), when the model holds the weights the phase starts
+            from: a self-training round labels its images with them.
         backup_on_preemption: on SIGTERM, back up the epoch in progress. Off
             for multi-worker runs, whose workers stop at different batches:
             the rerun resumes all of them from their last common epoch.
@@ -96,7 +101,8 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         layer_decay=layer_decay, early_stopping=early_stopping,
         scope=scope, paths=paths, progress=progress, phase_callbacks=phase_callbacks,
         profile_batches=profile_batches, cached_features=cached_features,
-        backup_on_preemption=backup_on_preemption, verbose=verbose,
+        phase_inputs=phase_inputs, backup_on_preemption=backup_on_preemption,
+        verbose=verbose,
     )
     restore_from = None
     for phase in phases:
@@ -109,7 +115,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         if restore_from:
             # Only weights carry over: each phase starts a new optimizer.
             runstate.load_weights(model, restore_from)
-        _train_phase(run, phase)
+        _train_phase(_for_phase(run, phase), phase)
         restore_from = None
     return progress.validation_by_phase()
 
@@ -134,8 +140,19 @@ class _Run:
     phase_callbacks: object
     profile_batches: object
     cached_features: object
+    phase_inputs: object
     backup_on_preemption: bool
     verbose: object
+
+
+def _for_phase(run, phase):
+    """`run`, with the phase's own training batches where `phase_inputs` has some."""
+    inputs = run.phase_inputs(phase) if run.phase_inputs else None
+    if inputs is None:
+        return run
+    train_batches, steps_per_epoch = inputs
+    return dataclasses.replace(run, train_batches=train_batches,
+                               steps_per_epoch=steps_per_epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,12 +373,12 @@ def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
 
     Args:
         model, backbone: as for `train_two_phases`.
-        choice: `best`: the epoch with the best validation top-1 across both
+        choice: `best`: the epoch with the best validation top-1 across all
             phases (`checkpoints/best.weights.h5`); `last`: the last epoch.
         phases: the `PhasePlan`s trained.
         paths: `tl_keras.rundir.RunPaths`.
         unfreeze, train_batchnorm, label_smoothing: as for `train_two_phases`.
-            With `train_batchnorm`, best weights from fine-tuning get
+            With `train_batchnorm`, best weights from a phase after the head's get
             BatchNormalization statistics recomputed for them, as the last
             epoch's already have; if they then validate below the last
             epoch, the last epoch's weights are the best.
@@ -385,7 +402,7 @@ def restore_export_weights(model, backbone, choice, *, phases, paths, unfreeze,
         return {**last, "weights": EXPORT_LAST}
     _load_best_checkpoint(model, paths)
     validation = best["validation"]
-    if (train_batchnorm and best["phase"] == recipe.FINETUNE_PHASE
+    if (train_batchnorm and best["phase"] != recipe.HEAD_PHASE
             and not best.get("statistics_recomputed")):
         validation = _validate_with_own_statistics(
             model, backbone, unfreeze=unfreeze, label_smoothing=label_smoothing,
