@@ -161,7 +161,7 @@ def test_every_target_arm_gets_the_same_augmentation(experiment):
     the transferred arms get."""
     for size in (20, 100):
         augments = {arm: _flag_values(experiment.target_flags(
-            "DATA", size, arm, experiment.FULL, "SRC.h5"))["augment"]
+            "DATA", size, arm, experiment.FULL, "SRC.h5", unlabeled="POOL"))["augment"]
             for arm in experiment.ARMS}
         assert set(augments.values()) == {"basic"}, augments
 
@@ -181,5 +181,12 @@ def test_an_unknown_arm_is_refused_before_any_run(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0
-    assert "--arms=both,teacher: choose from scratch, head, both" in result.stderr
+    assert "--arms=both,teacher: choose from scratch, head, both, self" in result.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_arm_d_is_not_run_by_default_until_it_is_measured(experiment):
+    """The README's tables and times are of the default command's arms."""
+    from absl import flags
+
+    assert flags.FLAGS["arms"].default == ["scratch", "head", "both"]
