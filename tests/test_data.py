@@ -147,3 +147,26 @@ def test_training_examples_are_counted_by_class(data_dir, options, expected):
     if expected:
         labels = [int(label) for _, label in splits.train]
         assert expected == tuple(labels.count(label) for label in range(len(expected)))
+
+
+@pytest.mark.parametrize("options", [{"classes": ("odd", "even")},
+                                     {"train_examples_per_class": 8}])
+def test_every_planned_step_trains_on_a_filtered_split(data_dir, options):
+    """A filtered split of unknown length made Keras run out of batches in the
+    second epoch, training fewer steps than the run planned and printed."""
+    import keras
+
+    from tl_keras import pipeline
+
+    splits = _load(data_dir, **options)
+    batches = pipeline.training_batches(
+        splits.train, num_examples=splits.sizes["train"], image_shape=(2, 2, 3),
+        image_size=2, num_classes=splits.num_classes, batch_size=4, seed=0, repeat=False)
+    steps = splits.sizes["train"] // 4
+    model = keras.Sequential([keras.Input((2, 2, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(splits.num_classes)])
+    model.compile(optimizer="sgd", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+
+    model.fit(batches, epochs=3, steps_per_epoch=steps, verbose=0)
+
+    assert int(model.optimizer.iterations) == 3 * steps

@@ -191,11 +191,16 @@ def _select_examples(class_names, datasets, classes, train_examples_per_class, s
 
 
 def _filter(dataset, keep, old_to_new):
+    count = int(np.sum(keep))
     keep, old_to_new = tf.constant(keep), tf.constant(old_to_new)
     return (
         dataset.enumerate()
         .filter(lambda index, example: keep[index])
         .map(lambda index, example: (example[0], tf.gather(old_to_new, example[1])))
+        # A filter hides how many examples remain. Keras restarts a dataset
+        # each epoch only if it knows its length: without this, the second
+        # epoch ran out of batches part-way and trained fewer steps than planned.
+        .apply(tf.data.experimental.assert_cardinality(count))
     )
 
 
