@@ -75,9 +75,11 @@ _QUICK = flags.DEFINE_boolean(
     "full mode about 75 with its 15-epoch source, which alone takes 45-70.")
 _SIZES = flags.DEFINE_list(
     "sizes", None,
-    "Target training images per class, one row each (default: 20,100,500; with --quick, "
+    "Target training images per class, one row each (default: 20,100, the sizes the few-label "
+    "targets are set at; --sizes=20,100,500 adds a row that trains on five times N=100's "
+    "images; with --quick, "
     "100).")
-FULL_SIZES, QUICK_SIZES = (20, 100, 500), (100,)
+FULL_SIZES, QUICK_SIZES = (20, 100), (100,)
 
 SOURCE_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
 TARGET_CLASSES = ("dog", "frog", "horse", "ship", "truck")
@@ -437,6 +439,12 @@ def main(argv):
 
     planned = [(size, arm) for size in sizes for arm in arms
                if arm != "self" or size in SELF_TRAINING_SIZES]
+    if any(arm == "self" for _, arm in planned):
+        # Arm (d)'s pool loads TensorFlow in this process: as quietly as
+        # run.py loads it.
+        sys.path.insert(0, REPOSITORY)
+        from tl_keras import console
+        console.quiet_startup(sys.argv)
     runner = Runner(work_dir, total=1 + len(planned))
     source = runner.run("source", f"source, {len(source_classes)} classes from scratch",
                         source_flags(data, schedule, source_classes))
