@@ -70,9 +70,9 @@ _WORK_DIR = flags.DEFINE_string(
 _QUICK = flags.DEFINE_boolean(
     "quick", False,
     "A 3-epoch source without augmentation (15 with it in full) and N=100 only; the "
-    "target arms keep the full "
-    "schedule, which costs little next to the source. About 20 minutes on two CPU cores; "
-    "full mode about 75 with its 15-epoch source, which alone takes 45-70.")
+    "target arms keep the full schedule, which costs little next to the source. Quick mode "
+    "took 18 minutes alone on two CPU cores; full mode took 115 on the same cores shared "
+    "with other runs (the README's Results).")
 _SIZES = flags.DEFINE_list(
     "sizes", None,
     "Target training images per class, one row each (default: 20,100, the sizes the few-label "
