@@ -99,6 +99,11 @@ TARGET_VAL_FRACTION = 0.02
 TARGET_SEED = 42
 # Arm (d) runs at these sizes only; other rows show no figure for it.
 SELF_TRAINING_SIZES = (20, 100)
+# Arm (d)'s self-training, beyond the tool's defaults (the README's "How the
+# self-training recipe was chosen" measures each choice).
+SELF_TRAINING_FLAGS = (
+    "--self_training_rounds=1",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +117,9 @@ class Schedule:
         self_training_epochs: the epochs of arm (d)'s self-training round,
             after arm (c)'s.
         source_augment: the source's `--augment`.
+        pool_sizes: arm (d) at N=GAIN_SIZE also runs on random subsets of
+            its pool of these sizes, for the table of accuracy against the
+            number of unlabelled images.
     """
 
     source_epochs: int
@@ -119,14 +127,15 @@ class Schedule:
     head_epochs: int
     self_training_epochs: int
     source_augment: str
+    pool_sizes: tuple = ()
 
 
 # The crop and flip pay off over 15 source epochs, not over 3: there the
 # source reached 72.1% with them and arm (c) at N=100 69.6%, where 2 epochs
 # without them had reached 74.2% (the README's Results).
 FULL = Schedule(source_epochs=15, target_epochs=30, head_epochs=10, self_training_epochs=10,
-                source_augment="basic")
-QUICK = Schedule(source_epochs=3, target_epochs=30, head_epochs=10, self_training_epochs=3,
+                source_augment="basic", pool_sizes=(1000, 5000))
+QUICK = Schedule(source_epochs=3, target_epochs=30, head_epochs=10, self_training_epochs=5,
                  source_augment="none")
 
 # Settings every run shares: the CPU-friendly model, and plain Adam without
@@ -147,14 +156,13 @@ ARMS = {
     "both": "(c) both phases",
     "self": "(d) both phases + self-training",
 }
-# Arm (d) stays out of the default until its recipe is measured (issue 17):
-# the default command's tables and times in the README are of (a)-(c).
-DEFAULT_ARMS = ("scratch", "head", "both")
+DEFAULT_ARMS = ("scratch", "head", "both", "self")
 _ARMS = flags.DEFINE_list(
     "arms", list(DEFAULT_ARMS),
     "Target arms to run, of scratch, head, both and self. transfer_gain_points needs "
     "scratch and both; both alone checks the recipe on another split at a quarter of the "
-    "cost. self (arm (d), not run by default yet) runs at N=20 and N=100 only.")
+    "cost. self (arm (d)) runs at N=20 and N=100 only, continuing both's run, which it "
+    "therefore runs too.")
 
 
 def source_flags(data, schedule, classes=SOURCE_CLASSES):
@@ -222,9 +230,7 @@ def target_flags(data, size, arm, schedule, source_weights, classes=TARGET_CLASS
         return both
     if not unlabeled:
         raise ValueError("arm self needs the folder of unlabelled images")
-    # The tool's own self-training defaults otherwise (threshold, cap,
-    # RandAugment and MixUp for the student): they are what is measured.
-    return both + [f"--unlabeled={unlabeled}", "--self_training_rounds=1",
+    return both + [f"--unlabeled={unlabeled}", *SELF_TRAINING_FLAGS,
                    f"--self_training_epochs={schedule.self_training_epochs}"]
 
 
@@ -263,6 +269,77 @@ def write_unlabeled_pool(data, pool_dir, size, classes=TARGET_CLASSES):
                 os.symlink(path, os.path.join(partial, name, file_name))
     os.replace(partial, pool_dir)
     return pool_dir
+
+
+def write_pool_subset(pool_dir, subset_dir, count):
+    """A random `count` of the pool's images (seeded, so reruns agree), as
+    links in `subset_dir/<class>/`: the pool a user with fewer unlabelled
+    images would have. Kept once made.
+
+    Returns:
+        `subset_dir`.
+    """
+    if os.path.isdir(subset_dir):
+        return subset_dir
+    links = sorted(os.path.join(name, file_name) for name in os.listdir(pool_dir)
+                   for file_name in os.listdir(os.path.join(pool_dir, name)))
+    if count > len(links):
+        raise ValueError(f"{pool_dir} holds {len(links)} images, fewer than {count}")
+    chosen = np.random.default_rng(TARGET_SEED).choice(len(links), count, replace=False)
+    partial = subset_dir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    for index in sorted(chosen):
+        os.makedirs(os.path.join(partial, os.path.dirname(links[index])), exist_ok=True)
+        os.symlink(os.path.realpath(os.path.join(pool_dir, links[index])),
+                   os.path.join(partial, links[index]))
+    os.replace(partial, subset_dir)
+    return subset_dir
+
+
+def continue_finished_run(finished_dir, model_dir, run_flags):
+    """Makes `model_dir` a copy of the finished run in `finished_dir`, marked
+    unfinished and with the effective flags of `run_flags`, so that `run.py`
+    with those flags resumes it: it skips the phases the copy completed and
+    trains only the ones `run_flags` adds (arm (d)'s self-training rounds
+    after arm (c)'s two phases). The two phases are then arm (c)'s, not a
+    second training of the same flags and seed, and are not paid for twice.
+
+    The flags text comes from the tool's own flags module, as `run.py` would
+    write it; nothing else of the run is touched. Does nothing if `model_dir`
+    exists (a continuation made before, finished or interrupted).
+    """
+    if os.path.exists(model_dir):
+        return
+    partial = model_dir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(finished_dir, partial, symlinks=True)
+    os.remove(os.path.join(partial, "COMPLETE"))
+    written = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from tl_keras import flags; flags.parse(sys.argv); "
+         "sys.stdout.write(flags.to_flagfile())",
+         *COMMON_FLAGS, *run_flags, f"--model_dir={model_dir}"],
+        cwd=REPOSITORY, capture_output=True, text=True)
+    if written.returncode != 0:
+        sys.exit(f"The flags of {model_dir} were refused: {written.stderr.strip()}")
+    with open(os.path.join(partial, "flags.txt"), "w") as file:
+        file.write(written.stdout)
+    os.replace(partial, model_dir)
+
+
+def pseudo_label_summary(model_dir):
+    """(pool images, kept, percent right) of the run's last self-training
+    round, right judged by the class subfolder each pool image's link sits in."""
+    folder = os.path.join(model_dir, "self_training")
+    last = max(os.listdir(folder), key=lambda name: int(name[len("round_"):-len(".json")]))
+    with open(os.path.join(folder, last)) as file:
+        record = json.load(file)
+    kept = record["pseudo_labels"]
+    with open(os.path.join(model_dir, "class_names.json")) as file:
+        class_names = json.load(file)
+    right = sum(os.path.basename(os.path.dirname(entry["image"])) == class_names[entry["label"]]
+                for entry in kept)
+    return record["pool_images"], len(kept), 100 * right / max(len(kept), 1)
 
 
 class Runner:
@@ -379,6 +456,31 @@ def results_table(source, results, sizes, arms=tuple(ARMS), flip=None):
     return "\n".join(lines)
 
 
+def pool_table(size, both, by_pool):
+    """Arm (d) at N=`size` against the number of unlabelled images.
+
+    Args:
+        size: N.
+        both: arm (c)'s (test top-1, seconds) at N.
+        by_pool: pool size (None for the whole pool) -> (test top-1, seconds,
+            top-1 with `--tta=flip`, pool images, pseudo-labels kept, percent
+            of them right).
+    """
+    lines = [
+        f"Arm (d) at N={size} by the number of unlabelled images:",
+        "",
+        "| Unlabelled images | Pseudo-labels kept (right) | Test top-1 (with flip) | Wall time |",
+        "|---:|---:|---:|---:|",
+        f"| none: arm (c) | - | {both[0]:.1f}% | {both[1]:.0f} s |",
+    ]
+    for count in sorted(by_pool, key=lambda count: count or float("inf")):
+        top1, seconds, mirrored, pool_images, kept, right = by_pool[count]
+        shown = f"{top1:.1f}%" + (f" ({mirrored:.1f}%)" if mirrored is not None else "")
+        lines.append(f"| {pool_images:,}{'' if count else ' (all)'} | {kept:,} ({right:.1f}%) | "
+                     f"{shown} | {seconds:.0f} s |")
+    return "\n".join(lines)
+
+
 def flip_top1(model_dir):
     """Test top-1 with `--tta=flip` in percent, or None if the run has none."""
     with open(os.path.join(model_dir, "metrics.json")) as file:
@@ -437,31 +539,56 @@ def main(argv):
           f"epochs, each target arm {schedule.target_epochs} epochs; runs in {work_dir}.",
           flush=True)
 
-    planned = [(size, arm) for size in sizes for arm in arms
+    # Arm (d) continues arm (c)'s run at its size, so arm (c) runs first.
+    run_arms = [arm for arm in ARMS if arm in arms or (arm == "both" and "self" in arms)]
+    planned = [(size, arm) for size in sizes for arm in run_arms
                if arm != "self" or size in SELF_TRAINING_SIZES]
-    if any(arm == "self" for _, arm in planned):
+    subsets = {size: (schedule.pool_sizes if size == GAIN_SIZE else ())
+               for size, arm in planned if arm == "self"}
+    if subsets:
         # Arm (d)'s pool loads TensorFlow in this process: as quietly as
         # run.py loads it.
         sys.path.insert(0, REPOSITORY)
         from tl_keras import console
         console.quiet_startup(sys.argv)
-    runner = Runner(work_dir, total=1 + len(planned))
+    runner = Runner(work_dir, total=1 + len(planned) + sum(map(len, subsets.values())))
     source = runner.run("source", f"source, {len(source_classes)} classes from scratch",
                         source_flags(data, schedule, source_classes))
     source_weights = os.path.join(work_dir, "source", "backbone.weights.h5")
-    results, flip = {}, {}
+    results, flip, by_pool = {}, {}, {}
     for size, arm in planned:
         name = f"target_n{size}_{arm}"
-        unlabeled = (write_unlabeled_pool(data, os.path.join(work_dir, f"unlabeled_n{size}"),
-                                          size, target_classes)
-                     if arm == "self" else None)
-        results[size, arm] = runner.run(
-            name, f"target, N={size}, {ARMS[arm]}",
-            target_flags(data, size, arm, schedule, source_weights, target_classes,
-                         unlabeled))
-        flip[size, arm] = flip_top1(os.path.join(work_dir, name))
+        if arm != "self":
+            results[size, arm] = runner.run(
+                name, f"target, N={size}, {ARMS[arm]}",
+                target_flags(data, size, arm, schedule, source_weights, target_classes))
+            flip[size, arm] = flip_top1(os.path.join(work_dir, name))
+            continue
+        pool = write_unlabeled_pool(data, os.path.join(work_dir, f"unlabeled_n{size}"),
+                                    size, target_classes)
+        variants = [(count, write_pool_subset(pool, f"{pool}_{count}", count))
+                    for count in subsets[size]] + [(None, pool)]
+        for count, folder in variants:
+            variant = name + (f"_{count}" if count else "")
+            run_flags = target_flags(data, size, arm, schedule, source_weights,
+                                     target_classes, folder)
+            continue_finished_run(os.path.join(work_dir, f"target_n{size}_both"),
+                                  os.path.join(work_dir, variant), run_flags)
+            top1, seconds = runner.run(
+                variant, f"target, N={size}, {ARMS[arm]}"
+                + (f", {count:,} unlabelled images" if count else ""), run_flags)
+            # Its first two phases are arm (c)'s run, which it continues.
+            outcome = (top1, seconds + results[size, "both"][1])
+            by_pool[size, count] = (*outcome, flip_top1(os.path.join(work_dir, variant)),
+                                    *pseudo_label_summary(os.path.join(work_dir, variant)))
+        results[size, arm] = by_pool[size, None][:2]
+        flip[size, arm] = by_pool[size, None][2]
 
-    table = results_table(source, results, sizes, arms, flip)
+    table = results_table(source, results, sizes, run_arms, flip)
+    if any(subsets.values()):
+        table += "\n\n" + pool_table(GAIN_SIZE, results[GAIN_SIZE, "both"],
+                                      {count: by_pool[size, count] for size, count in by_pool
+                                       if size == GAIN_SIZE})
     with open(os.path.join(work_dir, "results.md"), "w") as file:
         file.write(table + "\n")
     print()
@@ -469,7 +596,7 @@ def main(argv):
     if {"scratch", "both"} <= set(arms) and GAIN_SIZE in sizes:
         gain = results[GAIN_SIZE, "both"][0] - results[GAIN_SIZE, "scratch"][0]
         print(f"transfer_gain_points={gain:.1f}")
-    if "both" in arms and GAIN_SIZE in sizes:
+    if "both" in run_arms and GAIN_SIZE in sizes:
         print(f"both_phases_n{GAIN_SIZE}={results[GAIN_SIZE, 'both'][0]:.1f}")
     if (GAIN_SIZE, "self") in results:
         print(f"self_training_n{GAIN_SIZE}={results[GAIN_SIZE, 'self'][0]:.1f}")

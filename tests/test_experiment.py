@@ -51,9 +51,10 @@ def test_the_self_training_arm_is_both_phases_then_a_round_on_the_pool(experimen
     self_training = experiment.target_flags("DATA", 100, "self", schedule, "SRC.h5",
                                             unlabeled="POOL")
     assert self_training[:len(both)] == both
-    assert _flag_values(self_training[len(both):]) == {
-        "unlabeled": "POOL", "self_training_rounds": "1",
-        "self_training_epochs": str(schedule.self_training_epochs)}
+    added = _flag_values(self_training[len(both):])
+    assert added == {"unlabeled": "POOL",
+                     "self_training_epochs": str(schedule.self_training_epochs),
+                     **_flag_values(experiment.SELF_TRAINING_FLAGS)}
     assert schedule.self_training_epochs > 0
     with pytest.raises(ValueError, match="unlabelled"):
         experiment.target_flags("DATA", 100, "self", schedule, "SRC.h5")
@@ -87,6 +88,75 @@ def test_the_unlabelled_pool_holds_the_target_images_no_run_trains_or_validates_
     checked = unlabeled.load_pool(pool, splits, dataset=f"folder:{data}", data_dir=None,
                                   image_size=32, resize="stretch", strict=False)
     assert len(checked) == 88 and (checked.hidden_labels >= 0).all()
+
+
+def test_a_pool_subset_is_a_seeded_random_choice_of_the_pools_images(experiment, tmp_path):
+    pool = tmp_path / "pool"
+    for name in ("dog", "frog"):
+        (pool / name).mkdir(parents=True)
+        for index in range(30):
+            image = tmp_path / "images" / name / f"{index}.png"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            image.write_bytes(b"x")
+            (pool / name / f"{index}.png").symlink_to(image)
+
+    subset = experiment.write_pool_subset(str(pool), str(tmp_path / "subset"), 12)
+    again = experiment.write_pool_subset(str(pool), str(tmp_path / "again"), 12)
+
+    chosen = sorted(os.path.join(name, file_name) for name in os.listdir(subset)
+                    for file_name in os.listdir(os.path.join(subset, name)))
+    assert len(chosen) == 12
+    assert {name.split(os.sep)[0] for name in chosen} == {"dog", "frog"}  # both, by chance
+    for link in chosen:  # each links to the pool image's file, under its class
+        assert os.path.realpath(subset + "/" + link) == str(tmp_path / "images" / link)
+    assert chosen == sorted(os.path.join(name, file_name) for name in os.listdir(again)
+                            for file_name in os.listdir(os.path.join(again, name)))
+    with pytest.raises(ValueError, match="fewer than 61"):
+        experiment.write_pool_subset(str(pool), str(tmp_path / "too_many"), 61)
+
+
+def test_arm_d_continues_arm_cs_finished_run_which_run_py_then_resumes(experiment, tmp_path):
+    """Arm (d)'s folder starts as a copy of arm (c)'s, unfinished, with the
+    flags.txt run.py writes for arm (d)'s flags: run.py must take it as the
+    same run interrupted and resume it, not refuse it or start afresh."""
+    from conftest import parse_config
+
+    from tl_keras import rundir
+
+    finished = tmp_path / "target_n100_both"
+    finished.mkdir()
+    (finished / rundir.COMPLETE_FILE).write_text("")
+    (finished / rundir.PROGRESS_FILE).write_text('{"phases": {}}')
+    (finished / rundir.CHECKPOINTS_DIR).mkdir()
+    (finished / rundir.CHECKPOINTS_DIR / "finetune_end.weights.npz").write_bytes(b"w")
+    model_dir = tmp_path / "target_n100_self"
+    source_weights = tmp_path / "backbone.weights.h5"  # run.py checks it exists
+    source_weights.write_bytes(b"")
+    run_flags = experiment.target_flags("DATA", 100, "self", experiment.FULL,
+                                        str(source_weights), unlabeled="POOL")
+
+    experiment.continue_finished_run(str(finished), str(model_dir), run_flags)
+
+    assert (finished / rundir.COMPLETE_FILE).exists(), "arm (c)'s run must stay as it was"
+    assert not (model_dir / rundir.COMPLETE_FILE).exists()
+    assert (model_dir / rundir.CHECKPOINTS_DIR / "finetune_end.weights.npz").read_bytes() == b"w"
+    _, run_py_flags = parse_config(*experiment.COMMON_FLAGS, *run_flags,
+                                   f"--model_dir={model_dir}", flagfile=None)
+    with rundir.claim(str(model_dir), run_py_flags, overwrite=False) as state:
+        assert state == rundir.RESUME
+    (model_dir / "progress.json").write_text("changed")
+    experiment.continue_finished_run(str(finished), str(model_dir), run_flags)
+    assert (model_dir / "progress.json").read_text() == "changed", "made once, then kept"
+
+
+def test_the_pool_table_has_arm_c_then_a_row_per_pool_size(experiment):
+    table = experiment.pool_table(100, (77.8, 444.0), {
+        None: (81.0, 900.0, 82.0, 24_000, 5_000, 95.1),
+        1000: (78.5, 600.0, None, 1_000, 1_000, 80.2)})
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "%" in line]
+    assert rows == ["| none: arm (c) | - | 77.8% | 444 s |",
+                    "| 1,000 | 1,000 (80.2%) | 78.5% | 600 s |",
+                    "| 24,000 (all) | 5,000 (95.1%) | 81.0% (82.0%) | 900 s |"]
 
 
 def test_source_trains_every_layer_from_scratch(experiment):
@@ -185,8 +255,8 @@ def test_an_unknown_arm_is_refused_before_any_run(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-def test_arm_d_is_not_run_by_default_until_it_is_measured(experiment):
-    """The README's tables and times are of the default command's arms."""
+def test_every_arm_runs_by_default(experiment):
+    """Arm (d) is measured (the README's Results), so the default command runs it."""
     from absl import flags
 
-    assert flags.FLAGS["arms"].default == ["scratch", "head", "both"]
+    assert flags.FLAGS["arms"].default == list(experiment.ARMS)

@@ -103,10 +103,11 @@ def test_the_cap_holds_for_every_class_of_a_large_pool():
     assert np.sort(probabilities[of_class].max(axis=1))[-300] == least_kept
 
 
-def test_the_default_cap_is_twenty_times_the_mean_labelled_images_per_class():
-    assert self_training.per_class_cap(num_train=500, num_classes=5, given=None) == 2000
-    assert self_training.per_class_cap(num_train=103, num_classes=5, given=None) == 412
-    assert self_training.per_class_cap(num_train=500, num_classes=5, given=7) == 7
+def test_the_default_cap_is_a_share_of_the_pool_per_class():
+    assert self_training.per_class_cap(pool_size=24_400, num_classes=5, given=None) == 1952
+    assert self_training.per_class_cap(pool_size=1_001, num_classes=5, given=None) == 81
+    assert self_training.per_class_cap(pool_size=3, num_classes=10, given=None) == 1
+    assert self_training.per_class_cap(pool_size=24_400, num_classes=5, given=7) == 7
 
 
 # --- The pool and its checks ------------------------------------------------

@@ -231,18 +231,18 @@ class Config:
         "Self-training rounds after fine-tuning, each a phase of its own (default: 1 "
         "with --unlabeled, else 0).")
     pseudo_label_threshold: float = SELF_TRAINING.float(
-        0.8,
+        0.5,
         "Keep an unlabelled image only when the model's largest class probability for it "
         "is at least this, in (0, 1).")
     pseudo_labels_per_class: int | None = SELF_TRAINING.integer(
         None,
         "The most pseudo-labelled images kept per class each round, the most confident "
-        "first, so that no class takes over (default: 20 times the mean number of "
-        "labelled training images per class).")
+        "first, so that no class takes over (default: 40% of the unlabelled images' "
+        "share per class, their number over the number of classes).")
     self_training_epochs: int = SELF_TRAINING.integer(
         10, "Epochs of each self-training round.")
     self_training_learning_rate: float = SELF_TRAINING.float(
-        1e-4,
+        3e-4,
         "Each round's peak learning rate, after --warmup_epochs of warmup (at most half "
         "the round), then cosine decay to 0.")
     self_training_augment: str = SELF_TRAINING.enum(

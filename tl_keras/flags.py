@@ -132,9 +132,9 @@ _check("train_examples_per_class", lambda v: v >= 1,
 _check("mixup", lambda v: v >= 0, "must be 0 (off) or a positive alpha, e.g. 0.2.")
 _check("cutmix", lambda v: v >= 0, "must be 0 (off) or a positive alpha, e.g. 1.0.")
 _check("pseudo_label_threshold", lambda v: 0 < v < 1,
-       "must be in (0, 1), e.g. 0.8: the least confidence a pseudo-label is kept at.")
+       "must be in (0, 1), e.g. 0.5: the least confidence a pseudo-label is kept at.")
 _check("pseudo_labels_per_class", lambda v: v >= 1,
-       "must be at least 1, or left out for 20 times the labelled images per class.")
+       "must be at least 1, or left out for 40% of the unlabelled images per class.")
 _check("self_training_rounds", lambda v: v >= 0, "must be 0 or more.")
 _check("self_training_epochs", lambda v: v >= 1, "must be at least 1, e.g. 10.")
 _check("self_training_learning_rate", lambda v: v > 0,
