@@ -17,22 +17,26 @@ DATA is CIFAR-10 as image folders, DATA/{train,test}/<class>/*.jpg.
      (b) head only: the transferred backbone frozen, only a new head trained;
      (c) both phases: 10 epochs of (b), then 20 of fine-tuning the backbone at
          3e-4, against 1e-3 for the head.
-     (d) self-training (at N in SELF_TRAINING_SIZES only; not yet in the
-         default --arms, see ARMS): (c), then rounds of self-training on the
-         target classes' remaining training images, their labels withheld
-         (`--unlabeled`, a folder of links to them that `write_unlabeled_pool`
-         makes; the run reads its class subfolders' names only to report how
-         right its pseudo-labels are).
+     (d) self-training (at N in SELF_TRAINING_SIZES only): (c), then a round
+         of self-training with the tool's defaults on the target classes'
+         remaining training images, their labels withheld (`--unlabeled`, a
+         folder of links to them that `write_unlabeled_pool` makes; the run
+         reads its class subfolders' names only to report how right its
+         pseudo-labels are). It continues arm (c)'s finished run
+         (`continue_finished_run`), so its two phases are (c)'s own. In full
+         mode it also runs at N=100 on random 1,000 and 5,000 of those images.
    Every arm is tested on all 5,000 target test images, also with `--tta=flip`.
-3. It prints a table of test top-1 and wall time, writes it to
-   WORK_DIR/results.md, and ends with `transfer_gain_points=X`, arm (c) minus
-   arm (a) at N=100 in percentage points, then `both_phases_n100=Y`, arm (c)'s
-   test top-1 at N=100 (plain, without the mirror), and with arm (d)
-   `self_training_n100=Z`.
+3. It prints a table of test top-1 and wall time (arm (d)'s includes arm
+   (c)'s), and in full mode arm (d) by the number of unlabelled images; writes
+   them to WORK_DIR/results.md; and ends with `transfer_gain_points=X`, arm (c)
+   minus arm (a) at N=100 in percentage points, then `both_phases_n100=Y`, arm
+   (c)'s test top-1 at N=100 (plain, without the mirror), then
+   `self_training_n100=Z`, arm (d)'s.
 
 Every run is a `run.py` command, printed before it starts; the experiment has no
 training code of its own. (It imports `tl_keras.folder` once, to list the files
-a target run trains and validates on, which arm (d)'s pool must leave out.) Each run's output goes to WORK_DIR/<run>.log, and its
+a target run trains and validates on, which arm (d)'s pool must leave out, and
+asks `tl_keras.flags` for the flags.txt of arm (d)'s continued run.) Each run's output goes to WORK_DIR/<run>.log, and its
 model, metrics and TensorBoard logs to WORK_DIR/<run>/. Rerun the same command
 after an interruption: finished runs are kept and interrupted ones resume.
 
@@ -135,7 +139,7 @@ class Schedule:
 # without them had reached 74.2% (the README's Results).
 FULL = Schedule(source_epochs=15, target_epochs=30, head_epochs=10, self_training_epochs=10,
                 source_augment="basic", pool_sizes=(1000, 5000))
-QUICK = Schedule(source_epochs=3, target_epochs=30, head_epochs=10, self_training_epochs=5,
+QUICK = Schedule(source_epochs=3, target_epochs=30, head_epochs=10, self_training_epochs=10,
                  source_augment="none")
 
 # Settings every run shares: the CPU-friendly model, and plain Adam without
@@ -163,6 +167,12 @@ _ARMS = flags.DEFINE_list(
     "scratch and both; both alone checks the recipe on another split at a quarter of the "
     "cost. self (arm (d)) runs at N=20 and N=100 only, continuing both's run, which it "
     "therefore runs too.")
+_SELF_TRAINING_FLAGS = flags.DEFINE_list(
+    "self_training_flags", [],
+    "run.py flags that replace arm (d)'s self-training settings, e.g. "
+    "--self_training_flags=--pseudo_labels_per_class=1000,--self_training_epochs=5: how the "
+    "README's table of self-training choices was measured. Those runs are named after the "
+    "flags (target_nN_self__...), beside the default ones, continuing the same arm (c).")
 
 
 def source_flags(data, schedule, classes=SOURCE_CLASSES):
@@ -188,9 +198,10 @@ def source_flags(data, schedule, classes=SOURCE_CLASSES):
 
 
 def target_flags(data, size, arm, schedule, source_weights, classes=TARGET_CLASSES,
-                 unlabeled=None):
+                 unlabeled=None, self_training=()):
     """One target run: `size` images per class, trained as `arm` says; arm
-    `self` also self-trains on the images in the folder `unlabeled`."""
+    `self` also self-trains on the images in the folder `unlabeled`, with
+    the run.py flags `self_training` last, so that they win."""
     flags_ = [
         f"--dataset=folder:{data}",
         f"--classes={','.join(classes)}",
@@ -231,7 +242,7 @@ def target_flags(data, size, arm, schedule, source_weights, classes=TARGET_CLASS
     if not unlabeled:
         raise ValueError("arm self needs the folder of unlabelled images")
     return both + [f"--unlabeled={unlabeled}", *SELF_TRAINING_FLAGS,
-                   f"--self_training_epochs={schedule.self_training_epochs}"]
+                   f"--self_training_epochs={schedule.self_training_epochs}", *self_training]
 
 
 def write_unlabeled_pool(data, pool_dir, size, classes=TARGET_CLASSES):
@@ -294,6 +305,11 @@ def write_pool_subset(pool_dir, subset_dir, count):
                    os.path.join(partial, links[index]))
     os.replace(partial, subset_dir)
     return subset_dir
+
+
+def run_name_suffix(self_training):
+    """`__a=1__b=2` for `--self_training_flags=--a=1,--b=2`, or ''."""
+    return "".join("__" + flag.lstrip("-").replace("/", "_") for flag in self_training)
 
 
 def continue_finished_run(finished_dir, model_dir, run_flags):
@@ -569,9 +585,10 @@ def main(argv):
         variants = [(count, write_pool_subset(pool, f"{pool}_{count}", count))
                     for count in subsets[size]] + [(None, pool)]
         for count, folder in variants:
-            variant = name + (f"_{count}" if count else "")
+            variant = name + (f"_{count}" if count else "") + run_name_suffix(
+                _SELF_TRAINING_FLAGS.value)
             run_flags = target_flags(data, size, arm, schedule, source_weights,
-                                     target_classes, folder)
+                                     target_classes, folder, _SELF_TRAINING_FLAGS.value)
             continue_finished_run(os.path.join(work_dir, f"target_n{size}_both"),
                                   os.path.join(work_dir, variant), run_flags)
             top1, seconds = runner.run(

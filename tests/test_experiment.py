@@ -60,6 +60,16 @@ def test_the_self_training_arm_is_both_phases_then_a_round_on_the_pool(experimen
         experiment.target_flags("DATA", 100, "self", schedule, "SRC.h5")
 
 
+def test_self_training_flags_come_last_so_they_win_and_name_their_run(experiment):
+    changed = ["--self_training_epochs=5", "--pseudo_labels_per_class=1000"]
+    self_training = experiment.target_flags("DATA", 100, "self", experiment.FULL, "SRC.h5",
+                                            unlabeled="POOL", self_training=changed)
+    assert self_training[-2:] == changed
+    assert experiment.run_name_suffix(changed) == (
+        "__self_training_epochs=5__pseudo_labels_per_class=1000")
+    assert experiment.run_name_suffix([]) == ""
+
+
 def test_the_unlabelled_pool_holds_the_target_images_no_run_trains_or_validates_on(
         experiment, tmp_path):
     """The pool must keep out the run's validation images, which --unlabeled
@@ -260,3 +270,16 @@ def test_every_arm_runs_by_default(experiment):
     from absl import flags
 
     assert flags.FLAGS["arms"].default == list(experiment.ARMS)
+
+
+def test_the_other_class_probe_names_the_missing_teacher_runs_before_any_work(tmp_path):
+    script = os.path.join(REPOSITORY, "experiments", "other_class_pool.py")
+    result = subprocess.run(
+        [sys.executable, script, f"--data={tmp_path}", f"--work_dir={tmp_path / 'work'}",
+         "--sizes=20"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"Missing {tmp_path / 'work' / 'target_n20_both' / 'model.keras'}" in result.stderr
+    assert "run experiments/cifar10_transfer.py (full mode)" in result.stderr
+    assert not (tmp_path / "work").exists()
