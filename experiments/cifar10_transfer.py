@@ -74,9 +74,10 @@ _WORK_DIR = flags.DEFINE_string(
 _QUICK = flags.DEFINE_boolean(
     "quick", False,
     "A 3-epoch source without augmentation (15 with it in full) and N=100 only; the "
-    "target arms keep the full schedule, which costs little next to the source. Quick mode "
-    "took 18 minutes alone on two CPU cores; full mode took 115 on the same cores shared "
-    "with other runs (the README's Results).")
+    "target arms keep the full schedule, and arm (d) skips the table by pool size. On two "
+    "CPU cores, quick mode's source and arms (a)-(c) took 18 minutes alone, and arm (d)'s "
+    "round 15 more on cores shared with another run; full mode took 163 minutes on shared "
+    "cores (the README's Results).")
 _SIZES = flags.DEFINE_list(
     "sizes", None,
     "Target training images per class, one row each (default: 20,100, the sizes the few-label "
@@ -172,7 +173,8 @@ _SELF_TRAINING_FLAGS = flags.DEFINE_list(
     "run.py flags that replace arm (d)'s self-training settings, e.g. "
     "--self_training_flags=--pseudo_labels_per_class=1000,--self_training_epochs=5: how the "
     "README's table of self-training choices was measured. Those runs are named after the "
-    "flags (target_nN_self__...), beside the default ones, continuing the same arm (c).")
+    "flags (target_nN_self__...), beside the default ones, continuing the same arm (c), and "
+    "skip the table by pool size.")
 
 
 def source_flags(data, schedule, classes=SOURCE_CLASSES):
@@ -559,7 +561,9 @@ def main(argv):
     run_arms = [arm for arm in ARMS if arm in arms or (arm == "both" and "self" in arms)]
     planned = [(size, arm) for size in sizes for arm in run_arms
                if arm != "self" or size in SELF_TRAINING_SIZES]
-    subsets = {size: (schedule.pool_sizes if size == GAIN_SIZE else ())
+    # The table by pool size is of arm (d)'s own settings, not of a variant's.
+    subsets = {size: (schedule.pool_sizes
+                      if size == GAIN_SIZE and not _SELF_TRAINING_FLAGS.value else ())
                for size, arm in planned if arm == "self"}
     if subsets:
         # Arm (d)'s pool loads TensorFlow in this process: as quietly as
