@@ -509,6 +509,12 @@ def flip_top1(model_dir):
     return None if mirrored is None else 100 * mirrored["top1"]
 
 
+def chosen_work_dir():
+    """--work_dir, or its default for the mode, as an absolute path."""
+    return os.path.abspath(_WORK_DIR.value or os.path.join(
+        REPOSITORY, "runs", "cifar10_transfer_quick" if _QUICK.value else "cifar10_transfer"))
+
+
 def _class_split():
     """The source and target classes, checked: two or more each, no class in both.
 
@@ -553,8 +559,7 @@ def main(argv):
             f"DATA/{{train,test}}/<class>/*.jpg, but lacks {', '.join(missing[:4])}"
             f"{' and more' if len(missing) > 4 else ''}.")
     schedule = QUICK if _QUICK.value else FULL
-    work_dir = os.path.abspath(_WORK_DIR.value or os.path.join(
-        REPOSITORY, "runs", "cifar10_transfer_quick" if _QUICK.value else "cifar10_transfer"))
+    work_dir = chosen_work_dir()
     os.makedirs(work_dir, exist_ok=True)
     print(f"{'Quick' if _QUICK.value else 'Full'} mode: source {schedule.source_epochs} "
           f"epochs, each target arm {schedule.target_epochs} epochs; runs in {work_dir}.",

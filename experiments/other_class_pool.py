@@ -43,8 +43,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     data = os.path.abspath(transfer._DATA.value)
-    work_dir = os.path.abspath(transfer._WORK_DIR.value or os.path.join(
-        REPOSITORY, "runs", "cifar10_transfer"))
+    work_dir = transfer.chosen_work_dir()
     sizes = [int(size) for size in transfer._SIZES.value or transfer.FULL_SIZES]
     teachers = {size: os.path.join(work_dir, f"target_n{size}_both", "model.keras")
                 for size in sizes}
