@@ -397,6 +397,22 @@ class Runner:
                      f"gives it ({' '.join(changed)}). Pass another --work_dir, or delete "
                      "that folder to run it again.")
 
+    def record(self, name, seconds, run_flags):
+        """Adds a finished run's time and flags to times.json and commands.json.
+
+        Each file is read again just before it is written: another experiment
+        process may share the work folder (say `--sizes=20` and `--sizes=100`
+        at once), and writing this process's copy from its start would drop
+        the runs that process finished since.
+        """
+        for path, attribute, value in ((self.times_path, "times", seconds),
+                                       (self.commands_path, "commands", run_flags)):
+            values = {**self._load(path), name: value}
+            setattr(self, attribute, values)
+            with open(path + f".{os.getpid()}.tmp", "w") as file:
+                json.dump(values, file, indent=2)
+            os.replace(path + f".{os.getpid()}.tmp", path)
+
     def run(self, name, description, run_flags):
         """Runs one training run unless it finished before.
 
@@ -431,13 +447,7 @@ class Runner:
                     tail = log.read()[-3000:]
                 sys.exit(f"{description} failed (exit status {code}). The end of "
                          f"{log_path}:\n{tail}")
-            self.times[name] = seconds
-            self.commands[name] = [*COMMON_FLAGS, *run_flags]
-            for path, values in ((self.times_path, self.times),
-                                 (self.commands_path, self.commands)):
-                with open(path + ".tmp", "w") as file:
-                    json.dump(values, file, indent=2)
-                os.replace(path + ".tmp", path)
+            self.record(name, seconds, [*COMMON_FLAGS, *run_flags])
         with open(os.path.join(model_dir, "metrics.json")) as file:
             top1 = 100 * json.load(file)["test"]["top1"]
         print(f"  test top-1 {top1:.2f}% in {seconds:.0f} s", flush=True)

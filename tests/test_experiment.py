@@ -283,3 +283,17 @@ def test_the_other_class_probe_names_the_missing_teacher_runs_before_any_work(tm
     assert f"Missing {tmp_path / 'work' / 'target_n20_both' / 'model.keras'}" in result.stderr
     assert "run experiments/cifar10_transfer.py (full mode)" in result.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_two_experiments_sharing_a_work_folder_keep_each_others_runs(experiment, tmp_path):
+    """Each process loads times.json and commands.json when it starts; the
+    one that finishes last must not write back a copy without the other's run."""
+    sizes_20 = experiment.Runner(str(tmp_path), total=1)
+    sizes_100 = experiment.Runner(str(tmp_path), total=1)
+    sizes_20.record("target_n20_self", 2628.0, ["--train_examples_per_class=20"])
+    sizes_100.record("target_n100_self", 2783.0, ["--train_examples_per_class=100"])
+    reread = experiment.Runner(str(tmp_path), total=1)
+    assert reread.times == {"target_n20_self": 2628.0, "target_n100_self": 2783.0}
+    assert reread.commands == {"target_n20_self": ["--train_examples_per_class=20"],
+                               "target_n100_self": ["--train_examples_per_class=100"]}
+    assert sorted(os.listdir(tmp_path)) == ["commands.json", "times.json"]
