@@ -60,6 +60,16 @@ def test_the_self_training_arm_is_both_phases_then_a_round_on_the_pool(experimen
         experiment.target_flags("DATA", 100, "self", schedule, "SRC.h5")
 
 
+def test_full_modes_round_is_the_tools_default_round(experiment):
+    """The README presents arm (d) as a round with the tool's defaults."""
+    import dataclasses
+    from tl_keras import config
+    default = {field.name: config.flag_spec(field).default
+               for field in dataclasses.fields(config.Config)}
+    assert experiment.FULL.self_training_epochs == default["self_training_epochs"]
+    assert experiment.QUICK.self_training_epochs < experiment.FULL.self_training_epochs
+
+
 def test_self_training_flags_come_last_so_they_win_and_name_their_run(experiment):
     changed = ["--self_training_epochs=5", "--pseudo_labels_per_class=1000"]
     self_training = experiment.target_flags("DATA", 100, "self", experiment.FULL, "SRC.h5",
