@@ -229,6 +229,22 @@ def test_an_unfinished_run_with_other_flags_is_refused(tmp_path):
         assert state == rundir.RESUME
 
 
+def test_a_complete_run_with_other_flags_is_refused_not_passed_off_as_theirs(tmp_path):
+    model_dir = tmp_path / "run"
+    os.makedirs(model_dir)
+    (model_dir / "flags.txt").write_text(f"{rundir.FLAGS_HEADER}\n--batch_size=8\n--seed=1\n")
+    rundir.mark_complete(str(model_dir))
+    with pytest.raises(UsageError, match=r"holds a complete run made with other flags "
+                                         r"\(stored --seed=1, given --seed=2\)"):
+        with rundir.claim(str(model_dir), "--batch_size=8\n--seed=2\n", overwrite=False):
+            pass
+    assert sorted(os.listdir(model_dir)) == ["COMPLETE", "flags.txt"]  # Nothing touched.
+    with rundir.claim(str(model_dir), "--batch_size=8\n--seed=1\n", overwrite=False) as state:
+        assert state == rundir.COMPLETE
+    with rundir.claim(str(model_dir), "--batch_size=8\n--seed=2\n", overwrite=True) as state:
+        assert state == rundir.FRESH
+
+
 def test_nan_loss_stops_with_the_likely_causes(tmp_path):
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))

@@ -131,9 +131,10 @@ def test_two_workers_killed_in_phase_two_resume_as_one(cluster_run):
     for name in ("metrics.json", "model.keras", "backbone.weights.h5", "COMPLETE"):
         assert (model_dir / name).exists(), name
 
-    # The other worker's own folder is gone but for its COMPLETE marker.
+    # The other worker's own folder is gone but for its COMPLETE marker and
+    # flags.txt.
     worker_dir = rundir.worker_dir(str(model_dir), "worker_1")
-    assert sorted(os.listdir(worker_dir)) == ["COMPLETE"]
+    assert sorted(os.listdir(worker_dir)) == ["COMPLETE", "flags.txt"]
 
 
 @pytest.mark.slow
@@ -213,6 +214,23 @@ def test_multi_worker_without_tf_config_fails_before_any_work(tmp_path, monkeypa
     with pytest.raises(UsageError, match="TF_CONFIG"):
         job.run_training(config, flagfile_text=flagfile_text, verbose=0)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_workers_folder_of_a_complete_run_refuses_other_flags_as_the_chiefs_does(tmp_path):
+    """Else the worker would call the run complete and wait in `agreed_state`
+    for a chief that refused the flags and stopped."""
+    worker_dir = tmp_path / "workers" / "worker_1"
+    os.makedirs(worker_dir / "backup")
+    (worker_dir / rundir.FLAGS_FILE).write_text(f"{rundir.FLAGS_HEADER}\n--seed=1\n")
+    (worker_dir / "history.csv").write_text("epoch\n")
+    rundir.mark_complete(str(worker_dir))
+    rundir.discard_worker_outputs(str(worker_dir))
+    assert sorted(os.listdir(worker_dir)) == [rundir.COMPLETE_FILE, rundir.FLAGS_FILE]
+    with pytest.raises(UsageError, match="holds a complete run made with other flags"):
+        with rundir.claim(str(worker_dir), "--seed=2\n", overwrite=False):
+            pass
+    with rundir.claim(str(worker_dir), "--seed=1\n", overwrite=False) as state:
+        assert state == rundir.COMPLETE
 
 
 def test_the_chief_leaves_the_workers_folders_to_them(tmp_path):

@@ -136,8 +136,8 @@ def claim(model_dir, flagfile_text, overwrite):
 
     Raises:
         UsageError: when another live process holds the lock, the folder
-            holds an unfinished run with other flags, or it is not empty and
-            holds no run (with or without `overwrite`).
+            holds a run (complete or not) with other flags, or it is not empty
+            and holds no run (with or without `overwrite`).
     """
     with _claimed(model_dir):
         yield _decide(model_dir, flagfile_text, overwrite)
@@ -191,8 +191,10 @@ def worker_dir(model_dir, worker_name):
 
 def discard_worker_outputs(model_dir):
     """Deletes what a non-chief worker wrote, once the run is complete, but for
-    the COMPLETE marker, which tells a rerun there is nothing to do."""
-    for name in set(os.listdir(model_dir)) - {COMPLETE_FILE, LOCK_FILE}:
+    the COMPLETE marker, which tells a rerun there is nothing to do, and
+    flags.txt, which lets this worker refuse a rerun with other flags as the
+    chief does, rather than wait for a chief that stopped."""
+    for name in set(os.listdir(model_dir)) - {COMPLETE_FILE, FLAGS_FILE, LOCK_FILE}:
         path = os.path.join(model_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
@@ -213,21 +215,31 @@ def _decide(model_dir, flagfile_text, overwrite):
     if overwrite:
         _delete_run_outputs(model_dir, entries)
         return FRESH
-    if COMPLETE_FILE in entries:
-        return COMPLETE
+    complete = COMPLETE_FILE in entries
     if FLAGS_FILE not in entries:
-        return FRESH
+        # A worker's folder of a complete cluster run keeps no flags.txt of
+        # its own when an older version wrote it; the chief's is checked.
+        return COMPLETE if complete else FRESH
     with open(os.path.join(model_dir, FLAGS_FILE)) as file:
         earlier = _flag_lines(file.read())
     now = _flag_lines(flagfile_text)
     if earlier != now:
+        differences = _describe_differences(earlier, now)
+        if complete:
+            # Saying "nothing to do" here would pass the earlier run's results
+            # off as these flags'.
+            raise UsageError(
+                f"{model_dir} holds a complete run made with other flags "
+                f"({differences}): its results are those flags', not these. Pick "
+                f"another --model_dir for these flags, or pass --overwrite to train "
+                f"again there with them.")
         raise UsageError(
             f"{model_dir} holds an unfinished run with other flags "
-            f"({_describe_differences(earlier, now)}). Rerun it with its own flags "
+            f"({differences}). Rerun it with its own flags "
             f"(--flagfile={os.path.join(model_dir, FLAGS_FILE)}) to resume it, pick "
             f"another --model_dir, or pass --overwrite to start afresh there."
         )
-    return RESUME
+    return COMPLETE if complete else RESUME
 
 
 def _not_a_run_message(model_dir, entries):
