@@ -403,8 +403,8 @@ class Runner:
 
         Each file is read again just before it is written: another experiment
         process may share the work folder (say `--sizes=20` and `--sizes=100`
-        at once), and writing this process's copy from its start would drop
-        the runs that process finished since.
+        at once), and writing the copy this process loaded at its start would
+        drop the runs the other one finished since.
         """
         for path, attribute, value in ((self.times_path, "times", seconds),
                                        (self.commands_path, "commands", run_flags)):

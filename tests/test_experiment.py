@@ -1,11 +1,14 @@
 """The CIFAR-10 transfer experiment compares like with like, and checks its data."""
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
+
+from tl_keras import config
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPOSITORY, "experiments", "cifar10_transfer.py")
@@ -62,8 +65,6 @@ def test_the_self_training_arm_is_both_phases_then_a_round_on_the_pool(experimen
 
 def test_full_modes_round_is_the_tools_default_round(experiment):
     """The README presents arm (d) as a round with the tool's defaults."""
-    import dataclasses
-    from tl_keras import config
     default = {field.name: config.flag_spec(field).default
                for field in dataclasses.fields(config.Config)}
     assert experiment.FULL.self_training_epochs == default["self_training_epochs"]
