@@ -276,7 +276,7 @@ def test_a_resumed_round_reads_its_pseudo_labels_instead_of_labelling_again(
 
     monkeypatch.setattr(self_training, "label_pool", never)
     rounds = self_training.Rounds(model=None, pool=pool, splits=splits, paths=paths,
-                                  config=config, class_weights=None)
+                                  config=config)
     phase = recipe.plan_self_training(first_epoch=2, rounds=1, epochs=1, learning_rate=1e-4,
                                       warmup_epochs=0)[0]
     batches, steps = rounds(phase)
@@ -290,6 +290,45 @@ def test_a_resumed_round_reads_its_pseudo_labels_instead_of_labelling_again(
     assert rounds(recipe.plan_phases(head_epochs=1, head_learning_rate=1e-3,
                                      finetune_epochs=1, finetune_learning_rate=1e-3,
                                      warmup_epochs=0)[1]) is None
+
+
+def test_a_rounds_balanced_class_weights_average_1_over_what_it_trains_on(
+        dataset_and_pool, tmp_path, capsys):
+    """Labels 8/2 weigh 0.625/2.5; a round that keeps 2/10 pseudo-labels trains
+    on 10/12 images, on which those weights would average 1.65."""
+    dataset, source = dataset_and_pool
+    for index in range(2, 8):
+        os.remove(os.path.join(dataset.removeprefix("folder:"), "train", "dark",
+                               f"dark{index}.png"))
+    splits = _splits(dataset)
+    assert tuple(splits.train_class_counts) == (8, 2)
+    pool = _pool(source, splits)
+    config, _ = parse_config(f"--dataset={dataset}", f"--unlabeled={source}",
+                             "--class_weight=balanced", "--batch_size=2",
+                             "--self_training_augment=none", "--self_training_mixup=0",
+                             "--self_training_cutmix=0")
+    paths = rundir.RunPaths(str(tmp_path / "run"))
+    kept_labels = np.array([0, 0] + [1] * 10)
+    kept = self_training.PseudoLabels(np.arange(12), kept_labels, np.ones(12))
+    self_training.write_round(paths.pseudo_labels(1), 1, pool, kept, threshold=0.8, cap=12)
+    rounds = self_training.Rounds(model=None, pool=pool, splits=splits, paths=paths,
+                                  config=config)
+    phase = recipe.plan_self_training(first_epoch=2, rounds=1, epochs=1, learning_rate=1e-4,
+                                      warmup_epochs=0)[0]
+
+    batches, steps = rounds(phase)
+
+    labels, weights = [], []
+    for _, batch_labels, batch_weights in batches.take(steps):
+        labels.append(np.argmax(batch_labels, axis=-1))
+        weights.append(batch_weights.numpy())
+    labels, weights = np.concatenate(labels), np.concatenate(weights)
+    assert np.bincount(labels).tolist() == [10, 12]  # every image once
+    assert weights.mean() == pytest.approx(1.0, abs=1e-6)
+    # Each class carries the same share of the loss.
+    assert weights[labels == 0].sum() == pytest.approx(weights[labels == 1].sum())
+    assert "Self-training round 1: class weights (balanced, over its labelled and " \
+           "pseudo-labelled images): bright 1.10, dark 0.92." in capsys.readouterr().out
 
 
 # --- The export rule ----------------------------------------------------------

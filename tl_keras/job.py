@@ -136,8 +136,7 @@ def _train_evaluate_export(config, strategy, role, backbone, flagfile_text, stat
     phases = _plan_phases(config)
     timers = {phase.name: callbacks.PhaseTimer() for phase in phases}
     rounds = None if pool is None else self_training.Rounds(
-        model=classifier, pool=pool, splits=splits, paths=paths, config=config,
-        class_weights=class_weights)
+        model=classifier, pool=pool, splits=splits, paths=paths, config=config)
     validation_by_phase = train.train_two_phases(
         classifier, backbone,
         train_batches=train_batches,

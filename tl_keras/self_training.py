@@ -168,15 +168,19 @@ class Rounds:
     Called when a round is about to train, it labels the pool with the
     model's current weights, keeps the confident images and writes them to
     the round's file; or, when the round resumes, reads that file.
+
+    With `--class_weight=balanced`, each round weighs its classes by what it
+    trains on, the labelled and the kept images together: the labelled
+    counts' weights would no longer average 1 over a round's examples, whose
+    class mix the pseudo-labels change.
     """
 
-    def __init__(self, *, model, pool, splits, paths, config, class_weights):
+    def __init__(self, *, model, pool, splits, paths, config):
         self.model = model
         self.pool = pool
         self.splits = splits
         self.paths = paths
         self.config = config
-        self.class_weights = class_weights
         self.steps = {}
 
     def __call__(self, phase):
@@ -193,7 +197,22 @@ class Rounds:
         steps = recipe.training_steps_per_epoch(count, config.batch_size,
                                                 config.steps_per_epoch)
         self.steps[phase.name] = steps
-        return self._batches(kept, round_number), steps
+        class_weights = self._class_weights(kept, round_number)
+        return self._batches(kept, round_number, class_weights), steps
+
+    def _class_weights(self, kept, round_number):
+        """The round's balanced class weights, printed; None without them."""
+        if self.config.class_weight != "balanced":
+            return None
+        class_names = self.splits.class_names
+        counts = np.asarray(self.splits.train_class_counts) + np.bincount(
+            kept.labels, minlength=len(class_names))
+        weights = recipe.balanced_class_weights(counts)
+        print(f"Self-training round {round_number}: class weights "
+              f"({self.config.class_weight}, over its labelled and pseudo-labelled "
+              f"images): {recipe.describe_class_weights(weights, counts, class_names)}.",
+              flush=True)
+        return weights
 
     def _pseudo_labels(self, round_number, cap):
         path = self.paths.pseudo_labels(round_number)
@@ -217,7 +236,7 @@ class Rounds:
               f"pseudo-labels are in {path}.", flush=True)
         return kept
 
-    def _batches(self, kept, round_number):
+    def _batches(self, kept, round_number, class_weights):
         """The labelled and the kept images, interleaved at random, in batches
         augmented as --self_training_augment and its MixUp and CutMix say."""
         config, splits = self.config, self.splits
@@ -245,7 +264,7 @@ class Rounds:
             examples, num_examples=len(choice), seed=config.seed + round_number,
             repeat=config.steps_per_epoch is not None,
             augment=config.self_training_augment, mixup=config.self_training_mixup,
-            cutmix=config.self_training_cutmix, class_weights=self.class_weights,
+            cutmix=config.self_training_cutmix, class_weights=class_weights,
             **settings)
 
 
