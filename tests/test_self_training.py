@@ -443,6 +443,32 @@ def test_a_tfds_pool_that_shares_the_validation_or_test_split_is_refused(
         _tfds_pool(source, splits)
 
 
+@pytest.mark.parametrize("dataset, source", [
+    ("cifar10:3.0.2", "tfds:cifar10:test"),
+    ("cifar10", "tfds:cifar10:3.0.2:test"),
+    ("cifar10:3.0.2", "tfds:cifar10:3.0.2:test[:10%]"),
+])
+def test_a_version_in_either_name_does_not_hide_the_overlap(mock_tfds, dataset, source):
+    from tl_keras import data
+
+    splits = data.load_tfds(dataset, None, "train", "", "test", 0.1)
+    with pytest.raises(UsageError, match=f"shares examples with the run's test split "
+                                         f"\\(test.* of --dataset={dataset}\\)"):
+        _tfds_pool(source, splits, dataset=dataset)
+
+
+def test_a_pool_names_its_version_between_name_and_split(mock_tfds):
+    from tl_keras import data
+
+    assert unlabeled.parse_tfds_source("tfds:cifar10:3.0.2:train[:50%]") == (
+        "cifar10", "3.0.2", "train[:50%]")
+    assert unlabeled.parse_tfds_source("tfds:cifar10:train[:50%]") == (
+        "cifar10", None, "train[:50%]")
+    splits = data.load_tfds("cifar10", None, "train", "", "test", 0.1)
+    pool = _tfds_pool("tfds:cifar10:3.0.2:train[:50%]", splits)
+    assert len(pool) == 32
+
+
 def test_a_tfds_pool_reads_the_chosen_examples_with_their_pseudo_labels(mock_tfds):
     from tl_keras import data
 

@@ -224,8 +224,9 @@ class Config:
     unlabeled: str | None = SELF_TRAINING.string(
         None,
         "Unlabelled images for self-training: a folder, searched recursively (subfolder "
-        "names are never used for training), or tfds:NAME:SPLIT. Each round, the model "
-        "labels them and a student trains on the labelled images plus the confident ones.")
+        "names are never used for training), or tfds:NAME:SPLIT (tfds:NAME:VERSION:SPLIT "
+        "names a version). Each round, the model labels them and a student trains on the "
+        "labelled images plus the confident ones.")
     self_training_rounds: int | None = SELF_TRAINING.integer(
         None,
         "Self-training rounds after fine-tuning, each a phase of its own (default: 1 "

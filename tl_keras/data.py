@@ -129,6 +129,12 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
     )
 
 
+def name_without_version(name):
+    """A TFDS name as `--dataset` gives it, less any `:version`: `cifar10:3.0.2`
+    is `cifar10`."""
+    return name.split(":")[0]
+
+
 def prepared_builder(name, data_dir):
     """The TFDS builder of an image classification dataset, prepared in `data_dir`.
 
@@ -209,7 +215,7 @@ def _builder(name, data_dir):
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
         known = tfds.list_builders(with_community_datasets=False)
-        closest = difflib.get_close_matches(name.split(":")[0], known, n=5)
+        closest = difflib.get_close_matches(name_without_version(name), known, n=5)
         hint = f" Closest: {', '.join(closest)}." if closest else ""
         raise UsageError(
             f"--dataset={name}: TFDS has no dataset of that name.{hint} "

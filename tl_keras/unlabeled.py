@@ -11,6 +11,7 @@ Everything here runs before any training.
 import dataclasses
 import hashlib
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -188,20 +189,37 @@ def same_files(paths, others):
     return shared
 
 
+def parse_tfds_source(source):
+    """`tfds:NAME[:VERSION]:SPLIT` as (NAME, VERSION or None, SPLIT).
+
+    A split may hold colons of its own (`train[:50%]`), so a version is
+    recognised by its form, e.g. `3.0.2` or `3.*.*`.
+    """
+    match = re.fullmatch(r"tfds:([^:]+?)(?::(\d+\.[\d*]+\.[\d*]+))?:(.+)", source)
+    if match is None:
+        raise UsageError(f"--unlabeled={source}: pass tfds:NAME:SPLIT, or "
+                         f"tfds:NAME:VERSION:SPLIT, such as tfds:cifar10:3.0.2:train.")
+    return match.groups()
+
+
 def _tfds_pool(source, splits, *, dataset, data_dir, image_size, resize):
     """A TFDS split as the pool; refused where it shares examples with the
-    run's validation or test split (the same TFDS dataset, overlapping slices)."""
-    _, name, split = source.split(":", 2)
-    builder = data.prepared_builder(name, data_dir)
-    data.check_split(builder, f"--unlabeled={TFDS_PREFIX}{name}", split)
-    if splits.split_specs is not None and dataset == name:
+    run's validation or test split (the same TFDS dataset, whatever either's
+    version, and overlapping slices). Another config of the same dataset
+    (`name/config`) is another dataset here: its overlap isn't checked."""
+    name, version, split = parse_tfds_source(source)
+    builder = data.prepared_builder(f"{name}:{version}" if version else name, data_dir)
+    data.check_split(builder, f"--unlabeled={source}", split)
+    # `cifar10:3.0.2` is still cifar10: another version holds the same images.
+    if splits.split_specs is not None and data.name_without_version(dataset) == name:
         for role in ("validation", "test"):
             shared = data.shared_slices(split, splits.split_specs[role], builder.info.splits)
             if shared:
                 raise UsageError(
                     f"--unlabeled={source} shares examples with the run's {role} split "
-                    f"({shared}), which must never be trained on. Pass a split or slice "
-                    f"of {name} that doesn't overlap {splits.split_specs[role]}.")
+                    f"({shared} of --dataset={dataset}), which must never be trained on. "
+                    f"Pass a split or slice of {name} that doesn't overlap "
+                    f"{splits.split_specs[role]}.")
     image_key, label_key = builder.info.supervised_keys
     labels = data.split_labels(builder, split)
     if not len(labels):
