@@ -161,6 +161,33 @@ def test_exports_compute_in_float32_after_bfloat16_training(bfloat16_run):
     assert np.abs(_log(as_trained.predict(images, verbose=0)) - served).max() > 1e-2
 
 
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_model_keras_holds_the_trained_optimizer_under_a_mixed_policy(tmp_path, policy):
+    """The float32 copy that is exported is compiled with the trained
+    optimizer's state, which a mixed run's `model.keras` used to lose."""
+    import tiny_training
+    from tl_keras import export
+
+    keras.config.set_dtype_policy(policy)
+    model, _ = tiny_training.build()
+    keras.config.set_dtype_policy("float32")
+    model.compile(optimizer=recipe.make_optimizer("adamw", 1e-3, 0.05, rate_factors={}),
+                  loss="categorical_crossentropy", metrics=["categorical_accuracy"])
+    model.fit(tiny_training.one_batch(), steps_per_epoch=3, verbose=0)
+    trained = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+
+    copy = classifier_lib.with_training_state(classifier_lib.float32_copy(model), model)
+    export.save_keras_model(copy, str(tmp_path / "model.keras"))
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+
+    assert type(loaded.optimizer) is type(trained)
+    assert int(loaded.optimizer.iterations) == int(trained.iterations) > 0
+    assert len(loaded.optimizer.variables) == len(trained.variables)
+    for mine, theirs in zip(loaded.optimizer.variables, trained.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine),
+                                      keras.ops.convert_to_numpy(theirs))
+
+
 def _log(probabilities):
     return np.log(np.maximum(probabilities, 1e-30))
 

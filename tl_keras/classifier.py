@@ -160,6 +160,31 @@ def float32_copy(classifier):
     return copy
 
 
+def with_training_state(copy, trained):
+    """`copy` compiled as `trained` was, its optimizer holding the trained
+    optimizer's state, so that a `.keras` file of it holds the optimizer too.
+
+    `float32_copy` builds an uncompiled model under a mixed policy; without
+    this, `model.keras` would lose the optimizer whenever training was mixed.
+    A loss-scaling wrapper (float16) is left behind: the copy computes in
+    float32.
+
+    Returns:
+        `copy`, compiled where `trained` has a built optimizer whose
+        variables match the copy's trainable variables.
+    """
+    if copy is trained or trained.optimizer is None or not trained.optimizer.built:
+        return copy
+    optimizer = getattr(trained.optimizer, "inner_optimizer", trained.optimizer)
+    copy.compile_from_config(trained.get_compile_config())
+    copy.optimizer.build(copy.trainable_variables)
+    if len(copy.optimizer.variables) != len(optimizer.variables):
+        return copy
+    for mine, theirs in zip(copy.optimizer.variables, optimizer.variables):
+        mine.assign(theirs)
+    return copy
+
+
 def _float32_policies(config):
     """`config` with every mixed-precision dtype policy made float32."""
     if isinstance(config, list):

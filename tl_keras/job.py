@@ -232,7 +232,8 @@ def _evaluate_and_export(config, strategy, role, classifier, backbone, splits, p
     print(f"Evaluating and exporting the {_describe_export(exported)}.", flush=True)
     # Served on CPUs too: whatever the training dtype policy, everything from
     # here on computes in float32, so the test metrics are the export's own.
-    model = classifier_lib.float32_copy(classifier)
+    model = classifier_lib.with_training_state(classifier_lib.float32_copy(classifier),
+                                               classifier)
     test_metrics, test = _test(config, model, splits, paths, run_log,
                                validation_by_phase, exported)
     export.write_artifacts(model, backbone.name, paths, class_names=splits.class_names,
