@@ -75,9 +75,8 @@ _QUICK = flags.DEFINE_boolean(
     "quick", False,
     "A 3-epoch source without augmentation (15 with it in full) and N=100 only; the "
     "target arms keep the full schedule, and arm (d) skips the table by pool size. On two "
-    "CPU cores, quick mode's source and arms (a)-(c) took 18 minutes alone, and arm (d)'s "
-    "round 15 more on cores shared with another run; full mode took 163 minutes on shared "
-    "cores (the README's Results).")
+    "CPU cores, quick mode's source and arms (a)-(c) took 18 minutes, and arm (d)'s round "
+    "15 more; full mode's runs add up to 221 minutes (docs/results.md).")
 _SIZES = flags.DEFINE_list(
     "sizes", None,
     "Target training images per class, one row each (default: 20,100, the sizes the few-label "
@@ -104,8 +103,8 @@ TARGET_VAL_FRACTION = 0.02
 TARGET_SEED = 42
 # Arm (d) runs at these sizes only; other rows show no figure for it.
 SELF_TRAINING_SIZES = (20, 100)
-# Arm (d)'s self-training, beyond the tool's defaults (the README's "How the
-# self-training recipe was chosen" measures each choice).
+# Arm (d)'s self-training, beyond the tool's defaults (docs/results.md,
+# "How the self-training recipe was chosen", measures each choice).
 SELF_TRAINING_FLAGS = (
     "--self_training_rounds=1",
 )
@@ -137,13 +136,13 @@ class Schedule:
 
 # The crop and flip pay off over 15 source epochs, not over 3: there the
 # source reached 72.1% with them and arm (c) at N=100 69.6%, where 2 epochs
-# without them had reached 74.2% (the README's Results).
+# without them had reached 74.2% (docs/results.md).
 # Arm (d)'s round is the tool's default round (--self_training_epochs).
 FULL = Schedule(source_epochs=15, target_epochs=30, head_epochs=10, self_training_epochs=30,
                 source_augment="basic", pool_sizes=(1000, 5000))
 # Quick mode's round is a third of the full one, and no shorter: with 5
 # epochs, arm (d)'s best validation top-1 only tied arm (c)'s, so arm (c)'s
-# weights were exported; with 10 it beat arm (c) (the README's Results).
+# weights were exported; with 10 it beat arm (c) (docs/results.md).
 QUICK = Schedule(source_epochs=3, target_epochs=30, head_epochs=10, self_training_epochs=10,
                  source_augment="none")
 
@@ -176,9 +175,9 @@ _SELF_TRAINING_FLAGS = flags.DEFINE_list(
     "self_training_flags", [],
     "run.py flags that replace arm (d)'s self-training settings, e.g. "
     "--self_training_flags=--pseudo_labels_per_class=1000,--self_training_epochs=5: how the "
-    "README's table of self-training choices was measured. Those runs are named after the "
-    "flags (target_nN_self__...), beside the default ones, continuing the same arm (c), and "
-    "skip the table by pool size.")
+    "table of self-training choices in docs/results.md was measured. Those runs are named "
+    "after the flags (target_nN_self__...), beside the default ones, continuing the same "
+    "arm (c), and skip the table by pool size.")
 
 
 def source_flags(data, schedule, classes=SOURCE_CLASSES):
@@ -217,7 +216,7 @@ def target_flags(data, size, arm, schedule, source_weights, classes=TARGET_CLASS
         "--batch_size=32",
         # Every arm sees the same random resized crop and flip: with 100
         # images a class they are most of what keeps the fine-tuned backbone
-        # from memorising them (the README's ablation, row 1).
+        # from memorising them (docs/results.md's ablation, row 1).
         "--augment=basic",
         # Test top-1 is also reported with the mirrored image averaged in.
         "--tta=flip",

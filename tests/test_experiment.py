@@ -64,7 +64,7 @@ def test_the_self_training_arm_is_both_phases_then_a_round_on_the_pool(experimen
 
 
 def test_full_modes_round_is_the_tools_default_round(experiment):
-    """The README presents arm (d) as a round with the tool's defaults."""
+    """docs/results.md presents arm (d) as a round with the tool's defaults."""
     default = {field.name: config.flag_spec(field).default
                for field in dataclasses.fields(config.Config)}
     assert experiment.FULL.self_training_epochs == default["self_training_epochs"]
@@ -277,7 +277,7 @@ def test_an_unknown_arm_is_refused_before_any_run(tmp_path):
 
 
 def test_every_arm_runs_by_default(experiment):
-    """Arm (d) is measured (the README's Results), so the default command runs it."""
+    """Arm (d) is measured (docs/results.md), so the default command runs it."""
     from absl import flags
 
     assert flags.FLAGS["arms"].default == list(experiment.ARMS)

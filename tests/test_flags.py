@@ -1,7 +1,8 @@
-"""The README's flag table matches the flags the tool defines.
+"""The flag reference, docs/flags.md, matches the flags the tool defines.
 
-Each option is defined once, on its field (`tl_keras.config`); the README's
-table is written by hand, so this test is what keeps it from drifting: every
+Each option is defined once, on its field (`tl_keras.config`, or for the
+options of what a process does, `tl_keras.flags`); the reference's table is
+written by hand, so this test is what keeps it from drifting: every
 flag has a row and every row a flag, with the same default, and the same
 choices where a row lists an enum's choices.
 
@@ -22,7 +23,9 @@ from absl import flags as absl_flags
 from conftest import REPO_ROOT
 from tl_keras import flags
 
-# absl's own flags with a row of their own, because the README explains them.
+FLAG_REFERENCE = os.path.join(REPO_ROOT, "docs", "flags.md")
+
+# absl's own flags with a row of their own, because the reference explains them.
 ABSL_FLAGS_IN_THE_TABLE = frozenset({"verbosity"})
 
 LITERAL = re.compile(r"`([^`]*)`")
@@ -31,12 +34,12 @@ LITERAL = re.compile(r"`([^`]*)`")
 CHOICE = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 
-def _readme_rows():
-    """{flag name: (default cell, meaning cell)} from the README's Flags table."""
-    with open(os.path.join(REPO_ROOT, "README.md")) as file:
-        section = file.read().split("\n## Flags\n", 1)[1].split("\n## ", 1)[0]
+def _reference_rows():
+    """{flag name: (default cell, meaning cell)} from the flag reference's table."""
+    with open(FLAG_REFERENCE) as file:
+        page = file.read()
     rows = {}
-    for line in section.splitlines():
+    for line in page.splitlines():
         if not line.startswith("| `--"):
             continue
         flag_cell, default_cell, meaning = (cell.strip() for cell in line.strip("|").split(" | "))
@@ -46,53 +49,54 @@ def _readme_rows():
             defaults *= len(names)
         assert len(defaults) == len(names), f"{len(names)} flags, {len(defaults)} defaults: {line}"
         for name, default in zip(names, defaults):
-            assert name not in rows, f"--{name} has two rows in the README's flag table"
+            assert name not in rows, f"--{name} has two rows in docs/flags.md"
             rows[name] = (default, meaning if len(names) == 1 else "")
     return rows
 
 
-README_ROWS = _readme_rows()
+REFERENCE_ROWS = _reference_rows()
 DEFINED = {flag.name: flag for flag in absl_flags.FLAGS.get_flags_for_module(flags.__name__)}
 
 
-def test_every_flag_has_a_readme_row_and_every_row_a_flag():
-    documented = set(README_ROWS) - ABSL_FLAGS_IN_THE_TABLE
+def test_every_flag_has_a_reference_row_and_every_row_a_flag():
+    documented = set(REFERENCE_ROWS) - ABSL_FLAGS_IN_THE_TABLE
     undocumented = sorted(set(DEFINED) - documented)
     unknown = sorted(documented - set(DEFINED))
     assert not undocumented and not unknown, (
-        f"flags without a row in the README's table: {undocumented}; "
-        f"README rows for flags the tool doesn't define: {unknown}")
+        f"flags without a row in docs/flags.md: {undocumented}; "
+        f"docs/flags.md rows for flags the tool doesn't define: {unknown}")
     assert ABSL_FLAGS_IN_THE_TABLE <= set(absl_flags.FLAGS), "absl no longer defines these"
 
 
 @pytest.mark.parametrize("name", sorted(DEFINED))
-def test_the_readme_shows_the_flags_default(name):
-    if name not in README_ROWS:
-        pytest.skip("no README row; test_every_flag_has_a_readme_row_and_every_row_a_flag fails")
+def test_the_reference_shows_the_flags_default(name):
+    if name not in REFERENCE_ROWS:
+        pytest.skip("no row; test_every_flag_has_a_reference_row_and_every_row_a_flag fails")
     flag = DEFINED[name]
-    shown, _ = README_ROWS[name]
+    shown, _ = REFERENCE_ROWS[name]
     literal = LITERAL.fullmatch(shown)
     if literal:
         assert flag.parser.parse(literal.group(1)) == flag.default, (
-            f"the README shows --{name}'s default as {shown}; it is {flag.default!r}")
+            f"docs/flags.md shows --{name}'s default as {shown}; it is {flag.default!r}")
     elif isinstance(flag.default, bool):
         assert shown == ("on" if flag.default else "off"), (
-            f"the README shows --{name}'s default as {shown}; it is {flag.default!r}")
+            f"docs/flags.md shows --{name}'s default as {shown}; it is {flag.default!r}")
     else:
         assert flag.default in (None, "", []), (
-            f"the README describes --{name}'s default as {shown!r}, words for a flag "
+            f"docs/flags.md describes --{name}'s default as {shown!r}, words for a flag "
             f"left out; its default is {flag.default!r}: show it in backticks")
 
 
 @pytest.mark.parametrize("name", sorted(name for name, flag in DEFINED.items()
                                         if isinstance(flag.parser, absl_flags.EnumParser)))
-def test_the_readme_lists_all_of_an_enums_choices_or_none(name):
-    _, meaning = README_ROWS.get(name, ("", ""))
+def test_the_reference_lists_all_of_an_enums_choices_or_none(name):
+    _, meaning = REFERENCE_ROWS.get(name, ("", ""))
     choices = set(DEFINED[name].parser.enum_values)
     shown = set(CHOICE.findall(meaning))
     if shown & choices:
         assert shown == choices, (
-            f"the README's row of --{name} lists {sorted(shown)}; its choices are {sorted(choices)}")
+            f"docs/flags.md's row of --{name} lists {sorted(shown)}; "
+            f"its choices are {sorted(choices)}")
 
 
 def test_the_option_definitions_import_no_stage_and_no_tensorflow():

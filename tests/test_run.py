@@ -59,7 +59,7 @@ def test_tensorboard_has_train_and_validation_scalars_on_one_timeline(finished_r
     assert steps[("train", "epoch_loss")] == {0, 1, 2}
     assert steps[("validation", "epoch_loss")] == {0, 1, 2}
     assert steps[("train", "epoch_learning_rate")] == {0, 1, 2}
-    assert ("validation", "epoch_learning_rate") not in steps  # as the README says
+    assert ("validation", "epoch_learning_rate") not in steps  # as docs/cluster-and-resume.md says
 
 
 def test_head_size_comes_from_dataset_metadata(finished_run):

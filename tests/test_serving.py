@@ -1,5 +1,6 @@
 """After training: the report, evaluate and predict modes, the serving
-signatures, saved_model_cli's view against the README and the TensorBoard logs."""
+signatures, saved_model_cli's view against the serving tables of
+docs/outputs-and-serving.md, and the TensorBoard logs."""
 
 import csv
 import io
@@ -178,12 +179,13 @@ def test_bad_serving_input_says_what_is_wrong(signatures):
         signatures["serving_bytes"](image_bytes=tf.constant([b"hello, not an image"]))
 
 
-def _readme_signatures():
+def _documented_signatures():
     """{signature: {(input|output, name): (dtype, shape text)}} from the
-    README's Serving section: a `### `name`` heading, then a table."""
-    with open(os.path.join(REPO_ROOT, "README.md")) as file:
-        readme = file.read()
-    serving = re.search(r"^## Serving\n(.*?)^## ", readme, re.S | re.M).group(1)
+    Serving section of docs/outputs-and-serving.md: a `### `name`` heading,
+    then a table."""
+    with open(os.path.join(REPO_ROOT, "docs", "outputs-and-serving.md")) as file:
+        page = file.read()
+    serving = re.search(r"^## Serving\n(.*?)(?=^## |\Z)", page, re.S | re.M).group(1)
     signatures = {}
     for name, body in re.findall(r"^### `(\w+)`\n(.*?)(?=^### |\Z)", serving, re.S | re.M):
         rows = re.findall(r"^\| (input|output) \| `(\w+)` \| (\w+) \| `(\[.*\])` \|$",
@@ -217,7 +219,7 @@ def _cli_signatures(saved_model):
     return signatures
 
 
-def test_the_readmes_serving_tables_are_what_saved_model_cli_shows(tmp_path):
+def test_the_documented_serving_tables_are_what_saved_model_cli_shows(tmp_path):
     import keras
 
     from tl_keras import export
@@ -231,7 +233,7 @@ def test_the_readmes_serving_tables_are_what_saved_model_cli_shows(tmp_path):
     export.export_saved_model(model, str(tmp_path / "saved_model"), class_names, image_size=32)
 
     shown = _cli_signatures(str(tmp_path / "saved_model"))
-    documented = _readme_signatures()
+    documented = _documented_signatures()
 
     assert sorted(documented) == sorted(shown) == ["probabilities", "serving_bytes",
                                                    "serving_default", "serving_tta"]
