@@ -187,7 +187,8 @@ class Config:
         "none: every training example counts the same. balanced: each class's examples "
         "weigh n_examples / (n_classes * n_examples_of_the_class), as scikit-learn's "
         "balanced, so a rare class counts as much as a common one in the training loss "
-        "(both phases). Validation and test metrics stay unweighted.")
+        "(both phases; each self-training round recomputes them from what it trains on). "
+        "Validation and test metrics stay unweighted.")
     tta: str = TRAINING.enum(
         "none", ["none", "flip"],
         "Test-time augmentation. flip: the test evaluation also reports the figures of "
