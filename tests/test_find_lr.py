@@ -24,6 +24,13 @@ from tl_keras.errors import UsageError
 STEPS = 10
 
 
+def _sweep(steps):
+    """The rate of each of `steps` steps, as `ExponentialRise` sets them."""
+    return lr_finder.MIN_LEARNING_RATE * (
+        lr_finder.MAX_LEARNING_RATE / lr_finder.MIN_LEARNING_RATE) ** (
+        np.arange(steps) / (steps - 1))
+
+
 def _dip(rates, steepest_at=1e-4):
     """A loss curve that falls fastest at `steepest_at`, bottoms out, then explodes."""
     x = np.log10(rates)
@@ -32,7 +39,7 @@ def _dip(rates, steepest_at=1e-4):
 
 
 def test_the_suggestion_is_where_the_smoothed_loss_falls_fastest():
-    rates = lr_finder.learning_rates(100)
+    rates = _sweep(100)
     rate, rule = lr_finder.suggest(rates, _dip(rates))
     assert rule == lr_finder.STEEPEST_DESCENT == "steepest descent of the smoothed loss"
     # Within one step (a factor of 10**(7/99)) of the steepest point.
@@ -40,7 +47,7 @@ def test_the_suggestion_is_where_the_smoothed_loss_falls_fastest():
 
 
 def test_the_suggestion_ignores_the_first_tenth_and_what_follows_the_minimum():
-    rates = lr_finder.learning_rates(100)
+    rates = _sweep(100)
     curve = _dip(rates)
     curve[:10] = np.linspace(9, 2.3, 10)  # the average settling
     curve[-3:] = [40, 5, 80]  # a steep fall after divergence set in
@@ -51,14 +58,14 @@ def test_the_suggestion_ignores_the_first_tenth_and_what_follows_the_minimum():
 def test_the_drop_into_the_minimum_is_not_taken_for_the_steepest_descent():
     # A curve like a real run's, whose average falls slowly, then one step
     # more into its minimum before it rises.
-    rates = lr_finder.learning_rates(40)
+    rates = _sweep(40)
     curve = np.concatenate([np.linspace(1.20, 1.10, 30), [1.09, 1.12, 1.3], np.full(7, 2.0)])
     rate, rule = lr_finder.suggest(rates, curve)
     assert rule == lr_finder.STEEPEST_DESCENT and rate < rates[30]
 
 
 def test_a_loss_that_only_rises_gets_a_tenth_of_the_rate_at_its_minimum():
-    rates = lr_finder.learning_rates(50)
+    rates = _sweep(50)
     curve = np.linspace(1.0, 3.0, 50)
     curve[20:] = np.nan  # diverged
     assert lr_finder.suggest(rates, curve) == (
@@ -73,7 +80,7 @@ def test_the_smoothing_is_bias_corrected():
 def test_the_schedule_rises_exponentially_from_the_first_to_the_last_rate():
     schedule = lr_finder.ExponentialRise(1e-7, 1.0, STEPS)
     rates = [float(keras.ops.convert_to_numpy(schedule(step))) for step in range(STEPS)]
-    np.testing.assert_allclose(rates, lr_finder.learning_rates(STEPS), rtol=1e-5)
+    np.testing.assert_allclose(rates, _sweep(STEPS), rtol=1e-5)
     assert rates[0] == pytest.approx(1e-7) and rates[-1] == pytest.approx(1.0)
     np.testing.assert_allclose(np.diff(np.log(rates)), np.log(10) * 7 / (STEPS - 1),
                                rtol=1e-4)
@@ -115,10 +122,57 @@ def test_the_range_test_records_each_steps_own_loss():
         weight_decay=0.0, label_smoothing=0.0, jit_compile=False,
         scope=tf.distribute.get_strategy().scope)
     assert int(model.optimizer.iterations) == len(test.losses) == 60
-    np.testing.assert_allclose(test.learning_rates, lr_finder.learning_rates(60))
+    np.testing.assert_allclose(test.learning_rates, _sweep(60), rtol=1e-5)
     # The loss of single steps: a mean since the first step would stay near 1.1.
     assert test.losses[0] > 1 and test.losses.min() < 0.1
     assert test.learning_rates[0] <= test.suggestion <= test.learning_rates[-1]
+
+
+def _overflowing_batches(steps, overflowing, rng):
+    """One batch per step of 3-class data whose last input is 0, but on the
+    steps in `overflowing`, where it is 60,000: a float16 gradient of its
+    weights times the loss scale overflows there. Its weights start at 0, so
+    it changes no output; they get no gradient elsewhere, and no update from
+    the skipped steps, so they stay 0."""
+    images = rng.normal(0, 1, (steps, 32, 5)).astype("float32")
+    images[:, :, 4] = 0
+    images[sorted(overflowing), :, 4] = 6e4
+    labels = keras.utils.to_categorical((images[..., 0] > 0) + (images[..., 1] > 0), 3)
+    return tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
+
+
+def test_each_loss_is_labelled_with_the_rate_its_step_ran_at_when_loss_scaling_skips(
+        capsys):
+    keras.config.set_dtype_policy("mixed_float16")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(32, activation="relu", name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax",
+                                                   dtype="float32")(hidden))
+    kernel, bias = model.get_layer("hidden").get_weights()
+    kernel[4] = 0
+    model.get_layer("hidden").set_weights([kernel, bias])
+    steps, overflowing = 30, {2, 3, 11, 12, 20}
+    batches = _overflowing_batches(steps, overflowing, np.random.default_rng(0))
+
+    test = lr_finder.range_test(
+        model, batches, steps=steps, phase="head", trained="the head", optimizer="adamw",
+        weight_decay=0.0, label_smoothing=0.0, jit_compile=False,
+        scope=tf.distribute.get_strategy().scope)
+
+    # Keras wrapped the optimizer in a LossScaleOptimizer, which skipped those steps.
+    assert type(model.optimizer).__name__ == "LossScaleOptimizer"
+    assert not model.get_layer("hidden").get_weights()[0][4].any()
+    assert int(model.optimizer.iterations) == steps - len(overflowing)
+    # A skipped step leaves the iteration count, and so the rate, where it was.
+    iteration = np.arange(steps) - [sum(skipped < step for skipped in overflowing)
+                                    for step in range(steps)]
+    ran_at = _sweep(steps)[iteration]
+    assert len(test.losses) == steps
+    np.testing.assert_allclose(test.learning_rates, ran_at, rtol=1e-5)
+    assert test.suggestion == pytest.approx(lr_finder.suggest(ran_at, test.smoothed)[0])
+    assert "30 of 30 steps, 5 of them skipped by float16 loss scaling" in (
+        capsys.readouterr().out)
 
 
 def _digests(model_dir):

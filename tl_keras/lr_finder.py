@@ -9,6 +9,11 @@ smoothed loss passes four times its lowest. The suggestion is the rate where
 the smoothed loss falls fastest (Lightning's rule, fastai's `steep`): a rate
 at which training still makes quick progress, well below where it diverges.
 
+The rate follows the optimizer's iteration count, which a step that float16
+loss scaling skips (its gradients overflowed) leaves where it was: each step's
+loss is paired with the rate the optimizer held as the step ran, not the
+rate of its position in the sweep.
+
 Backend-agnostic: only `keras` and NumPy. It writes only the curve, as CSV and
 PNG, under the run folder's `find_lr/`; never a checkpoint.
 """
@@ -44,7 +49,8 @@ class RangeTest:
     """One range test's curve and suggestion.
 
     Attributes:
-        learning_rates, losses, smoothed: per step run, as float arrays.
+        learning_rates, losses, smoothed: per step run, as float arrays:
+            the rate the step ran at, its loss, and the smoothed loss.
         planned_steps: the steps it would have run without diverging.
         suggestion: the suggested learning rate.
         rule: how it was chosen, in words.
@@ -77,11 +83,6 @@ class ExponentialRise(keras.optimizers.schedules.LearningRateSchedule):
         return {"start": self.start, "end": self.end, "steps": self.steps}
 
 
-def learning_rates(steps, start=MIN_LEARNING_RATE, end=MAX_LEARNING_RATE):
-    """The rate of each of `steps` steps, as `ExponentialRise` sets them."""
-    return start * (end / start) ** (np.arange(steps) / max(steps - 1, 1))
-
-
 def smooth(losses, beta=SMOOTHING):
     """The bias-corrected exponential moving average of `losses`, step by step."""
     average, smoothed = 0.0, []
@@ -100,7 +101,8 @@ def suggest(rates, smoothed):
     of the rate at the minimum.
 
     Args:
-        rates: the learning rate of each step, rising.
+        rates: the learning rate of each step, rising (a step that loss
+            scaling skipped shares its rate with the next).
         smoothed: the smoothed loss of each step (NaN once it diverged).
 
     Returns:
@@ -124,7 +126,8 @@ def suggest(rates, smoothed):
     if lowest - skip >= 2:
         # Central differences over the whole curve, so that the minimum's own
         # slope (near 0) is not a one-sided drop into it. The steps are evenly
-        # spaced in log(rate): the slope per step is the slope against it.
+        # spaced in log(rate), so the slope per step is the slope against it
+        # (but for the few steps loss scaling skips, each at the next one's rate).
         slopes = np.gradient(curve)[skip:lowest]
         if slopes.min() < 0:
             return float(rates[skip + np.argmin(slopes)]), STEEPEST_DESCENT
@@ -132,19 +135,28 @@ def suggest(rates, smoothed):
 
 
 class LossRecorder(keras.callbacks.Callback):
-    """Records each step's loss, and stops once the smoothed loss diverges.
+    """Records each step's learning rate and loss, and stops once the smoothed
+    loss diverges.
 
     The range test fits one step per epoch: Keras' epoch loss is then that
     step's own loss, where its per-batch logs hold the mean since the epoch
-    began.
+    began. The rate is read from the optimizer as the step starts (under JAX
+    too, whose trainer writes its state back into the variables by each
+    epoch's end): the schedule at the iteration count the step runs at.
     """
 
     def __init__(self, on_step):
         super().__init__()
+        self.learning_rates = []
         self.losses = []
         self.on_step = on_step
+        self._rate = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_epoch_end(self, epoch, logs=None):
+        self.learning_rates.append(self._rate)
         self.losses.append(float(logs["loss"]))
         self.on_step()
         smoothed = smooth(self.losses)
@@ -243,19 +255,30 @@ def range_test(model, train_batches, *, steps, phase, trained, optimizer,
         # One step per epoch, so that each epoch's loss is one step's.
         model.fit(train_batches, epochs=steps, steps_per_epoch=1, callbacks=[recorder],
                   shuffle=False, verbose=0)
-        losses = np.array(recorder.losses)
-        stopped = (f", stopped as the smoothed loss passed {DIVERGENCE_FACTOR:g}x its "
-                   f"lowest" if len(losses) < steps else "")
-        testing.result = f"Learning-rate range test: {len(losses)} of {steps} steps{stopped}"
-    rates, smoothed = learning_rates(steps)[:len(losses)], smooth(losses)
+        rates, losses = np.array(recorder.learning_rates), np.array(recorder.losses)
+        testing.result = (f"Learning-rate range test: {len(losses)} of {steps} steps"
+                          f"{_stopped_or_skipped(model.optimizer, len(losses), steps)}")
+    smoothed = smooth(losses)
     suggestion, rule = suggest(rates, smoothed)
     return RangeTest(learning_rates=rates, losses=losses, smoothed=smoothed,
                      planned_steps=steps, suggestion=suggestion, rule=rule)
 
 
+def _stopped_or_skipped(optimizer, steps_run, steps):
+    """Why the sweep ran fewer steps, or ended below the last rate, in words."""
+    skipped = steps_run - int(optimizer.iterations)
+    said = ""
+    if steps_run < steps:
+        said = f", stopped as the smoothed loss passed {DIVERGENCE_FACTOR:g}x its lowest"
+    if skipped:
+        said += (f", {skipped} of them skipped by float16 loss scaling (their gradients "
+                 f"overflowed), the rate held for the next")
+    return said
+
+
 def write_curve(paths, phase, test, title):
-    """Writes the curve to `find_lr/PHASE.csv` (step from 1, learning_rate,
-    loss, smoothed_loss) and `find_lr/PHASE.png`.
+    """Writes the curve to `find_lr/PHASE.csv` (step from 1, learning_rate:
+    the rate the step ran at, loss, smoothed_loss) and `find_lr/PHASE.png`.
 
     Returns:
         The plot, as PNG bytes.
