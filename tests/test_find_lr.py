@@ -15,6 +15,7 @@ import tensorflow as tf
 from absl import flags as absl_flags
 
 import sliced_mock
+import tiny_training
 from conftest import REPO_ROOT, SMOKE_FLAGS, TEST_BACKBONE, parse_config
 from tl_keras import modes
 from tl_keras import lr_finder
@@ -175,6 +176,46 @@ def test_each_loss_is_labelled_with_the_rate_its_step_ran_at_when_loss_scaling_s
         capsys.readouterr().out)
 
 
+def test_fine_tuning_sweeps_each_block_at_its_layer_decay_factor(monkeypatch):
+    model, backbone = tiny_training.build()
+    before = {weight.path: keras.ops.convert_to_numpy(weight) for weight in model.trainable_weights}
+    # Rates too small to turn a gradient around: then each Adam step moves a
+    # weight by about its rate, whatever the gradient's size, and the sweep by
+    # their sum (within 1%: Adam's step is the rate only for a steady gradient).
+    monkeypatch.setattr(lr_finder, "MAX_LEARNING_RATE", 1e-4)
+
+    trained, rates = lr_finder.set_up_phase(model, backbone, "finetune", unfreeze="all",
+                                            train_batchnorm=False, decay=0.5)
+    test = lr_finder.range_test(
+        model, tiny_training.one_batch(), steps=STEPS, phase="finetune", trained=trained,
+        optimizer="adam", weight_decay=0.0, label_smoothing=0.0, jit_compile=False,
+        scope=tf.distribute.get_strategy().scope, rate_factors=rates.factors)
+
+    def moved(layer):
+        return max(np.abs(keras.ops.convert_to_numpy(weight) - before[weight.path]).max()
+                   for weight in layer.trainable_weights)
+
+    swept = test.learning_rates.sum()
+    assert moved(model.get_layer("head")) == pytest.approx(swept, rel=1e-2)
+    for depth, name in enumerate(reversed(tiny_training.BLOCKS), start=1):
+        assert moved(backbone.get_layer(name)) == pytest.approx(swept * 0.5**depth,
+                                                                 rel=1e-2), name
+    assert lr_finder.describe_optimizer(rates, ema=0.0) == [
+        "Layer-wise learning-rate decay 0.5, as fine-tuning trains: the head at the rate "
+        "swept, the backbone's 3 blocks at 0.5 (the top one) down to 0.125 (the stem) "
+        "times it. The suggestion is the head's rate, as --finetune_learning_rate is."]
+
+
+def test_the_head_phase_sweeps_without_layer_decay_and_ema_is_left_out_in_words():
+    model, backbone = tiny_training.build()
+    assert lr_finder.set_up_phase(model, backbone, "head", unfreeze="all",
+                                  train_batchnorm=False, decay=0.5) == ("the head", None)
+    assert lr_finder.describe_optimizer(None, ema=0.0) == []
+    [line] = lr_finder.describe_optimizer(None, ema=0.999)
+    assert line.startswith("--ema=0.999 is left out: the moving average changes no "
+                           "training step")
+
+
 def _digests(model_dir):
     """{path: SHA-256} of every file in a run's folder but what find_lr writes."""
     digests = {}
@@ -200,17 +241,20 @@ def _tensorboard_tags(directory):
 def test_find_lr_on_a_finished_run_writes_its_curve_and_nothing_else(finished_run, capsys):
     trained, _ = finished_run
     before = _digests(trained.model_dir)
-    # The run's own flags, but for two that only make the test quicker: XLA's
-    # compile would take longer than the ten steps, and backpropagating into
-    # all of VGG16 more than twice as long as into its top layers.
-    config, _ = parse_config("--jit_compile=false", "--unfreeze=2",
-                             flagfile=os.path.join(trained.model_dir, "flags.txt"))
+    # The run's own flags, but for --layer_decay, and two that only make the
+    # test quicker: XLA's compile would take longer than the ten steps, and
+    # backpropagating into all of VGG16 more than twice as long as into its
+    # top layers.
+    config, _ = parse_config(
+        "--jit_compile=false", "--unfreeze=2", "--layer_decay=0.8",
+        flagfile=os.path.join(trained.model_dir, "flags.txt"))
     with sliced_mock.mock_data(num_examples=64):
         test = modes.run_find_lr(config, "finetune", steps=STEPS)
 
     assert _digests(trained.model_dir) == before  # checkpoints, progress, flags, COMPLETE
     out = capsys.readouterr().out
     assert "Starting from the head phase's end weights of the run in" in out
+    assert "Layer-wise learning-rate decay 0.8, as fine-tuning trains" in out
     paths = rundir.RunPaths(trained.model_dir)
     with open(paths.find_lr_csv("finetune")) as file:
         rows = list(csv.DictReader(file))
@@ -228,10 +272,12 @@ def test_find_lr_on_a_finished_run_writes_its_curve_and_nothing_else(finished_ru
 
 @pytest.mark.slow
 def test_find_lr_before_a_run_leaves_the_folder_to_it(tmp_path, mock_tfds, capsys):
-    config, flagfile_text = parse_config(TEST_BACKBONE, f"--model_dir={tmp_path / 'run'}")
+    config, flagfile_text = parse_config(TEST_BACKBONE, f"--model_dir={tmp_path / 'run'}",
+                                         "--ema=0.99")
     modes.run_find_lr(config, "head", steps=STEPS)
-    assert "Learning-rate range test of the head phase, training the head" in (
-        capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert "Learning-rate range test of the head phase, training the head" in out
+    assert "--ema=0.99 is left out" in out
     assert sorted(os.listdir(config.model_dir)) == [rundir.FIND_LR_DIR]
     with rundir.claim(config.model_dir, flagfile_text, overwrite=False) as state:
         assert state == rundir.FRESH

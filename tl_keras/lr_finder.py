@@ -26,6 +26,7 @@ import keras
 import numpy as np
 
 from tl_keras import finetune
+from tl_keras import layer_decay
 from tl_keras import plots
 from tl_keras import progress
 from tl_keras import recipe
@@ -190,8 +191,9 @@ def trained_head(paths, phase, head_epochs):
 
 
 def set_up_phase(model, backbone, phase, *, unfreeze, train_batchnorm,
-                 trained_head=None):
-    """Sets the weights and what trains as training's `phase` starts.
+                 trained_head=None, decay=1.0):
+    """Sets the weights, what trains and at which rates, as training's `phase`
+    starts.
 
     Args:
         model, backbone: as for `tl_keras.train.train_two_phases`.
@@ -200,16 +202,19 @@ def set_up_phase(model, backbone, phase, *, unfreeze, train_batchnorm,
         trained_head: for `finetune`, the `tl_keras.rundir.RunPaths` of a run
             whose head phase finished, to start from its end weights; None
             starts from the model as built.
+        decay: `--layer_decay`, which fine-tuning trains the backbone's
+            blocks with; 1, the default, for none.
 
     Returns:
-        What trains, in words.
+        (what trains, in words; the `tl_keras.layer_decay.LayerRates` the
+        sweep scales each block's rate by, or None).
 
     Raises:
         UsageError: when the run's weights are of another model.
     """
     if phase == recipe.HEAD_PHASE:
         finetune.freeze_backbone(backbone)
-        return "the head"
+        return "the head", None
     if trained_head:
         weights = trained_head.phase_end_weights(recipe.HEAD_PHASE)
         try:
@@ -220,11 +225,34 @@ def set_up_phase(model, backbone, phase, *, unfreeze, train_batchnorm,
                 f"({error}). Give --mode=find_lr the run's own flags, "
                 f"--flagfile={trained_head.flags}.") from None
     unfrozen = finetune.unfreeze_backbone(backbone, unfreeze, train_batchnorm)
-    return f"the head and {len(unfrozen)} backbone layers (--unfreeze={unfreeze})"
+    rates = layer_decay.layer_rates(backbone, decay) if decay < 1 else None
+    return f"the head and {len(unfrozen)} backbone layers (--unfreeze={unfreeze})", rates
+
+
+def describe_optimizer(rates, ema):
+    """What the sweep does with `--layer_decay` (`rates`, from `set_up_phase`)
+    and `--ema`: a line for each that is on."""
+    lines = []
+    if rates:
+        blocks = len(rates.blocks)
+        lines.append(
+            f"Layer-wise learning-rate decay {rates.decay:g}, as fine-tuning trains: the "
+            f"head at the rate swept, the backbone's {blocks} blocks at {rates.decay:g} "
+            f"(the top one) down to {rates.decay ** blocks:.3g} (the stem) times it. The "
+            f"suggestion is the head's rate, as --finetune_learning_rate is.")
+    if ema:
+        # Keras' `use_ema` keeps the average beside the weights it trains (no
+        # `ema_overwrite_frequency` here): each step's update, and so each
+        # loss, is the same with it or without.
+        lines.append(
+            f"--ema={ema:g} is left out: the moving average changes no training step, "
+            f"only the weights each epoch validates and saves, so the training loss "
+            f"this test records is the same without it.")
+    return lines
 
 
 def range_test(model, train_batches, *, steps, phase, trained, optimizer,
-               weight_decay, label_smoothing, jit_compile, scope):
+               weight_decay, label_smoothing, jit_compile, scope, rate_factors=None):
     """Runs the range test on `model` as `set_up_phase` set it up.
 
     Args:
@@ -235,6 +263,8 @@ def range_test(model, train_batches, *, steps, phase, trained, optimizer,
         optimizer, weight_decay, label_smoothing, jit_compile: as training
             compiles with (`tl_keras.recipe.compile_for_phase`).
         scope: returns the strategy's scope, to compile in.
+        rate_factors: `--layer_decay`'s factors on the rate, as for
+            `tl_keras.recipe.make_optimizer`; None, the default, for none.
 
     Returns:
         A `RangeTest`.
@@ -244,7 +274,7 @@ def range_test(model, train_batches, *, steps, phase, trained, optimizer,
         model.compile(
             optimizer=recipe.make_optimizer(
                 optimizer, ExponentialRise(MIN_LEARNING_RATE, MAX_LEARNING_RATE, steps),
-                weight_decay),
+                weight_decay, rate_factors=rate_factors),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
             jit_compile=jit_compile)
     with progress.step(

@@ -44,17 +44,21 @@ def run_find_lr(config, phase, steps, given_flags=frozenset()):
         # Repeated batches would fill a batch from fewer examples; training won't.
         recipe.training_steps_per_epoch(splits.sizes["train"], config.batch_size, None)
         classifier = assembly.build_classifier(config, strategy, backbone, splits)
-        trained = lr_finder.set_up_phase(
+        trained, rates = lr_finder.set_up_phase(
             classifier, backbone, phase, unfreeze=config.unfreeze,
             train_batchnorm=config.batchnorm == "train",
-            trained_head=lr_finder.trained_head(paths, phase, config.head_epochs))
+            trained_head=lr_finder.trained_head(paths, phase, config.head_epochs),
+            decay=config.layer_decay)
+        for line in lr_finder.describe_optimizer(rates, config.ema):
+            print(line, flush=True)
         test = lr_finder.range_test(
             classifier, assembly.training_batches(config, splits, repeat=True,
                                           class_weights=assembly.class_weights(config, splits)),
             steps=steps,
             phase=phase, trained=trained, optimizer=config.optimizer,
             weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
-            jit_compile=assembly.jit_compile(config.jit_compile), scope=strategy.scope)
+            jit_compile=assembly.jit_compile(config.jit_compile), scope=strategy.scope,
+            rate_factors=rates.factors if rates else None)
         png = lr_finder.write_curve(paths, phase, test, title=(
             f"Learning-rate range test, {phase} phase ({config.backbone})"))
         monitor.RunLog(paths.find_lr_tensorboard).image(
