@@ -2,6 +2,7 @@
 leaves a run's own files alone."""
 
 import csv
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -17,9 +18,11 @@ from absl import flags as absl_flags
 import sliced_mock
 import tiny_training
 from conftest import REPO_ROOT, SMOKE_FLAGS, TEST_BACKBONE, parse_config
+from tl_keras import config as config_lib
 from tl_keras import modes
 from tl_keras import lr_finder
 from tl_keras import rundir
+from tl_keras import runstate
 from tl_keras.errors import UsageError
 
 STEPS = 10
@@ -216,6 +219,45 @@ def test_the_head_phase_sweeps_without_layer_decay_and_ema_is_left_out_in_words(
                            "training step")
 
 
+def _run_with_a_trained_head(model_dir, *flags):
+    """A run folder whose head phase is complete: its flags.txt and progress.json."""
+    _, flagfile_text = parse_config(f"--model_dir={model_dir}", *flags)
+    os.makedirs(model_dir)
+    with open(rundir.RunPaths(model_dir).flags, "w") as file:
+        file.write(flagfile_text)
+    runstate.Progress(rundir.RunPaths(model_dir).progress).complete_phase("head", 0)
+    return rundir.RunPaths(model_dir)
+
+
+@pytest.mark.parametrize("stored, given, named", [
+    ("--dataset=cifar100", "--dataset=cifar10",
+     "stored --dataset=cifar100, given --dataset=cifar10"),
+    ("--classes=cat,dog", "--classes=cat,ship",
+     "stored --classes=cat,dog, given --classes=cat,ship"),
+])
+def test_a_head_trained_with_other_flags_is_refused_naming_them(tmp_path, stored, given,
+                                                                 named):
+    paths = _run_with_a_trained_head(str(tmp_path / "run"), stored)
+    _, flagfile_text = parse_config(f"--model_dir={paths.model_dir}", given)
+    with pytest.raises(UsageError) as refusal:
+        lr_finder.trained_head(paths, "finetune", 1, flagfile_text)
+    assert named in str(refusal.value)
+    assert f"--flagfile={paths.flags}" in str(refusal.value)
+
+
+def test_a_head_trained_with_these_flags_but_for_phase_2s_is_started_from(tmp_path, capsys):
+    paths = _run_with_a_trained_head(str(tmp_path / "run"), "--dataset=cifar10")
+    _, flagfile_text = parse_config(
+        f"--model_dir={paths.model_dir}", "--dataset=cifar10", "--unfreeze=2",
+        "--layer_decay=0.5", "--finetune_learning_rate=0.3", "--jit_compile=false",
+        "--export_tflite", "--self_training_epochs=5")
+    assert lr_finder.trained_head(paths, "finetune", 1, flagfile_text) == paths
+    assert "Starting from the head phase's end weights" in capsys.readouterr().out
+    # A misspelt name there would compare that option after all.
+    assert config_lib.NOT_IN_THE_HEAD_PHASE <= {
+        field.name for field in dataclasses.fields(config_lib.Config)}
+
+
 def _digests(model_dir):
     """{path: SHA-256} of every file in a run's folder but what find_lr writes."""
     digests = {}
@@ -241,15 +283,16 @@ def _tensorboard_tags(directory):
 def test_find_lr_on_a_finished_run_writes_its_curve_and_nothing_else(finished_run, capsys):
     trained, _ = finished_run
     before = _digests(trained.model_dir)
-    # The run's own flags, but for --layer_decay, and two that only make the
-    # test quicker: XLA's compile would take longer than the ten steps, and
-    # backpropagating into all of VGG16 more than twice as long as into its
-    # top layers.
-    config, _ = parse_config(
+    # The run's own flags, but for three of phase 2 and how it runs, which
+    # its head doesn't depend on: two only make the test quicker (XLA's
+    # compile would take longer than the ten steps, and backpropagating into
+    # all of VGG16 more than twice as long as into its top layers).
+    config, flagfile_text = parse_config(
         "--jit_compile=false", "--unfreeze=2", "--layer_decay=0.8",
         flagfile=os.path.join(trained.model_dir, "flags.txt"))
     with sliced_mock.mock_data(num_examples=64):
-        test = modes.run_find_lr(config, "finetune", steps=STEPS)
+        test = modes.run_find_lr(config, "finetune", steps=STEPS,
+                                 flagfile_text=flagfile_text)
 
     assert _digests(trained.model_dir) == before  # checkpoints, progress, flags, COMPLETE
     out = capsys.readouterr().out
@@ -274,7 +317,7 @@ def test_find_lr_on_a_finished_run_writes_its_curve_and_nothing_else(finished_ru
 def test_find_lr_before_a_run_leaves_the_folder_to_it(tmp_path, mock_tfds, capsys):
     config, flagfile_text = parse_config(TEST_BACKBONE, f"--model_dir={tmp_path / 'run'}",
                                          "--ema=0.99")
-    modes.run_find_lr(config, "head", steps=STEPS)
+    modes.run_find_lr(config, "head", steps=STEPS, flagfile_text=flagfile_text)
     out = capsys.readouterr().out
     assert "Learning-rate range test of the head phase, training the head" in out
     assert "--ema=0.99 is left out" in out

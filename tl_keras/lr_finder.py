@@ -25,11 +25,13 @@ import os
 import keras
 import numpy as np
 
+from tl_keras import config as config_lib
 from tl_keras import finetune
 from tl_keras import layer_decay
 from tl_keras import plots
 from tl_keras import progress
 from tl_keras import recipe
+from tl_keras import rundir
 from tl_keras import runstate
 from tl_keras.errors import TrainingDiverged
 from tl_keras.errors import UsageError
@@ -166,7 +168,7 @@ class LossRecorder(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def trained_head(paths, phase, head_epochs):
+def trained_head(paths, phase, head_epochs, flagfile_text):
     """The run whose head phase the range test of `phase` starts from, as
     training's phase 2 would, or None for the model as built; says which.
 
@@ -175,10 +177,27 @@ def trained_head(paths, phase, head_epochs):
         phase: `head` or `finetune`.
         head_epochs: `--head_epochs`; with 0, phase 2 starts from the model
             as built.
+        flagfile_text: the given flags, as `tl_keras.flags.to_flagfile`
+            writes them (with `--recipe=auto`'s choices).
+
+    Raises:
+        UsageError: when the run's head phase is complete but its flags
+            differ from these in one the head phase depends on: its head is
+            not the one these flags' phase 2 would start from.
     """
     if phase != recipe.FINETUNE_PHASE or not head_epochs:
         return None
     if runstate.Progress(paths.progress).phase_complete(recipe.HEAD_PHASE):
+        differences = rundir.flag_differences(paths.model_dir, flagfile_text,
+                                              ignored=config_lib.NOT_IN_THE_HEAD_PHASE)
+        if differences:
+            raise UsageError(
+                f"--find_lr_phase=finetune starts from the head phase's end weights of "
+                f"the run in {paths.model_dir}, but that run's head was trained with "
+                f"other flags ({differences}), so it is not the head these flags train. "
+                f"Give --mode=find_lr the run's flags (--flagfile={paths.flags}; the "
+                f"options of phase 2 alone, such as --unfreeze and --layer_decay, may "
+                f"differ), or pick another --model_dir to start from an untrained head.")
         print(f"Starting from the head phase's end weights of the run in "
               f"{paths.model_dir}, as its fine-tuning does.", flush=True)
         return paths
