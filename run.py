@@ -33,7 +33,8 @@ def main(argv):
                 explain=settings["explain"])
         elif settings["mode"] == "find_lr":
             modes.run_find_lr(flags.to_config(), settings["find_lr_phase"],
-                            settings["find_lr_steps"], given_flags=flags.given_flags())
+                              settings["find_lr_steps"], flagfile_text=flags.to_flagfile(),
+                              given_flags=flags.given_flags())
         else:
             job.run_training(
                 flags.to_config(),

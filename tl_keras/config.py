@@ -298,3 +298,18 @@ class Config:
         None,
         "START,END: write a profiler trace of these batches of the first phase to "
         "TensorBoard (e.g. 10,20).")
+
+
+# The options a run's head phase doesn't depend on: what phase 2 and the
+# self-training rounds do, what is evaluated and exported afterwards, and where
+# and how the same computation runs. A range test of phase 2 starts from a
+# run's head only when every other option matches (`tl_keras.lr_finder`), so
+# these may differ: the head is still the one these flags' run would train.
+NOT_IN_THE_HEAD_PHASE = frozenset({
+    "finetune_epochs", "finetune_learning_rate", "warmup_epochs", "unfreeze",
+    "layer_decay", "tta", "export_weights",
+    *(field.name for field in dataclasses.fields(Config)
+      if flag_spec(field).group == SELF_TRAINING.title),
+    "model_dir", "jit_compile", "strategy", "tpu", "export_tflite", "tflite_quantization",
+    "tflite_max_drop", "profile_batches",
+})

@@ -9,6 +9,11 @@ smoothed loss passes four times its lowest. The suggestion is the rate where
 the smoothed loss falls fastest (Lightning's rule, fastai's `steep`): a rate
 at which training still makes quick progress, well below where it diverges.
 
+The rate follows the optimizer's iteration count, which a step that float16
+loss scaling skips (its gradients overflowed) leaves where it was: each step's
+loss is paired with the rate the optimizer held as the step ran, not the
+rate of its position in the sweep.
+
 Backend-agnostic: only `keras` and NumPy. It writes only the curve, as CSV and
 PNG, under the run folder's `find_lr/`; never a checkpoint.
 """
@@ -20,10 +25,13 @@ import os
 import keras
 import numpy as np
 
+from tl_keras import config as config_lib
 from tl_keras import finetune
+from tl_keras import layer_decay
 from tl_keras import plots
 from tl_keras import progress
 from tl_keras import recipe
+from tl_keras import rundir
 from tl_keras import runstate
 from tl_keras.errors import TrainingDiverged
 from tl_keras.errors import UsageError
@@ -44,7 +52,8 @@ class RangeTest:
     """One range test's curve and suggestion.
 
     Attributes:
-        learning_rates, losses, smoothed: per step run, as float arrays.
+        learning_rates, losses, smoothed: per step run, as float arrays:
+            the rate the step ran at, its loss, and the smoothed loss.
         planned_steps: the steps it would have run without diverging.
         suggestion: the suggested learning rate.
         rule: how it was chosen, in words.
@@ -77,11 +86,6 @@ class ExponentialRise(keras.optimizers.schedules.LearningRateSchedule):
         return {"start": self.start, "end": self.end, "steps": self.steps}
 
 
-def learning_rates(steps, start=MIN_LEARNING_RATE, end=MAX_LEARNING_RATE):
-    """The rate of each of `steps` steps, as `ExponentialRise` sets them."""
-    return start * (end / start) ** (np.arange(steps) / max(steps - 1, 1))
-
-
 def smooth(losses, beta=SMOOTHING):
     """The bias-corrected exponential moving average of `losses`, step by step."""
     average, smoothed = 0.0, []
@@ -100,7 +104,8 @@ def suggest(rates, smoothed):
     of the rate at the minimum.
 
     Args:
-        rates: the learning rate of each step, rising.
+        rates: the learning rate of each step, rising (a step that loss
+            scaling skipped shares its rate with the next).
         smoothed: the smoothed loss of each step (NaN once it diverged).
 
     Returns:
@@ -124,7 +129,8 @@ def suggest(rates, smoothed):
     if lowest - skip >= 2:
         # Central differences over the whole curve, so that the minimum's own
         # slope (near 0) is not a one-sided drop into it. The steps are evenly
-        # spaced in log(rate): the slope per step is the slope against it.
+        # spaced in log(rate), so the slope per step is the slope against it
+        # (but for the few steps loss scaling skips, each at the next one's rate).
         slopes = np.gradient(curve)[skip:lowest]
         if slopes.min() < 0:
             return float(rates[skip + np.argmin(slopes)]), STEEPEST_DESCENT
@@ -132,19 +138,28 @@ def suggest(rates, smoothed):
 
 
 class LossRecorder(keras.callbacks.Callback):
-    """Records each step's loss, and stops once the smoothed loss diverges.
+    """Records each step's learning rate and loss, and stops once the smoothed
+    loss diverges.
 
     The range test fits one step per epoch: Keras' epoch loss is then that
     step's own loss, where its per-batch logs hold the mean since the epoch
-    began.
+    began. The rate is read from the optimizer as the step starts (under JAX
+    too, whose trainer writes its state back into the variables by each
+    epoch's end): the schedule at the iteration count the step runs at.
     """
 
     def __init__(self, on_step):
         super().__init__()
+        self.learning_rates = []
         self.losses = []
         self.on_step = on_step
+        self._rate = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_epoch_end(self, epoch, logs=None):
+        self.learning_rates.append(self._rate)
         self.losses.append(float(logs["loss"]))
         self.on_step()
         smoothed = smooth(self.losses)
@@ -153,7 +168,7 @@ class LossRecorder(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def trained_head(paths, phase, head_epochs):
+def trained_head(paths, phase, head_epochs, flagfile_text):
     """The run whose head phase the range test of `phase` starts from, as
     training's phase 2 would, or None for the model as built; says which.
 
@@ -162,10 +177,27 @@ def trained_head(paths, phase, head_epochs):
         phase: `head` or `finetune`.
         head_epochs: `--head_epochs`; with 0, phase 2 starts from the model
             as built.
+        flagfile_text: the given flags, as `tl_keras.flags.to_flagfile`
+            writes them (with `--recipe=auto`'s choices).
+
+    Raises:
+        UsageError: when the run's head phase is complete but its flags
+            differ from these in one the head phase depends on: its head is
+            not the one these flags' phase 2 would start from.
     """
     if phase != recipe.FINETUNE_PHASE or not head_epochs:
         return None
     if runstate.Progress(paths.progress).phase_complete(recipe.HEAD_PHASE):
+        differences = rundir.flag_differences(paths.model_dir, flagfile_text,
+                                              ignored=config_lib.NOT_IN_THE_HEAD_PHASE)
+        if differences:
+            raise UsageError(
+                f"--find_lr_phase=finetune starts from the head phase's end weights of "
+                f"the run in {paths.model_dir}, but that run's head was trained with "
+                f"other flags ({differences}), so it is not the head these flags train. "
+                f"Give --mode=find_lr the run's flags (--flagfile={paths.flags}; the "
+                f"options of phase 2 alone, such as --unfreeze and --layer_decay, may "
+                f"differ), or pick another --model_dir to start from an untrained head.")
         print(f"Starting from the head phase's end weights of the run in "
               f"{paths.model_dir}, as its fine-tuning does.", flush=True)
         return paths
@@ -178,8 +210,9 @@ def trained_head(paths, phase, head_epochs):
 
 
 def set_up_phase(model, backbone, phase, *, unfreeze, train_batchnorm,
-                 trained_head=None):
-    """Sets the weights and what trains as training's `phase` starts.
+                 trained_head=None, decay=1.0):
+    """Sets the weights, what trains and at which rates, as training's `phase`
+    starts.
 
     Args:
         model, backbone: as for `tl_keras.train.train_two_phases`.
@@ -188,16 +221,19 @@ def set_up_phase(model, backbone, phase, *, unfreeze, train_batchnorm,
         trained_head: for `finetune`, the `tl_keras.rundir.RunPaths` of a run
             whose head phase finished, to start from its end weights; None
             starts from the model as built.
+        decay: `--layer_decay`, which fine-tuning trains the backbone's
+            blocks with; 1, the default, for none.
 
     Returns:
-        What trains, in words.
+        (what trains, in words; the `tl_keras.layer_decay.LayerRates` the
+        sweep scales each block's rate by, or None).
 
     Raises:
         UsageError: when the run's weights are of another model.
     """
     if phase == recipe.HEAD_PHASE:
         finetune.freeze_backbone(backbone)
-        return "the head"
+        return "the head", None
     if trained_head:
         weights = trained_head.phase_end_weights(recipe.HEAD_PHASE)
         try:
@@ -208,11 +244,34 @@ def set_up_phase(model, backbone, phase, *, unfreeze, train_batchnorm,
                 f"({error}). Give --mode=find_lr the run's own flags, "
                 f"--flagfile={trained_head.flags}.") from None
     unfrozen = finetune.unfreeze_backbone(backbone, unfreeze, train_batchnorm)
-    return f"the head and {len(unfrozen)} backbone layers (--unfreeze={unfreeze})"
+    rates = layer_decay.layer_rates(backbone, decay) if decay < 1 else None
+    return f"the head and {len(unfrozen)} backbone layers (--unfreeze={unfreeze})", rates
+
+
+def describe_optimizer(rates, ema):
+    """What the sweep does with `--layer_decay` (`rates`, from `set_up_phase`)
+    and `--ema`: a line for each that is on."""
+    lines = []
+    if rates:
+        blocks = len(rates.blocks)
+        lines.append(
+            f"Layer-wise learning-rate decay {rates.decay:g}, as fine-tuning trains: the "
+            f"head at the rate swept, the backbone's {blocks} blocks at {rates.decay:g} "
+            f"(the top one) down to {rates.decay ** blocks:.3g} (the stem) times it. The "
+            f"suggestion is the head's rate, as --finetune_learning_rate is.")
+    if ema:
+        # Keras' `use_ema` keeps the average beside the weights it trains (no
+        # `ema_overwrite_frequency` here): each step's update, and so each
+        # loss, is the same with it or without.
+        lines.append(
+            f"--ema={ema:g} is left out: the moving average changes no training step, "
+            f"only the weights each epoch validates and saves, so the training loss "
+            f"this test records is the same without it.")
+    return lines
 
 
 def range_test(model, train_batches, *, steps, phase, trained, optimizer,
-               weight_decay, label_smoothing, jit_compile, scope):
+               weight_decay, label_smoothing, jit_compile, scope, rate_factors=None):
     """Runs the range test on `model` as `set_up_phase` set it up.
 
     Args:
@@ -223,6 +282,8 @@ def range_test(model, train_batches, *, steps, phase, trained, optimizer,
         optimizer, weight_decay, label_smoothing, jit_compile: as training
             compiles with (`tl_keras.recipe.compile_for_phase`).
         scope: returns the strategy's scope, to compile in.
+        rate_factors: `--layer_decay`'s factors on the rate, as for
+            `tl_keras.recipe.make_optimizer`; None, the default, for none.
 
     Returns:
         A `RangeTest`.
@@ -232,7 +293,7 @@ def range_test(model, train_batches, *, steps, phase, trained, optimizer,
         model.compile(
             optimizer=recipe.make_optimizer(
                 optimizer, ExponentialRise(MIN_LEARNING_RATE, MAX_LEARNING_RATE, steps),
-                weight_decay),
+                weight_decay, rate_factors=rate_factors),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
             jit_compile=jit_compile)
     with progress.step(
@@ -243,19 +304,30 @@ def range_test(model, train_batches, *, steps, phase, trained, optimizer,
         # One step per epoch, so that each epoch's loss is one step's.
         model.fit(train_batches, epochs=steps, steps_per_epoch=1, callbacks=[recorder],
                   shuffle=False, verbose=0)
-        losses = np.array(recorder.losses)
-        stopped = (f", stopped as the smoothed loss passed {DIVERGENCE_FACTOR:g}x its "
-                   f"lowest" if len(losses) < steps else "")
-        testing.result = f"Learning-rate range test: {len(losses)} of {steps} steps{stopped}"
-    rates, smoothed = learning_rates(steps)[:len(losses)], smooth(losses)
+        rates, losses = np.array(recorder.learning_rates), np.array(recorder.losses)
+        testing.result = (f"Learning-rate range test: {len(losses)} of {steps} steps"
+                          f"{_stopped_or_skipped(model.optimizer, len(losses), steps)}")
+    smoothed = smooth(losses)
     suggestion, rule = suggest(rates, smoothed)
     return RangeTest(learning_rates=rates, losses=losses, smoothed=smoothed,
                      planned_steps=steps, suggestion=suggestion, rule=rule)
 
 
+def _stopped_or_skipped(optimizer, steps_run, steps):
+    """Why the sweep ran fewer steps, or ended below the last rate, in words."""
+    skipped = steps_run - int(optimizer.iterations)
+    said = ""
+    if steps_run < steps:
+        said = f", stopped as the smoothed loss passed {DIVERGENCE_FACTOR:g}x its lowest"
+    if skipped:
+        said += (f", {skipped} of them skipped by float16 loss scaling (their gradients "
+                 f"overflowed), the rate held for the next")
+    return said
+
+
 def write_curve(paths, phase, test, title):
-    """Writes the curve to `find_lr/PHASE.csv` (step from 1, learning_rate,
-    loss, smoothed_loss) and `find_lr/PHASE.png`.
+    """Writes the curve to `find_lr/PHASE.csv` (step from 1, learning_rate:
+    the rate the step ran at, loss, smoothed_loss) and `find_lr/PHASE.png`.
 
     Returns:
         The plot, as PNG bytes.

@@ -20,7 +20,7 @@ from tl_keras import sources
 from tl_keras.errors import UsageError
 
 
-def run_find_lr(config, phase, steps, given_flags=frozenset()):
+def run_find_lr(config, phase, steps, *, flagfile_text, given_flags=frozenset()):
     """`--mode=find_lr`: a learning-rate range test of one phase, set up as
     training sets it up, written to `--model_dir/find_lr/` and TensorBoard.
 
@@ -28,33 +28,45 @@ def run_find_lr(config, phase, steps, given_flags=frozenset()):
     there keeps its checkpoints, progress and flags as they were.
 
     Args:
-        config, given_flags: as for `run_training`.
+        config, flagfile_text, given_flags: as for `tl_keras.job.run_training`;
+            the flags are compared with those of the run whose head phase
+            `finetune` starts from.
         phase: `head` or `finetune`.
         steps: the steps the learning rate rises over.
 
     Returns:
         The `tl_keras.lr_finder.RangeTest`.
+
+    Raises:
+        UsageError: for bad input, before the test starts; among it a run
+            whose head was trained with other flags (see
+            `tl_keras.lr_finder.trained_head`).
     """
     strategy, backbone = assembly.strategy_and_backbone(config)
     paths = rundir.RunPaths(config.model_dir)
     with rundir.claim_for_find_lr(config.model_dir):
         splits = assembly.load_splits(config)
         if config.recipe == "auto":
-            config, _ = assembly.apply_auto_recipe(config, "", splits, given_flags)
+            config, flagfile_text = assembly.apply_auto_recipe(
+                config, flagfile_text, splits, given_flags)
         # Repeated batches would fill a batch from fewer examples; training won't.
         recipe.training_steps_per_epoch(splits.sizes["train"], config.batch_size, None)
+        head = lr_finder.trained_head(paths, phase, config.head_epochs, flagfile_text)
         classifier = assembly.build_classifier(config, strategy, backbone, splits)
-        trained = lr_finder.set_up_phase(
+        trained, rates = lr_finder.set_up_phase(
             classifier, backbone, phase, unfreeze=config.unfreeze,
-            train_batchnorm=config.batchnorm == "train",
-            trained_head=lr_finder.trained_head(paths, phase, config.head_epochs))
+            train_batchnorm=config.batchnorm == "train", trained_head=head,
+            decay=config.layer_decay)
+        for line in lr_finder.describe_optimizer(rates, config.ema):
+            print(line, flush=True)
         test = lr_finder.range_test(
             classifier, assembly.training_batches(config, splits, repeat=True,
                                           class_weights=assembly.class_weights(config, splits)),
             steps=steps,
             phase=phase, trained=trained, optimizer=config.optimizer,
             weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
-            jit_compile=assembly.jit_compile(config.jit_compile), scope=strategy.scope)
+            jit_compile=assembly.jit_compile(config.jit_compile), scope=strategy.scope,
+            rate_factors=rates.factors if rates else None)
         png = lr_finder.write_curve(paths, phase, test, title=(
             f"Learning-rate range test, {phase} phase ({config.backbone})"))
         monitor.RunLog(paths.find_lr_tensorboard).image(

@@ -220,11 +220,8 @@ def _decide(model_dir, flagfile_text, overwrite):
         # A worker's folder of a complete cluster run keeps no flags.txt of
         # its own when an older version wrote it; the chief's is checked.
         return COMPLETE if complete else FRESH
-    with open(os.path.join(model_dir, FLAGS_FILE)) as file:
-        earlier = _flag_lines(file.read())
-    now = _flag_lines(flagfile_text)
-    if earlier != now:
-        differences = _describe_differences(earlier, now)
+    differences = flag_differences(model_dir, flagfile_text)
+    if differences:
         if complete:
             # Saying "nothing to do" here would pass the earlier run's results
             # off as these flags'.
@@ -281,6 +278,16 @@ def _delete_run_outputs(model_dir, entries):
               f"no run writes: {', '.join(kept)}.", flush=True)
 
 
+def flag_differences(model_dir, flagfile_text, ignored=frozenset()):
+    """How the flags.txt of the run in `model_dir` differs from `flagfile_text`
+    (`stored --seed=1, given --seed=2`, flag by flag), but for the flags named
+    in `ignored`; empty when they match."""
+    with open(os.path.join(model_dir, FLAGS_FILE)) as file:
+        stored = _flag_lines(file.read(), ignored)
+    given = _flag_lines(flagfile_text, ignored)
+    return _describe_differences(stored, given) if stored != given else ""
+
+
 def _describe_differences(stored, given):
     """`stored --seed=1, given --seed=2`, flag by flag, for the changed flags."""
     def by_name(lines):
@@ -315,8 +322,16 @@ def with_flag_values(flagfile_text, values):
     return "".join(f"{line}\n" for line in lines)
 
 
-def _flag_lines(text):
-    return {line for line in text.splitlines() if line and not line.startswith("#")}
+def _flag_lines(text, ignored=frozenset()):
+    return {line for line in text.splitlines()
+            if line and not line.startswith("#") and not _sets_one_of(line, ignored)}
+
+
+def _sets_one_of(line, names):
+    """Whether a flags.txt line sets one of `names`: `--name=value`, or a
+    boolean's `--name` or `--noname`."""
+    name = line.removeprefix("--").split("=", 1)[0]
+    return name in names or ("=" not in line and name.removeprefix("no") in names)
 
 
 @contextlib.contextmanager
