@@ -100,6 +100,20 @@ class PhaseTimer(keras.callbacks.Callback):
             self._epoch_started = None
 
 
+class PhaseProgbar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, numbering each epoch out of its phase's last
+    (a `recipe.PhasePlan`'s): a phase resumed part-way through an epoch fits
+    that epoch alone first, which Keras alone would print as "Epoch k/k"."""
+
+    def __init__(self, phase):
+        super().__init__()
+        self.phase_end = phase.first_epoch + phase.epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.phase_end
+
+
 class ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
     """ModelCheckpoint that always saves the whole classifier, also while a
     phase trains a part of it (the head on cached features)."""

@@ -313,6 +313,8 @@ def _callbacks(run, phase, backup, watcher, extras):
         backup,
         # Last, so that an epoch it stops at is recorded by all the others.
         watcher,
+        # Where fit would put its own, which this one replaces.
+        callbacks.PhaseProgbar(phase),
     ]
 
 
