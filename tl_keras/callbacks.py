@@ -7,7 +7,6 @@ cleanly on SIGTERM.
 """
 
 import csv
-import json
 import os
 import shutil
 import signal
@@ -312,9 +311,8 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
         pending = os.path.join(self.backup_dir, "pending.weights.h5")
         self.model.save_weights(pending, overwrite=True)
         os.replace(pending, self._weights_path)
-        with open(self._training_metadata_path + ".tmp", "w") as file:
-            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, file)
-        os.replace(self._training_metadata_path + ".tmp", self._training_metadata_path)
+        runstate.write_json(self._training_metadata_path,
+                            {"epoch": self._current_epoch, "batch": self._last_batch_seen})
 
     def save_now(self, epoch, batches_done):
         """Saves the weights and optimizer now, `batches_done` batches into
