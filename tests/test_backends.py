@@ -77,7 +77,8 @@ def test_tf_only_strategies_are_refused_under_jax(tmp_path):
 @pytest.mark.slow
 def test_fine_tuning_controls_resume_after_a_kill_under_jax(tmp_path):
     """--layer_decay's optimizer and --ema's average are optimizer state a
-    JAX run backs up and a rerun restores."""
+    JAX run backs up and a rerun restores; --early_stopping decides on the
+    top-1 of epochs the killed run recorded."""
     import csv
     import time
 
@@ -85,11 +86,16 @@ def test_fine_tuning_controls_resume_after_a_kill_under_jax(tmp_path):
 
     from tl_keras import classifier  # what loading model.keras needs imported
     from tl_keras import rundir
+    from tl_keras import runstate
 
     environment = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    # A learning rate too small to change any prediction: fine-tuning's
+    # validation top-1 stays where its first epoch put it, so the rerun's
+    # epoch 3 is no better than the killed run's epoch 2, and the phase stops.
     command = [sys.executable, LAUNCHER, f"--flagfile={SMOKE_FLAGS}", "--batch_size=8",
                "--backbone=mobilenet", "--finetune_epochs=3", "--layer_decay=0.5",
-               "--ema=0.9", "--early_stopping=2", f"--model_dir={tmp_path / 'run'}"]
+               "--ema=0.9", "--early_stopping=1", "--finetune_learning_rate=1e-12",
+               f"--model_dir={tmp_path / 'run'}"]
     history = tmp_path / "run" / "history.csv"
 
     def epochs():
@@ -113,11 +119,15 @@ def test_fine_tuning_controls_resume_after_a_kill_under_jax(tmp_path):
                             text=True, timeout=600)
 
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Phase finetune: epochs 2-4, resuming at epoch" in result.stdout
+    assert "Phase finetune: epochs 2-4, resuming at epoch 3," in result.stdout
     assert "Layer-wise learning-rate decay 0.5: the head and 5 backbone blocks." in result.stdout
-    # Each epoch once. (--early_stopping=2 can't end a 3-epoch phase early:
-    # its stop would come after the last epoch.)
-    assert epochs() == [(1, "head"), (2, "finetune"), (3, "finetune"), (4, "finetune")]
+    assert ("Phase finetune stopped early after epoch 3: no better validation top-1 for 1 "
+            "epochs (--early_stopping=1); best") in result.stdout
+    assert "at epoch 2." in result.stdout
+    # Each epoch once, and none after the stop.
+    assert epochs() == [(1, "head"), (2, "finetune"), (3, "finetune")]
+    progress = runstate.Progress(str(tmp_path / "run" / rundir.PROGRESS_FILE))
+    assert progress.phases["finetune"]["stopped_early"]["epoch"] == 2  # from 0
     model = keras.saving.load_model(tmp_path / "run" / "model.keras")
     assert type(model.optimizer) in classifier.SAVED_OBJECTS
     assert model.optimizer.use_ema and model.optimizer.ema_momentum == 0.9

@@ -1,6 +1,7 @@
 """Surviving faults: SIGKILL and SIGTERM mid-run, reruns, locks, NaN, atomic writes."""
 
 import csv
+import json
 import os
 import re
 import signal
@@ -280,12 +281,18 @@ def test_a_failed_export_leaves_the_previous_artifact_whole(tmp_path):
     assert os.listdir(tmp_path) == ["saved_model"]
 
 
-def test_a_kill_during_a_backup_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+def _backed_up_model(tmp_path):
+    """(a model, its `ResumableBackup` saved 3 batches into the first epoch)."""
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     backup = callbacks.ResumableBackup(str(tmp_path / "backup"))
     backup.set_model(model)
     backup.save_now(0, 3)
+    return model, backup
+
+
+def test_a_kill_during_a_backup_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    model, backup = _backed_up_model(tmp_path)
     weights = tmp_path / "backup" / "latest.weights.h5"
     before = weights.read_bytes()
 
@@ -298,4 +305,23 @@ def test_a_kill_during_a_backup_leaves_the_previous_one_whole(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         backup.save_now(1, 2)
     assert weights.read_bytes() == before
+    assert backup.saved_position() == (0, 3)
+
+
+def test_a_kill_while_the_backup_records_its_position_leaves_one_a_rerun_reads(
+        tmp_path, monkeypatch):
+    """training_metadata.json, which a rerun reads first, stays whole JSON."""
+    _, backup = _backed_up_model(tmp_path)
+
+    def killed_half_way(value, file, **kwargs):
+        file.write(json.dumps(value)[:5])
+        file.flush()
+        raise KeyboardInterrupt  # stands for the kill
+
+    monkeypatch.setattr(json, "dump", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        backup.save_now(1, 2)
+    monkeypatch.undo()
+    # The weights were renamed in before the kill: the rerun restarts the
+    # position it last recorded with them, rather than skip batches.
     assert backup.saved_position() == (0, 3)

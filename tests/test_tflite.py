@@ -21,8 +21,14 @@ from tl_keras import modes
 pytest.importorskip("tensorflow.lite.python.lite",
                     reason="this TensorFlow has no TFLite converter")
 
-# The mock splits hold this many examples each; a run keeps every test image.
+# The mock splits, and the colour folder's train and test splits, hold this
+# many examples each; a run keeps every test image.
 EXAMPLES = 40
+# Each class a colour: even a network with random weights tells them apart, so
+# the head learns them in a few cheap epochs, and a test can tell a model that
+# learned from one that names a class at random or the same class for all.
+COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40),
+           "white": (225, 225, 225)}
 
 
 def _train(tmp_path, *args, **config_changes):
@@ -38,11 +44,29 @@ def _train(tmp_path, *args, **config_changes):
     return config, metrics, printed.getvalue()
 
 
+def _write_colours(root, count, seed):
+    """Writes `root/<colour>/<i>.png`: `count` noisy 32 px images of each colour."""
+    rng = np.random.default_rng(seed)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            pixels = np.clip(rng.normal(colour, 30, (32, 32, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{index}.png")
+    return root
+
+
 @pytest.fixture(scope="module")
 def int8_run(tmp_path_factory):
+    """An int8 export of a model that learned the colours, its head trained
+    on cached features, so in seconds."""
+    tmp_path = tmp_path_factory.mktemp("int8")
+    per_class = EXAMPLES // len(COLOURS)
+    _write_colours(tmp_path / "colours" / "train", per_class, seed=0)
+    _write_colours(tmp_path / "colours" / "test", per_class, seed=1)
     # A threshold below any drop, so the warning must appear.
-    return _train(tmp_path_factory.mktemp("int8"), "--tflite_quantization=int8",
-                  tflite_max_drop=-1.0)
+    return _train(tmp_path, f"--dataset=folder:{tmp_path / 'colours'}", "--cache_features",
+                  "--head_epochs=10", "--head_learning_rate=0.1",
+                  "--tflite_quantization=int8", tflite_max_drop=-1.0)
 
 
 def _interpreter(config):
@@ -57,6 +81,10 @@ def test_int8_file_takes_uint8_images_and_computes_in_int8(int8_run):
     [source] = interpreter.get_input_details()
     assert source["dtype"] == np.uint8
     assert list(source["shape"]) == [1, config.image_size, config.image_size, 3]
+    # Not a quantized input (scale 0, zero point 0, TFLite's "none"): an app
+    # feeds its pixels as they are, as to the SavedModel, not rescaled.
+    assert source["quantization"] == (0.0, 0)
+    assert source["quantization_parameters"]["scales"].size == 0
     assert interpreter.get_output_details()[0]["dtype"] == np.float32
     dtypes = [detail["dtype"] for detail in interpreter.get_tensor_details()]
     # Weights and activations in int8: only the input, its cast and the
@@ -87,6 +115,10 @@ def _check_tflite_entry(config, metrics, quantization, bytes_per_parameter):
 def test_int8_run_writes_its_tflite_entry(int8_run):
     config, metrics, printed = int8_run
     _check_tflite_entry(config, metrics, "int8", bytes_per_parameter=(0.9, 1.3))
+    # Measured on a model that learned (chance is 25%), the int8 file keeps
+    # its top-1; on a near-chance model, a drop of 0 says nothing.
+    assert metrics["tflite"]["float_top1"] >= 0.9, metrics["tflite"]
+    assert metrics["tflite"]["top1"] >= 0.9, metrics["tflite"]
     # 40 examples in train, less validation's 10%: all are calibration images.
     assert "bytes, calibrated on 36 training images) and labels.txt" in printed
     assert (f"test top-1 {metrics['tflite']['top1']:.2%} on all {EXAMPLES} test images"
@@ -119,36 +151,30 @@ def test_the_labels_file_lists_the_class_names_in_order(int8_run):
         assert file.read() == "".join(f"{name}\n" for name in class_names)
 
 
-def _image_folder(path, count=8):
-    path.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        # Smooth images with a bright square, unlike the noise the model was
-        # trained on, so the classes differ from image to image.
-        image = np.full((32, 32, 3), rng.integers(0, 256, 3), np.uint8)
-        corner = rng.integers(0, 24, 2)
-        image[corner[0]:corner[0] + 8, corner[1]:corner[1] + 8] = 255
-        Image.fromarray(image).save(path / f"{index}.png")
-    return path
-
-
 def _top1(predictions):
-    return {os.path.basename(path): ranked[0][0] for path, ranked in predictions}
+    return {path: ranked[0][0] for path, ranked in predictions}
 
 
 def test_predict_on_the_int8_file_names_the_saved_models_classes(int8_run, tmp_path,
                                                                  capsys):
     config, _, _ = int8_run
-    images = str(_image_folder(tmp_path / "images"))
-    from_saved_model = modes.run_prediction(config.model_dir, images, top_k=3, output=None)
+    # Two new images of each colour, in a folder named for it.
+    images = _write_colours(tmp_path / "images", count=2, seed=2)
+    from_saved_model = modes.run_prediction(config.model_dir, str(images), top_k=3,
+                                            output=None)
     capsys.readouterr()
     tflite = os.path.join(config.model_dir, "model.tflite")
-    from_tflite = modes.run_prediction(tflite, images, top_k=3, output=None)
+    from_tflite = modes.run_prediction(tflite, str(images), top_k=3, output=None)
 
     printed = capsys.readouterr().out
     assert "Predicted 8 image(s); skipped 0." in printed
     assert len(from_tflite) == 8 and all(len(ranked) == 3 for _, ranked in from_tflite)
-    # int8 rounds the probabilities, so a near tie may go the other way.
     saved, quantized = _top1(from_saved_model), _top1(from_tflite)
-    agree = sum(saved[name] == quantized[name] for name in saved)
-    assert agree >= 6, (saved, quantized)
+    truth = {path: os.path.basename(os.path.dirname(path)) for path in saved}
+    # The model learned the colours, so agreeing with it means something: 6
+    # right of 8 (chance is 2) names at least 3 classes, where a model that
+    # names one class for every image gets 2.
+    assert sum(saved[path] == truth[path] for path in saved) >= 6, (saved, truth)
+    # int8 rounds the probabilities, so a near tie may go the other way.
+    agree = sum(saved[path] == quantized[path] for path in saved)
+    assert agree >= 7, (saved, quantized)

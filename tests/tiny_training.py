@@ -43,7 +43,8 @@ def one_batch(batch_size=8):
 
 
 def train_phases(model, backbone, model_dir, *, head_epochs=0, finetune_epochs=0,
-                 learning_rate=1e-2, steps_per_epoch=2, optimizer="adam", **options):
+                 learning_rate=1e-2, steps_per_epoch=2, optimizer="adam", verbose=0,
+                 **options):
     """`train.train_two_phases` on `one_batch`, validated on it too; `options`
     are its other keyword arguments."""
     batches = one_batch()
@@ -54,7 +55,7 @@ def train_phases(model, backbone, model_dir, *, head_epochs=0, finetune_epochs=0
         unfreeze="all", optimizer=optimizer, weight_decay=0.0, label_smoothing=0.0,
         num_classes=NUM_CLASSES, jit_compile=False,
         scope=tf.distribute.get_strategy().scope, paths=rundir.RunPaths(str(model_dir)),
-        verbose=0, **options)
+        verbose=verbose, **options)
 
 
 def phases(head_epochs, finetune_epochs, learning_rate):

@@ -7,7 +7,6 @@ cleanly on SIGTERM.
 """
 
 import csv
-import json
 import os
 import shutil
 import signal
@@ -98,6 +97,20 @@ class PhaseTimer(keras.callbacks.Callback):
         if self._epoch_started is not None:
             self.training_seconds += time.perf_counter() - self._epoch_started
             self._epoch_started = None
+
+
+class PhaseProgbar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, numbering each epoch out of its phase's last
+    (a `recipe.PhasePlan`'s): a phase resumed part-way through an epoch fits
+    that epoch alone first, which Keras alone would print as "Epoch k/k"."""
+
+    def __init__(self, phase):
+        super().__init__()
+        self.phase_end = phase.first_epoch + phase.epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.phase_end
 
 
 class ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -298,9 +311,8 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
         pending = os.path.join(self.backup_dir, "pending.weights.h5")
         self.model.save_weights(pending, overwrite=True)
         os.replace(pending, self._weights_path)
-        with open(self._training_metadata_path + ".tmp", "w") as file:
-            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, file)
-        os.replace(self._training_metadata_path + ".tmp", self._training_metadata_path)
+        runstate.write_json(self._training_metadata_path,
+                            {"epoch": self._current_epoch, "batch": self._last_batch_seen})
 
     def save_now(self, epoch, batches_done):
         """Saves the weights and optimizer now, `batches_done` batches into

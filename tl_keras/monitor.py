@@ -97,8 +97,10 @@ class RunLog:
 
 
 class PhaseMonitor(keras.callbacks.Callback):
-    """Writes one phase's per-step learning rate and, at its end, the
-    validation confusion matrix."""
+    """Writes one phase's boundary, its per-step learning rate and, at its
+    end, the validation confusion matrix; each once, also when the phase is
+    resumed part-way through an epoch (and so takes two fits) or after a kill.
+    """
 
     def __init__(self, run_log, phase, steps_per_epoch, validation_batches, class_names,
                  classifier):
@@ -110,19 +112,29 @@ class PhaseMonitor(keras.callbacks.Callback):
         self.steps_per_epoch = steps_per_epoch
         self.validation_batches = validation_batches
         self.class_names = class_names
-        self.last_epoch = phase.first_epoch
-
-    def on_train_begin(self, logs=None):
-        with self.run_log.writer.as_default():
-            tf.summary.text("phase_boundary",
-                            f"Epoch {self.phase.first_epoch + 1}: the {self.phase.name} "
-                            f"phase starts.", step=self.phase.first_epoch)
+        # The last epoch this process trained; None before any.
+        self.last_epoch = None
 
     def on_epoch_end(self, epoch, logs=None):
+        # At the end of the phase's first epoch, not at the start of a fit: a
+        # rerun's fits start inside a phase that began in an earlier process.
+        if epoch == self.phase.first_epoch:
+            with self.run_log.writer.as_default():
+                tf.summary.text("phase_boundary",
+                                f"Epoch {self.phase.first_epoch + 1}: the "
+                                f"{self.phase.name} phase starts.",
+                                step=self.phase.first_epoch)
         self.run_log.learning_rates(self.phase, self.steps_per_epoch, epoch)
         self.last_epoch = epoch
 
     def on_train_end(self, logs=None):
+        # Only the fit that ends the phase: at its last epoch, or stopped
+        # early. (Not the fit of a resumed epoch's remaining batches, nor the
+        # one that trains no epoch to finish a phase stopped before a kill.)
+        last = self.phase.first_epoch + self.phase.epochs - 1
+        if self.last_epoch is None or not (self.last_epoch == last
+                                           or self.model.stop_training):
+            return
         probabilities, labels = evaluate.predictions_and_labels(
             self.validation_batches, evaluate.keras_predictor(self.classifier))
         report = evaluate.classification_report(probabilities, labels, self.class_names)

@@ -120,10 +120,7 @@ class Progress:
                 if "validation" in state}
 
     def _write(self):
-        temporary = self.path + ".tmp"
-        with open(temporary, "w") as file:
-            json.dump(self.state, file, indent=2)
-        os.replace(temporary, self.path)
+        write_json(self.path, self.state, indent=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +137,16 @@ class EarlyStop:
                 f"validation top-1 for {self.epoch - self.best_epoch} epochs "
                 f"(--early_stopping={self.patience}); best {self.best_top1:.2%} at epoch "
                 f"{self.best_epoch + 1}.")
+
+
+def write_json(path, value, indent=None):
+    """Writes `value` as JSON to `path + ".tmp"` and renames it into place, so
+    that a kill in the middle leaves the previous file whole, never half of
+    one that a rerun can't parse."""
+    temporary = path + ".tmp"
+    with open(temporary, "w") as file:
+        json.dump(value, file, indent=indent)
+    os.replace(temporary, path)
 
 
 def promote_pending_best(progress, paths):

@@ -311,8 +311,11 @@ def _callbacks(run, phase, backup, watcher, extras):
         # progress.json lack. (Its restore, in on_train_begin, still comes
         # before any epoch starts.)
         backup,
-        # Last, so that an epoch it stops at is recorded by all the others.
+        # After every callback that records, so that an epoch it stops at is
+        # recorded by all of them.
         watcher,
+        # Where fit would put its own, which this one replaces.
+        callbacks.PhaseProgbar(phase),
     ]
 
 
