@@ -43,11 +43,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from tl_keras import backbones  # noqa: E402
-from tl_keras import classifier as classifier_lib  # noqa: E402
-from tl_keras import features  # noqa: E402
-from tl_keras import finetune  # noqa: E402
-from tl_keras import precision, recipe  # noqa: E402
+from tl_keras.model import backbones  # noqa: E402
+from tl_keras.model import classifier as classifier_lib  # noqa: E402
+from tl_keras.model import features  # noqa: E402
+from tl_keras.training import finetune  # noqa: E402
+from tl_keras.training import precision, recipe  # noqa: E402
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet50", "Keras Applications backbone.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Input size.")
@@ -225,7 +225,7 @@ def _cached_head_epoch(jit_compile, head, fixed_batch, steps, classes):
     if keras.backend.backend() == "tensorflow":
         # The run's own path (`--cache_features`): shuffled tf.data batches read
         # from the features in memory.
-        from tl_keras import pipeline
+        from tl_keras.data import pipeline
 
         batches = pipeline.feature_batches(
             np.tile(head_inputs, (steps, 1)), np.tile(np.argmax(fixed_batch.labels, 1), steps),

@@ -34,9 +34,9 @@ DATA is CIFAR-10 as image folders, DATA/{train,test}/<class>/*.jpg.
    `self_training_n100=Z`, arm (d)'s.
 
 Every run is a `run.py` command, printed before it starts; the experiment has no
-training code of its own. (It imports `tl_keras.folder` once, to list the files
+training code of its own. (It imports `tl_keras.data.folder` once, to list the files
 a target run trains and validates on, which arm (d)'s pool must leave out, and
-asks `tl_keras.flags` for the flags.txt of arm (d)'s continued run.) Each run's output goes to WORK_DIR/<run>.log, and its
+asks `tl_keras.cli.flags` for the flags.txt of arm (d)'s continued run.) Each run's output goes to WORK_DIR/<run>.log, and its
 model, metrics and TensorBoard logs to WORK_DIR/<run>/. Rerun the same command
 after an interruption: finished runs are kept and interrupted ones resume.
 
@@ -267,7 +267,7 @@ def write_unlabeled_pool(data, pool_dir, size, classes=TARGET_CLASSES):
     if os.path.isdir(pool_dir):
         return pool_dir
     sys.path.insert(0, REPOSITORY)
-    from tl_keras import folder
+    from tl_keras.data import folder
 
     splits = folder.load_folder(
         f"folder:{data}", image_size=32, resize="stretch", val_fraction=TARGET_VAL_FRACTION,
@@ -338,7 +338,7 @@ def continue_finished_run(finished_dir, model_dir, run_flags):
     os.remove(os.path.join(partial, "COMPLETE"))
     written = subprocess.run(
         [sys.executable, "-c",
-         "import sys; from tl_keras import flags; flags.parse(sys.argv); "
+         "import sys; from tl_keras.cli import flags; flags.parse(sys.argv); "
          "sys.stdout.write(flags.to_flagfile())",
          *COMMON_FLAGS, *run_flags, f"--model_dir={model_dir}"],
         cwd=REPOSITORY, capture_output=True, text=True)

@@ -59,7 +59,9 @@ def main(argv):
     console.quiet_startup(sys.argv)
     import keras
 
-    from tl_keras import config, folder, self_training, unlabeled
+    from tl_keras import config
+    from tl_keras.data import folder, unlabeled
+    from tl_keras.training import self_training
 
     other_dir = os.path.join(work_dir, "other_classes")
     if not os.path.isdir(other_dir):

@@ -9,11 +9,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import IMBALANCED_TRAIN, parse_config, run_job, write_imbalanced_folder
-from tl_keras import flags
-from tl_keras import folder
-from tl_keras import modes
-from tl_keras import pipeline
-from tl_keras import recipe
+from tl_keras.cli import flags
+from tl_keras.cli import modes
+from tl_keras.data import folder
+from tl_keras.data import pipeline
+from tl_keras.training import recipe
 
 
 @pytest.mark.parametrize("counts, expected", [
@@ -158,7 +158,7 @@ def test_a_balanced_run_predicts_the_majority_class_less_often(tmp_path):
 def test_batchnorm_statistics_are_recomputed_from_weighted_batches():
     # --batchnorm=train recomputes statistics from the training batches, which
     # carry sample weights with --class_weight.
-    from tl_keras import finetune
+    from tl_keras.training import finetune
 
     inputs = keras.Input((4, 4, 3), dtype="uint8")
     normalised = keras.layers.BatchNormalization()(keras.ops.cast(inputs, "float32"))

@@ -7,8 +7,8 @@ import pytest
 
 import tiny_training
 from tl_keras import rundir
-from tl_keras import runstate
-from tl_keras import train
+from tl_keras.training import runstate
+from tl_keras.training import train
 
 # Small enough that validation top-1 never changes: a plateau from the start.
 PLATEAU = 1e-12

@@ -10,7 +10,7 @@ import pytest
 
 import tiny_training
 from tl_keras import rundir
-from tl_keras import train
+from tl_keras.training import train
 
 MOMENTUM = 0.5
 

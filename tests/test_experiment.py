@@ -87,7 +87,7 @@ def test_the_unlabelled_pool_holds_the_target_images_no_run_trains_or_validates_
     refuses, and leaves out its labelled ones."""
     from PIL import Image
 
-    from tl_keras import folder, unlabeled
+    from tl_keras.data import folder, unlabeled
 
     for split, count in (("train", 50), ("test", 2)):
         for name in ("cat", "dog", "frog"):

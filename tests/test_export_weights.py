@@ -12,13 +12,13 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_job
-from tl_keras import backbones
-from tl_keras import classifier as classifier_lib
-from tl_keras import pipeline
-from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import runstate
-from tl_keras import train
+from tl_keras.data import pipeline
+from tl_keras.model import backbones
+from tl_keras.model import classifier as classifier_lib
+from tl_keras.training import recipe
+from tl_keras.training import runstate
+from tl_keras.training import train
 
 
 def _write_dark_and_bright_images(root):

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, SMOKE_FLAGS
-from tl_keras import callbacks
 from tl_keras import errors
-from tl_keras import export
 from tl_keras import rundir
 from tl_keras.errors import UsageError
+from tl_keras.outputs import export
+from tl_keras.training import callbacks
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 # Four epochs across both phases, small enough to run in seconds each.
@@ -185,8 +185,8 @@ def test_a_folder_that_holds_no_run_is_refused_and_left_alone(tmp_path, overwrit
 
 def test_training_into_a_folder_of_the_users_stops_before_any_work(tmp_path, monkeypatch):
     from conftest import parse_config
-    from tl_keras import job
-    from tl_keras import sources
+    from tl_keras.cli import job
+    from tl_keras.data import sources
 
     (tmp_path / "photo.jpg").write_bytes(b"precious")
     monkeypatch.setattr(sources, "load_splits", lambda config: pytest.fail("data was read"))

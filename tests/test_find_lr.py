@@ -16,10 +16,10 @@ from absl import flags as absl_flags
 
 import sliced_mock
 from conftest import REPO_ROOT, SMOKE_FLAGS, TEST_BACKBONE, parse_config
-from tl_keras import modes
-from tl_keras import lr_finder
 from tl_keras import rundir
+from tl_keras.cli import modes
 from tl_keras.errors import UsageError
+from tl_keras.training import lr_finder
 
 STEPS = 10
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import tiny_training
-from tl_keras import backbones
-from tl_keras import layer_decay
-from tl_keras import recipe
+from tl_keras.model import backbones
+from tl_keras.model import layer_decay
+from tl_keras.training import recipe
 
 
 @pytest.mark.parametrize("name, count, stem, top", [

@@ -9,16 +9,16 @@ import pytest
 import tensorflow as tf
 import keras
 
-from tl_keras import backbones
-from tl_keras import callbacks
-from tl_keras import classifier as classifier_lib
-from tl_keras import finetune
-from tl_keras import pipeline
-from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import runstate
-from tl_keras import train
+from tl_keras.data import pipeline
 from tl_keras.errors import UsageError
+from tl_keras.model import backbones
+from tl_keras.model import classifier as classifier_lib
+from tl_keras.training import callbacks
+from tl_keras.training import finetune
+from tl_keras.training import recipe
+from tl_keras.training import runstate
+from tl_keras.training import train
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 32

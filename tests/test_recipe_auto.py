@@ -8,11 +8,11 @@ from absl import flags as absl_flags
 from absl.testing import flagsaver
 
 from conftest import SMOKE_FLAGS, TEST_BACKBONE
-from tl_keras import flags
-from tl_keras import job
-from tl_keras import recipe
 from tl_keras import rundir
+from tl_keras.cli import flags
+from tl_keras.cli import job
 from tl_keras.errors import UsageError
+from tl_keras.training import recipe
 
 SMALL, LARGE = 1_000, 1_200_000
 

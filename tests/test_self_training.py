@@ -18,15 +18,15 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import REPO_ROOT, SMOKE_FLAGS, TEST_BACKBONE, parse_config
-from tl_keras import folder
-from tl_keras import monitor
-from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import runstate
-from tl_keras import self_training
-from tl_keras import train
-from tl_keras import unlabeled
+from tl_keras.data import folder
+from tl_keras.data import unlabeled
 from tl_keras.errors import UsageError
+from tl_keras.training import monitor
+from tl_keras.training import recipe
+from tl_keras.training import runstate
+from tl_keras.training import self_training
+from tl_keras.training import train
 
 CLASSES = ("bright", "dark")
 _BRIGHTNESS = {"bright": 195, "dark": 60}
@@ -397,17 +397,17 @@ def _tfds_pool(source, splits, dataset="cifar10"):
 ])
 def test_a_tfds_pool_that_shares_the_validation_or_test_split_is_refused(
         mock_tfds, source, role):
-    from tl_keras import data
+    from tl_keras.data import tfds_dataset
 
-    splits = data.load_tfds("cifar10", None, "train", "", "test", 0.1)
+    splits = tfds_dataset.load_tfds("cifar10", None, "train", "", "test", 0.1)
     with pytest.raises(UsageError, match=f"shares examples with the run's {role} split"):
         _tfds_pool(source, splits)
 
 
 def test_a_tfds_pool_reads_the_chosen_examples_with_their_pseudo_labels(mock_tfds):
-    from tl_keras import data
+    from tl_keras.data import tfds_dataset
 
-    splits = data.load_tfds("cifar10", None, "train", "", "test", 0.1)
+    splits = tfds_dataset.load_tfds("cifar10", None, "train", "", "test", 0.1)
     pool = _tfds_pool("tfds:cifar10:train[:50%]", splits)
     assert len(pool) == 32 and pool.ids[3] == "tfds:cifar10:train[:50%]#3"
     assert (pool.hidden_labels >= 0).all()  # the mock's labels name cifar10's classes

@@ -3,21 +3,21 @@ of each of its options.
 
 Each field of `Config` is an option, defined once, here: its name, its type,
 and as metadata the flag that sets it (kind, default, choices, help text, help
-group). `tl_keras.flags` makes the absl flags and `to_config` from these
+group). `tl_keras.cli.flags` makes the absl flags and `to_config` from these
 fields, and a test checks the README's flag table against them. Only
-`tl_keras.flags` reads flags; every other module takes the values it needs as
+`tl_keras.cli.flags` reads flags; every other module takes the values it needs as
 arguments, so library code never reads flags.
 
 A field has no default of its own: the flag's default is what a command line
 that leaves the flag out gets, and some flags (`--image_size`, `--model_dir`)
-default to None, which `tl_keras.flags.to_config` works out into a value.
+default to None, which `tl_keras.cli.flags.to_config` works out into a value.
 """
 
 import dataclasses
 
 # The choices of two options, here with the rest of their definitions, so that
 # this plain-object module imports nothing of the stages (nor TensorFlow);
-# tl_keras.distribute and tl_keras.export import them from here.
+# tl_keras.training.distribute and tl_keras.outputs.export import them from here.
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 TFLITE_QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
 

@@ -11,10 +11,10 @@ the accelerator, which resizes them cheaply.
 import keras
 from keras import ops
 
-from tl_keras import backbones
-from tl_keras import layer_decay
+from tl_keras.model import backbones
+from tl_keras.model import layer_decay
 
-# The names of the layers after the backbone: `tl_keras.features` splits the
+# The names of the layers after the backbone: `tl_keras.model.features` splits the
 # classifier there, into the backbone's features and the head on them.
 DROPOUT_LAYER = "dropout"
 HEAD_LAYER = "head"
@@ -96,7 +96,7 @@ def build_classifier(backbone, backbone_name, num_classes, image_size, dropout,
     """Puts preprocessing and a new classification head around a backbone.
 
     Args:
-        backbone: a model from `tl_keras.backbones.build_backbone`.
+        backbone: a model from `tl_keras.model.backbones.build_backbone`.
         backbone_name: its name, which selects the preprocessing.
         num_classes: the number of classes the head predicts.
         image_size: the size images are resized to before the backbone.
@@ -106,7 +106,7 @@ def build_classifier(backbone, backbone_name, num_classes, image_size, dropout,
             classifier trains, so that the BatchNormalization layers that are
             trainable normalise by batch statistics and update theirs. Only for
             training a backbone from scratch; see
-            `tl_keras.finetune.unfreeze_backbone`.
+            `tl_keras.training.finetune.unfreeze_backbone`.
 
     Returns:
         A `keras.Model` from uint8 images `[batch, height, width, 3]` of any

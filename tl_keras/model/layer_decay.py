@@ -49,7 +49,7 @@ def backbone_blocks(backbone):
 
     Args:
         backbone: a functional model, e.g. from
-            `tl_keras.backbones.build_backbone`.
+            `tl_keras.model.backbones.build_backbone`.
 
     Returns:
         A list of `Block`s, from the input (the stem) to the output (the top).
@@ -235,7 +235,7 @@ class _PerVariableRate:
 
 
 # Registered, so that a model.keras saved while one of these optimizers
-# trained it loads (`tl_keras.classifier` imports this module).
+# trained it loads (`tl_keras.model.classifier` imports this module).
 @keras.saving.register_keras_serializable(package="tl_keras")
 class LayerRateAdamW(_PerVariableRate, keras.optimizers.AdamW):
     """AdamW with a learning-rate factor per variable."""

@@ -12,8 +12,8 @@ import difflib
 import keras
 
 from tl_keras import progress
-from tl_keras import recipe
 from tl_keras.errors import UsageError
+from tl_keras.training import recipe
 
 # BatchNormalization momentum while it trains (--batchnorm=train): the moving
 # statistics then average about the last ten batches, PyTorch's default.
@@ -37,7 +37,7 @@ def unfreeze_backbone(backbone, unfreeze, train_batchnorm=False):
     they were trained with.
 
     Args:
-        backbone: a model from `tl_keras.backbones.build_backbone`.
+        backbone: a model from `tl_keras.model.backbones.build_backbone`.
         unfreeze: `all`; a number N, to unfreeze the top N layers; or the name of
             the first layer to unfreeze, which unfreezes it and every layer after.
         train_batchnorm: unfreeze the BatchNormalization layers in that range
@@ -67,7 +67,7 @@ def first_unfrozen_layer_index(backbone, unfreeze):
     """Resolves `--unfreeze` to the index of the first layer to unfreeze.
 
     Args:
-        backbone: a model from `tl_keras.backbones.build_backbone`.
+        backbone: a model from `tl_keras.model.backbones.build_backbone`.
         unfreeze: `all`, a positive number of top layers, or a layer name.
 
     Returns:
@@ -109,7 +109,7 @@ def recompute_batchnorm_statistics(classifier, backbone, image_batches):
 
     Args:
         classifier: a model from
-            `tl_keras.classifier.build_classifier(..., train_batchnorm=True)`.
+            `tl_keras.model.classifier.build_classifier(..., train_batchnorm=True)`.
         backbone: the backbone inside it.
         image_batches: an iterable of uint8 image batches, e.g. training batches.
 
@@ -152,7 +152,7 @@ def batchnorm_momentum(backbone, momentum):
     step).
 
     Args:
-        backbone: a model from `tl_keras.backbones.build_backbone`.
+        backbone: a model from `tl_keras.model.backbones.build_backbone`.
         momentum: the momentum to use inside the `with` block.
     """
     layers = _trainable_batchnorm_layers(backbone)

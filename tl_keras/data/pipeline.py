@@ -8,7 +8,7 @@ CPU ships a quarter of the bytes float32 would take, and small images (CIFAR's
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import augment as augment_lib
+from tl_keras.data import augment as augment_lib
 from tl_keras.errors import UsageError
 
 # Decoded training data up to this size stays in memory after the first epoch,
@@ -121,7 +121,7 @@ def evaluation_batches(examples, *, num_examples, image_shape, image_size,
 
 
 def split_batches(config, splits, split):
-    """Batches of one split of `tl_keras.data.Splits` as `config` sizes them,
+    """Batches of one split of `tl_keras.data.tfds_dataset.Splits` as `config` sizes them,
     every example once, in order."""
     if split not in splits.sizes:
         raise UsageError(f"--split={split}: pass train, validation or test.")

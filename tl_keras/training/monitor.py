@@ -16,9 +16,9 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
-from tl_keras import evaluate
-from tl_keras import plots
-from tl_keras import recipe
+from tl_keras.outputs import evaluate
+from tl_keras.outputs import plots
+from tl_keras.training import recipe
 
 RUN_LOG = "run"
 GRADCAM_TAG = "test_gradcam"
@@ -89,7 +89,7 @@ class RunLog:
         self.writer.flush()
 
     def gradcam(self, png, step):
-        """The test split's Grad-CAM grid, from `tl_keras.gradcam.grid`."""
+        """The test split's Grad-CAM grid, from `tl_keras.outputs.gradcam.grid`."""
         self.image(GRADCAM_TAG, png, step=step,
                    description="Grad-CAM heatmaps, for the predicted class, over the most "
                                "confident wrong test predictions, then a few of the most "

@@ -12,12 +12,12 @@ import os
 
 import numpy as np
 
-from tl_keras import plots
+from tl_keras.outputs import plots
 
 
 def keras_predictor(model):
     """A Keras model's probabilities for one batch, as NumPy; see
-    `tl_keras.predict.serving_predictor` for a SavedModel's."""
+    `tl_keras.outputs.predict.serving_predictor` for a SavedModel's."""
     return lambda images: model.predict(images, verbose=0)
 
 
@@ -27,7 +27,7 @@ def predictions_and_labels(batches, predict_batch, on_batch=None):
     Args:
         batches: (images, one-hot labels) batches, every example once.
         predict_batch: a function from an image batch to class probabilities
-            (`keras_predictor`, or `tl_keras.predict.serving_predictor`).
+            (`keras_predictor`, or `tl_keras.outputs.predict.serving_predictor`).
         on_batch: optionally called with each batch's (images, probabilities,
             labels) as NumPy arrays, to keep some of it without a second pass.
 

@@ -1,6 +1,6 @@
 """The callbacks of a training phase: what `model.fit` does besides training.
 
-Backend-agnostic: only `keras`. In the order `tl_keras.train` runs them: stop
+Backend-agnostic: only `keras`. In the order `tl_keras.training.train` runs them: stop
 on a NaN loss, log the learning rate, time the phase, keep the best
 checkpoint, write history.csv and progress.json, back up each epoch, and stop
 cleanly on SIGTERM.
@@ -16,10 +16,10 @@ import time
 import keras
 import numpy as np
 
-from tl_keras import recipe
-from tl_keras import runstate
 from tl_keras.errors import Preempted
 from tl_keras.errors import TrainingDiverged
+from tl_keras.training import recipe
+from tl_keras.training import runstate
 
 
 # Not keras.callbacks.TerminateOnNaN: it sets `stop_training`, and its
@@ -285,7 +285,7 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
 
     def saved_position(self):
         """(epoch, batches of it already trained) a restore starts at; see
-        `tl_keras.runstate.backup_position`."""
+        `tl_keras.training.runstate.backup_position`."""
         return runstate.backup_position(self.backup_dir)
 
     def _save_model(self):

@@ -1,10 +1,10 @@
-"""Where a run's examples come from: a TFDS dataset (`tl_keras.data`) or a
-folder of images (`tl_keras.folder`). Either gives the same `Splits`, which
-`tl_keras.pipeline` turns into batches.
+"""Where a run's examples come from: a TFDS dataset (`tl_keras.data.tfds_dataset`) or a
+folder of images (`tl_keras.data.folder`). Either gives the same `Splits`, which
+`tl_keras.data.pipeline` turns into batches.
 """
 
-from tl_keras import data
-from tl_keras import folder
+from tl_keras.data import folder
+from tl_keras.data import tfds_dataset
 
 
 def load_splits(config, count_train_classes=False):
@@ -16,7 +16,7 @@ def load_splits(config, count_train_classes=False):
             which for a TFDS dataset may cost a pass over the training labels.
 
     Returns:
-        `tl_keras.data.Splits`.
+        `tl_keras.data.tfds_dataset.Splits`.
     """
     if folder.is_folder_dataset(config.dataset):
         splits = folder.load_folder(
@@ -26,7 +26,7 @@ def load_splits(config, count_train_classes=False):
             train_examples_per_class=config.train_examples_per_class,
         )
     else:
-        splits = data.load_tfds(
+        splits = tfds_dataset.load_tfds(
             config.dataset, config.data_dir, config.train_split, config.val_split,
             config.test_split, config.val_fraction, classes=config.classes,
             train_examples_per_class=config.train_examples_per_class, seed=config.seed,

@@ -1,7 +1,7 @@
 """Where the run executes: the distribution over devices and machines.
 
 With the TensorFlow backend that is a tf.distribute strategy; with JAX, Keras'
-own `keras.distribution.DataParallel`. The compute dtype is `tl_keras.precision`'s.
+own `keras.distribution.DataParallel`. The compute dtype is `tl_keras.training.precision`'s.
 """
 
 import contextlib
@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from tl_keras import rundir
 from tl_keras.config import STRATEGIES
-from tl_keras import runstate
 from tl_keras.errors import UsageError
+from tl_keras.training import runstate
 
 
 class KerasDistribution:

@@ -11,9 +11,9 @@ import os
 import keras
 import numpy as np
 
-from tl_keras import classifier as classifier_lib
-from tl_keras import pipeline
 from tl_keras import progress
+from tl_keras.data import pipeline
+from tl_keras.model import classifier as classifier_lib
 
 
 def feature_extractor(classifier):
@@ -58,7 +58,7 @@ def cache_features(classifier, *, batches_of, sizes, num_classes, batch_size, se
         seed: shuffles the training features.
         directory: where features too large for memory are kept.
         class_weights: optional float `[num_classes]`, for the training
-            batches' sample weights (`tl_keras.pipeline.feature_batches`).
+            batches' sample weights (`tl_keras.data.pipeline.feature_batches`).
 
     Returns:
         `CachedFeatures`.

@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from tl_keras import recipe
 from tl_keras import rundir
+from tl_keras.training import recipe
 
 
 class Progress:
@@ -179,7 +179,7 @@ def resume_position(paths):
 def backup_position(backup_dir):
     """(epoch, batches of it already trained) a restore from the backup in
     `backup_dir` starts at, or (None, 0) without one. Batches are 0 for an
-    end-of-epoch backup (see `tl_keras.callbacks.ResumableBackup`)."""
+    end-of-epoch backup (see `tl_keras.training.callbacks.ResumableBackup`)."""
     path = os.path.join(backup_dir, rundir.BACKUP_METADATA_FILE)
     if not os.path.exists(path):
         return None, 0

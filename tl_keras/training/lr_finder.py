@@ -20,13 +20,13 @@ import os
 import keras
 import numpy as np
 
-from tl_keras import finetune
-from tl_keras import plots
 from tl_keras import progress
-from tl_keras import recipe
-from tl_keras import runstate
 from tl_keras.errors import TrainingDiverged
 from tl_keras.errors import UsageError
+from tl_keras.outputs import plots
+from tl_keras.training import finetune
+from tl_keras.training import recipe
+from tl_keras.training import runstate
 
 MIN_LEARNING_RATE = 1e-7
 MAX_LEARNING_RATE = 1.0
@@ -182,7 +182,7 @@ def set_up_phase(model, backbone, phase, *, unfreeze, train_batchnorm,
     """Sets the weights and what trains as training's `phase` starts.
 
     Args:
-        model, backbone: as for `tl_keras.train.train_two_phases`.
+        model, backbone: as for `tl_keras.training.train.train_two_phases`.
         phase: `head` or `finetune`.
         unfreeze, train_batchnorm: `--unfreeze`, `--batchnorm=train`.
         trained_head: for `finetune`, the `tl_keras.rundir.RunPaths` of a run
@@ -221,7 +221,7 @@ def range_test(model, train_batches, *, steps, phase, trained, optimizer,
         steps: how many steps the rate rises over.
         phase, trained: the phase tested and what trains, for the progress line.
         optimizer, weight_decay, label_smoothing, jit_compile: as training
-            compiles with (`tl_keras.recipe.compile_for_phase`).
+            compiles with (`tl_keras.training.recipe.compile_for_phase`).
         scope: returns the strategy's scope, to compile in.
 
     Returns:
@@ -282,7 +282,7 @@ def summary(test, phase, scale):
     Args:
         test: a `RangeTest`.
         phase: the phase tested, which names the flag.
-        scale: `tl_keras.recipe.learning_rate_scale`: the flag's value is the
+        scale: `tl_keras.training.recipe.learning_rate_scale`: the flag's value is the
             rate divided by it.
     """
     lowest = int(np.nanargmin(test.smoothed))

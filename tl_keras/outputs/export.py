@@ -15,11 +15,11 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import console
-from tl_keras import image_io
-from tl_keras import pipeline
 from tl_keras import progress
 from tl_keras import rundir
 from tl_keras.config import TFLITE_QUANTIZATIONS
+from tl_keras.data import image_io
+from tl_keras.data import pipeline
 
 SERVING_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serving_bytes"
@@ -61,7 +61,7 @@ def export_saved_model(model, path, class_names, image_size, resize="stretch",
     `output_0` float32 `[batch, classes]`.
 
     Args:
-        model: the classifier from `tl_keras.classifier.build_classifier`.
+        model: the classifier from `tl_keras.model.classifier.build_classifier`.
         path: the SavedModel directory to write (replaced if it exists).
         class_names: the class names, by label.
         image_size: the model's input size; encoded images of different sizes

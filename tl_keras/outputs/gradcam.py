@@ -27,9 +27,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from tl_keras import classifier as classifier_lib
-from tl_keras import plots
 from tl_keras.errors import UsageError
+from tl_keras.model import classifier as classifier_lib
+from tl_keras.outputs import plots
 
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
 # Images smaller than this are enlarged for their tile, so a 32 px CIFAR image
@@ -68,7 +68,7 @@ class Explanation:
 
 
 class GradCam:
-    """Grad-CAM for a classifier from `tl_keras.classifier.build_classifier`.
+    """Grad-CAM for a classifier from `tl_keras.model.classifier.build_classifier`.
 
     Args:
         classifier: the classifier; it computes in float32 here whatever
@@ -156,7 +156,7 @@ def _only_layer(model, layer_type):
     if len(layers) != 1:
         raise ValueError(f"{model.name} has {len(layers)} layers of type "
                          f"{layer_type.__name__}; Grad-CAM expects one, as "
-                         f"tl_keras.classifier.build_classifier makes.")
+                         f"tl_keras.model.classifier.build_classifier makes.")
     return layers[0]
 
 
@@ -243,7 +243,7 @@ def grid(gradcam, predictions, class_names):
 
     Args:
         gradcam: a `GradCam`.
-        predictions: `tl_keras.evaluate.Prediction`s, all images one size.
+        predictions: `tl_keras.outputs.evaluate.Prediction`s, all images one size.
         class_names: the class names, by label.
 
     Returns:

@@ -1,23 +1,23 @@
 """The modes besides training: `find_lr` before a run, `evaluate` and
 `predict` after one. `run.py` calls one function per `--mode`; training is
-`tl_keras.job`.
+`tl_keras.cli.job`.
 """
 
 import json
 import os
 import shlex
 
-from tl_keras import assembly
-from tl_keras import evaluate
-from tl_keras import gradcam
-from tl_keras import lr_finder
-from tl_keras import monitor
-from tl_keras import pipeline
-from tl_keras import predict
-from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import sources
+from tl_keras.cli import assembly
+from tl_keras.data import pipeline
+from tl_keras.data import sources
 from tl_keras.errors import UsageError
+from tl_keras.outputs import evaluate
+from tl_keras.outputs import gradcam
+from tl_keras.outputs import predict
+from tl_keras.training import lr_finder
+from tl_keras.training import monitor
+from tl_keras.training import recipe
 
 
 def run_find_lr(config, phase, steps, given_flags=frozenset()):
@@ -33,7 +33,7 @@ def run_find_lr(config, phase, steps, given_flags=frozenset()):
         steps: the steps the learning rate rises over.
 
     Returns:
-        The `tl_keras.lr_finder.RangeTest`.
+        The `tl_keras.training.lr_finder.RangeTest`.
     """
     strategy, backbone = assembly.strategy_and_backbone(config)
     paths = rundir.RunPaths(config.model_dir)
@@ -80,7 +80,7 @@ def run_evaluation(config, split, tta=None):
             takes the run's `--tta`.
 
     Returns:
-        The report from `tl_keras.evaluate.classification_report` (of the plain
+        The report from `tl_keras.outputs.evaluate.classification_report` (of the plain
         predictions).
 
     Raises:
@@ -125,7 +125,7 @@ def run_prediction(model, images, top_k, output, resize="stretch", tta="none",
             model.keras, under `RUN/explanations/` (a run folder only).
 
     Returns:
-        The predictions, as written by `tl_keras.predict.predict_files`.
+        The predictions, as written by `tl_keras.outputs.predict.predict_files`.
     """
     explainer = explanations_dir = None
     if model.endswith(".tflite"):

@@ -1,7 +1,7 @@
 """The data source: a TFDS dataset, as (uint8 image, int label) splits.
 
 This stage decides which examples belong to train, validation and test, and
-what the classes are. `tl_keras.pipeline` then turns the splits into batches.
+what the classes are. `tl_keras.data.pipeline` then turns the splits into batches.
 """
 
 import dataclasses
@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tl_keras import subsets
+from tl_keras.data import subsets
 from tl_keras.errors import UsageError
 
 
@@ -33,7 +33,7 @@ class Splits:
             without `count_train_classes`, `classes` or
             `train_examples_per_class`).
         files: for a folder dataset, each split's file paths, by split name,
-            which `tl_keras.self_training` keeps out of its unlabelled pool;
+            which `tl_keras.training.self_training` keeps out of its unlabelled pool;
             None for a TFDS dataset.
         split_specs: for a TFDS dataset, the split specs validation and test
             read (validation's as carved), by split name; None for a folder.

@@ -1,5 +1,5 @@
 """The unlabelled images of `--unlabeled`: a folder, searched recursively, or
-a TFDS split (`tfds:NAME:SPLIT`), as a `Pool` that `tl_keras.self_training`
+a TFDS split (`tfds:NAME:SPLIT`), as a `Pool` that `tl_keras.training.self_training`
 labels and trains on; and what may never be in it.
 
 Validation and test images never enter the pool: a folder's files are
@@ -16,11 +16,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tl_keras import data
-from tl_keras import folder
-from tl_keras import image_io
-from tl_keras import pipeline
 from tl_keras import progress
+from tl_keras.data import folder
+from tl_keras.data import image_io
+from tl_keras.data import pipeline
+from tl_keras.data import tfds_dataset
 from tl_keras.errors import UsageError
 
 TFDS_PREFIX = "tfds:"
@@ -65,9 +65,9 @@ def load_pool(source, splits, *, dataset, data_dir, image_size, resize, strict):
 
     Args:
         source: `--unlabeled`: a folder, or `tfds:NAME:SPLIT`.
-        splits: the run's `tl_keras.data.Splits`.
+        splits: the run's `tl_keras.data.tfds_dataset.Splits`.
         dataset, data_dir: `--dataset` and `--data_dir`.
-        image_size, resize, strict: as for `tl_keras.folder.load_folder`.
+        image_size, resize, strict: as for `tl_keras.data.folder.load_folder`.
 
     Returns:
         A `Pool`.
@@ -192,18 +192,19 @@ def _tfds_pool(source, splits, *, dataset, data_dir, image_size, resize):
     """A TFDS split as the pool; refused where it shares examples with the
     run's validation or test split (the same TFDS dataset, overlapping slices)."""
     _, name, split = source.split(":", 2)
-    builder = data.prepared_builder(name, data_dir)
-    data.check_split(builder, f"--unlabeled={TFDS_PREFIX}{name}", split)
+    builder = tfds_dataset.prepared_builder(name, data_dir)
+    tfds_dataset.check_split(builder, f"--unlabeled={TFDS_PREFIX}{name}", split)
     if splits.split_specs is not None and dataset == name:
         for role in ("validation", "test"):
-            shared = data.shared_slices(split, splits.split_specs[role], builder.info.splits)
+            shared = tfds_dataset.shared_slices(split, splits.split_specs[role],
+                                                builder.info.splits)
             if shared:
                 raise UsageError(
                     f"--unlabeled={source} shares examples with the run's {role} split "
                     f"({shared}), which must never be trained on. Pass a split or slice "
                     f"of {name} that doesn't overlap {splits.split_specs[role]}.")
     image_key, label_key = builder.info.supervised_keys
-    labels = data.split_labels(builder, split)
+    labels = tfds_dataset.split_labels(builder, split)
     if not len(labels):
         raise UsageError(f"--unlabeled={source}: the split holds no examples.")
     names = builder.info.features[label_key].names

@@ -2,7 +2,7 @@
 policy and backbone; the splits and class weights; the training batches; the
 classifier; and `--recipe=auto`'s choices.
 
-`tl_keras.job` (training) and `tl_keras.modes` (find_lr, evaluate, predict)
+`tl_keras.cli.job` (training) and `tl_keras.cli.modes` (find_lr, evaluate, predict)
 build these the same way from here, so a range test sees the data and model
 training would see.
 """
@@ -11,15 +11,15 @@ import dataclasses
 
 import keras
 
-from tl_keras import backbones
-from tl_keras import classifier as classifier_lib
-from tl_keras import distribute
-from tl_keras import finetune
-from tl_keras import pipeline
-from tl_keras import precision
-from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import sources
+from tl_keras.data import pipeline
+from tl_keras.data import sources
+from tl_keras.model import backbones
+from tl_keras.model import classifier as classifier_lib
+from tl_keras.training import distribute
+from tl_keras.training import finetune
+from tl_keras.training import precision
+from tl_keras.training import recipe
 
 
 def strategy_and_backbone(config):

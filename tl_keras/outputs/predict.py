@@ -11,13 +11,13 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import console
-from tl_keras import export
-from tl_keras import gradcam
-from tl_keras import image_io
-from tl_keras import pipeline
-from tl_keras import plots
 from tl_keras import rundir
+from tl_keras.data import image_io
+from tl_keras.data import pipeline
 from tl_keras.errors import UsageError
+from tl_keras.outputs import export
+from tl_keras.outputs import gradcam
+from tl_keras.outputs import plots
 
 _FILES_PER_CALL = 32
 
@@ -48,7 +48,7 @@ def load_keras_model(model_dir):
         raise UsageError(
             f"No {rundir.KERAS_MODEL_FILE} in {model_dir}: Grad-CAM needs the Keras model "
             f"a finished training run writes there.")
-    # tl_keras.classifier, imported with tl_keras.gradcam, has registered the
+    # tl_keras.model.classifier, imported with tl_keras.outputs.gradcam, has registered the
     # model's own layer. Not compiled: only its forward pass and gradients count.
     return keras.saving.load_model(path, compile=False)
 
@@ -132,7 +132,7 @@ def _model_input(encoded, size, resize):
 
 def serving_predictor(serving):
     """`serving_default`'s probabilities for one batch, as NumPy; see
-    `tl_keras.evaluate.keras_predictor` for a Keras model's."""
+    `tl_keras.outputs.evaluate.keras_predictor` for a Keras model's."""
     classify = serving.signatures[export.SERVING_SIGNATURE]
     return lambda images: classify(images=images)["probabilities"].numpy()
 
@@ -176,7 +176,7 @@ def predict_files(classify, spec, class_names, top_k, output=None, explainer=Non
         class_names: the run's class names, by label.
         top_k: how many classes to report per image.
         output: optional CSV path.
-        explainer: optionally, a `tl_keras.gradcam.GradCam` of the same
+        explainer: optionally, a `tl_keras.outputs.gradcam.GradCam` of the same
             model: each image's Grad-CAM overlay, for its top class, is then
             written as a PNG under `explanations_dir`, and its path printed
             on the image's line.
@@ -229,7 +229,7 @@ def _write_overlays(explainer, results, class_names, directory, root):
     """Writes each image's Grad-CAM overlay, for its top class, as a titled PNG.
 
     Args:
-        explainer: a `tl_keras.gradcam.GradCam`.
+        explainer: a `tl_keras.outputs.gradcam.GradCam`.
         results: (path, probabilities) pairs, as `_classify_files` returns them.
         directory: where the PNGs go, at each image's path relative to `root`.
 

@@ -1,7 +1,7 @@
 """The training recipe: the two phases, their optimizer, learning rates,
 loss and metrics; and `--recipe=auto`'s choices by the training set's size.
 
-Backend-agnostic: only `keras`. Plain values and functions: `tl_keras.train`
+Backend-agnostic: only `keras`. Plain values and functions: `tl_keras.training.train`
 runs the phases this module lays out.
 """
 
@@ -11,12 +11,12 @@ import math
 import keras
 import numpy as np
 
-from tl_keras import layer_decay
 from tl_keras.errors import UsageError
+from tl_keras.model import layer_decay
 
 HEAD_PHASE = "head"
 FINETUNE_PHASE = "finetune"
-# Self-training round N's phase is self_training_N (tl_keras.self_training).
+# Self-training round N's phase is self_training_N (tl_keras.training.self_training).
 SELF_TRAINING_PHASE_PREFIX = "self_training_"
 
 
@@ -172,10 +172,10 @@ def make_optimizer(name, learning_rate, weight_decay, *, ema=0.0, rate_factors=N
         weight_decay: the decoupled weight decay coefficient; 0 for none.
         ema: `--ema`: the momentum of an exponential moving average of the
             trained weights, kept by the optimizer (Keras' `use_ema`); 0, the
-            default, for none. `tl_keras.callbacks.EmaWeights` puts it in the
+            default, for none. `tl_keras.training.callbacks.EmaWeights` puts it in the
             model for validation and checkpoints.
         rate_factors: `--layer_decay`'s factors on the learning rate, from
-            `tl_keras.layer_decay.LayerRates`; None, the default, for none.
+            `tl_keras.model.layer_decay.LayerRates`; None, the default, for none.
 
     Returns:
         A `keras.optimizers.Optimizer`.
@@ -236,7 +236,7 @@ def validation_metrics(results, prefix=""):
 
     Keras' `loss` is the compiled loss: cross-entropy against labels smoothed
     by --label_smoothing. It is named for that, apart from the test split's
-    `nll`, which is computed without smoothing (`tl_keras.evaluate`).
+    `nll`, which is computed without smoothing (`tl_keras.outputs.evaluate`).
     """
     return {"top1": float(results[f"{prefix}top1"]),
             "top5": float(results[f"{prefix}top5"]),

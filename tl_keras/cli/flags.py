@@ -18,10 +18,10 @@ from absl import flags
 from absl.testing import flagsaver
 
 from tl_keras import config as config_lib
-from tl_keras import backbones
 from tl_keras import rundir
 from tl_keras.config import Config
 from tl_keras.errors import UsageError
+from tl_keras.model import backbones
 
 _MODES = config_lib.OptionGroup("Modes")
 

@@ -1,7 +1,7 @@
 """The backbones: every Keras Applications model, by name, and its weights.
 
 Backend-agnostic: only `keras`. `build_backbone` returns the bare backbone,
-average-pooled and without its top; `tl_keras.classifier` puts preprocessing
+average-pooled and without its top; `tl_keras.model.classifier` puts preprocessing
 and a head around it.
 """
 

@@ -1,8 +1,8 @@
 """Image files: which files can be images, decoding them, and their sizes.
 
-The one place the image formats are known: a folder dataset (`tl_keras.folder`)
+The one place the image formats are known: a folder dataset (`tl_keras.data.folder`)
 checks and decodes its files here, `--mode=predict` checks its files here, and
-the SavedModel (`tl_keras.export`) decodes the bytes it is sent as here.
+the SavedModel (`tl_keras.outputs.export`) decodes the bytes it is sent as here.
 """
 
 import functools
@@ -10,11 +10,11 @@ import os
 
 import tensorflow as tf
 
-from tl_keras import pipeline
+from tl_keras.data import pipeline
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 # The first bytes of each format `decode_image` reads: what makes a file, or
-# a string sent to the SavedModel (`tl_keras.export`), an image at all.
+# a string sent to the SavedModel (`tl_keras.outputs.export`), an image at all.
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GIF_SIGNATURES = (b"GIF87a", b"GIF89a")

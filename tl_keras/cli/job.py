@@ -1,9 +1,9 @@
 """Training, start to finish: the stages joined in data-flow order.
 
 sources -> pipeline -> backbones -> classifier -> recipe -> train -> evaluate
--> export, each a plain function of the one before; `tl_keras.assembly`
+-> export, each a plain function of the one before; `tl_keras.cli.assembly`
 builds the first four from the config. The other modes are in
-`tl_keras.modes`.
+`tl_keras.cli.modes`.
 """
 
 import dataclasses
@@ -11,24 +11,24 @@ import json
 import os
 import shlex
 
-from tl_keras import assembly
-from tl_keras import callbacks
-from tl_keras import classifier as classifier_lib
-from tl_keras import distribute
-from tl_keras import evaluate
-from tl_keras import export
-from tl_keras import features
-from tl_keras import gradcam
-from tl_keras import monitor
-from tl_keras import pipeline
-from tl_keras import plots
-from tl_keras import predict
-from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import self_training
-from tl_keras import train
-from tl_keras import unlabeled
+from tl_keras.cli import assembly
+from tl_keras.data import pipeline
+from tl_keras.data import unlabeled
 from tl_keras.errors import UsageError
+from tl_keras.model import classifier as classifier_lib
+from tl_keras.model import features
+from tl_keras.outputs import evaluate
+from tl_keras.outputs import export
+from tl_keras.outputs import gradcam
+from tl_keras.outputs import plots
+from tl_keras.outputs import predict
+from tl_keras.training import callbacks
+from tl_keras.training import distribute
+from tl_keras.training import monitor
+from tl_keras.training import recipe
+from tl_keras.training import self_training
+from tl_keras.training import train
 
 
 def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
@@ -51,7 +51,7 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
     Raises:
         UsageError: for bad input, found before training starts.
         tl_keras.errors.Preempted: on SIGTERM, after saving a backup (on one
-            machine; see `tl_keras.train.train_two_phases`).
+            machine; see `tl_keras.training.train.train_two_phases`).
     """
     strategy, backbone = assembly.strategy_and_backbone(config)
     role = distribute.worker_role(strategy)
@@ -277,7 +277,7 @@ def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
     mirror-averaged predictions too); writes metrics.json.
 
     Returns:
-        (the test metrics, the `tl_keras.evaluate.TestResults`, whose first
+        (the test metrics, the `tl_keras.outputs.evaluate.TestResults`, whose first
         images the TFLite checks use).
     """
     test = evaluate.evaluate_test_split(

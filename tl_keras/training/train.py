@@ -13,12 +13,12 @@ import os
 
 import keras
 
-from tl_keras import callbacks
-from tl_keras import features
-from tl_keras import finetune
-from tl_keras import layer_decay
-from tl_keras import recipe
-from tl_keras import runstate
+from tl_keras.model import features
+from tl_keras.model import layer_decay
+from tl_keras.training import callbacks
+from tl_keras.training import finetune
+from tl_keras.training import recipe
+from tl_keras.training import runstate
 
 
 def train_two_phases(model, backbone, *, train_batches, validation_batches,
@@ -36,13 +36,13 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
     schedule's position too) and epoch. `history.csv` keeps each epoch once.
 
     Args:
-        model: the classifier from `tl_keras.classifier.build_classifier`.
+        model: the classifier from `tl_keras.model.classifier.build_classifier`.
         backbone: the backbone inside it.
         train_batches: training batches, repeated if `steps_per_epoch` caps them.
         validation_batches: validation batches, read in full after each epoch.
         steps_per_epoch: training steps per epoch.
-        phases: the two `PhasePlan`s from `tl_keras.recipe.plan_phases`.
-        unfreeze: `--unfreeze`, see `tl_keras.finetune.unfreeze_backbone`.
+        phases: the two `PhasePlan`s from `tl_keras.training.recipe.plan_phases`.
+        unfreeze: `--unfreeze`, see `tl_keras.training.finetune.unfreeze_backbone`.
         train_batchnorm: `--batchnorm=train`: phase 2 trains the unfrozen
             BatchNormalization layers too. The classifier must have been built
             with the same setting.
@@ -52,10 +52,10 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         paths: `tl_keras.rundir.RunPaths`.
         layer_decay: `--layer_decay`: fine-tuning trains each backbone block
             at the learning rate times this to the power of its depth from
-            the top (`tl_keras.layer_decay`); 1, the default, for none.
+            the top (`tl_keras.model.layer_decay`); 1, the default, for none.
         ema: `--ema`: the momentum of a moving average of the weights, which
             each epoch validates and the checkpoints and phase ends hold in
-            place of the raw weights (`tl_keras.callbacks.EmaWeights`); 0, the
+            place of the raw weights (`tl_keras.training.callbacks.EmaWeights`); 0, the
             default, for none.
         early_stopping: `--early_stopping`: a phase ends after this many
             epochs without a better validation top-1 than its best before
@@ -66,7 +66,7 @@ def train_two_phases(model, backbone, *, train_batches, validation_batches,
         profile_batches: optional (first, last) batch of the first phase to
             write a profiler trace for.
         cached_features: optional function returning
-            `tl_keras.features.CachedFeatures`; the head phase then trains on
+            `tl_keras.model.features.CachedFeatures`; the head phase then trains on
             them instead of on images. Called only if the head phase runs.
         phase_inputs: optional function from a `PhasePlan` to that phase's own
             (training batches, steps per epoch), or to None for the run's.
@@ -222,7 +222,7 @@ def _configure_phase(run, phase):
     """Sets what the phase trains and compiles for it.
 
     Returns:
-        (`_Fit`, what trains, in words, the `tl_keras.layer_decay.LayerRates`
+        (`_Fit`, what trains, in words, the `tl_keras.model.layer_decay.LayerRates`
         it trains with or None).
     """
     if phase.name == recipe.HEAD_PHASE:

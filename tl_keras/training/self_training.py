@@ -1,9 +1,9 @@
 """Self-training on unlabelled images (`--unlabeled`): the current model's
-labels for the pool (`tl_keras.unlabeled`), the confident ones kept per
+labels for the pool (`tl_keras.data.unlabeled`), the confident ones kept per
 class, and the batches each round's student trains on.
 
-Each round is a phase of `tl_keras.train.train_two_phases` after fine-tuning
-(`tl_keras.recipe.plan_self_training`); `Rounds` is its `phase_inputs`. At
+Each round is a phase of `tl_keras.training.train.train_two_phases` after fine-tuning
+(`tl_keras.training.recipe.plan_self_training`); `Rounds` is its `phase_inputs`. At
 a round's start the model labels the whole pool, and the kept pseudo-labels
 are written to `self_training/round_N.json`, which a rerun that resumes the
 round reads instead of labelling again, so it trains on the same ones.
@@ -23,10 +23,10 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import classifier as classifier_lib
-from tl_keras import pipeline
-from tl_keras import recipe
+from tl_keras.data import pipeline
 from tl_keras.errors import UsageError
+from tl_keras.model import classifier as classifier_lib
+from tl_keras.training import recipe
 
 # --pseudo_labels_per_class's default: this share of the pool's images per
 # class, the most confident first. Measured in the transfer experiment at 20
@@ -162,7 +162,7 @@ def describe_round(round_number, kept, pool, class_names, cap, threshold):
 
 
 class Rounds:
-    """`phase_inputs` for `tl_keras.train.train_two_phases`: a self-training
+    """`phase_inputs` for `tl_keras.training.train.train_two_phases`: a self-training
     round's training batches and steps per epoch (None for other phases).
 
     Called when a round is about to train, it labels the pool with the
