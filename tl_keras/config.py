@@ -3,10 +3,12 @@ of each of its options.
 
 Each field of `Config` is an option, defined once, here: its name, its type,
 and as metadata the flag that sets it (kind, default, choices, help text, help
-group). `tl_keras.cli.flags` makes the absl flags and `to_config` from these
-fields, and a test checks the README's flag table against them. Only
-`tl_keras.cli.flags` reads flags; every other module takes the values it needs as
-arguments, so library code never reads flags.
+group). So is each field of `ModeOptions`, the options of what the process
+does (train, evaluate, ...) rather than of the run. `tl_keras.cli.flags` makes
+the absl flags and `to_config` from these fields, and a test checks the
+README's flag table against them. Only `tl_keras.cli.flags` reads flags; every
+other module takes the values it needs as arguments, so library code never
+reads flags.
 
 A field has no default of its own: the flag's default is what a command line
 that leaves the flag out gets, and some flags (`--image_size`, `--model_dir`)
@@ -77,6 +79,7 @@ MODEL = OptionGroup("Model")
 TRAINING = OptionGroup("Training")
 SELF_TRAINING = OptionGroup("Self-training")
 RUN = OptionGroup("Run")
+MODES = OptionGroup("Modes")
 
 
 def flag_spec(field):
@@ -296,3 +299,44 @@ class Config:
         None,
         "START,END: write a profiler trace of these batches of the first phase to "
         "TensorBoard (e.g. 10,20).")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeOptions:
+    """The options of what this process does, not of the training run itself:
+    `tl_keras.cli.flags.to_flagfile` leaves them out, so rerunning a run's
+    flags.txt trains it.
+
+    Never instantiated: only its fields are read, defined like `Config`'s.
+    """
+    mode: str = MODES.enum(
+        "train", ["train", "evaluate", "predict", "find_lr"],
+        "train: train, evaluate and export. evaluate: evaluate the finished run in "
+        "--model_dir on --split. predict: classify --images with that run's SavedModel, "
+        "or with the .tflite file --model_dir names (its labels.txt beside it). "
+        "find_lr: a learning-rate range test of --find_lr_phase, written to "
+        "--model_dir/find_lr/; it changes nothing else there.")
+    split: str = MODES.enum(
+        "test", ["train", "validation", "test"], "--mode=evaluate: the split.")
+    images: str | None = MODES.string(
+        None, "--mode=predict: an image file, a folder, or a glob.")
+    top_k: int = MODES.integer(5, "--mode=predict: classes shown per image.")
+    output: str | None = MODES.string(
+        None, "--mode=predict: also write the predictions to this CSV file.")
+    find_lr_phase: str = MODES.enum(
+        "head", ["head", "finetune"],
+        "--mode=find_lr: the phase whose learning rate is tested, set up as training "
+        "sets it up. finetune starts from the head phase's end weights of the run in "
+        "--model_dir when it has them, else from an untrained head.")
+    find_lr_steps: int = MODES.integer(
+        100, "--mode=find_lr: training steps over which the rate rises from 1e-7 to 1.")
+    explain: bool = MODES.boolean(
+        False,
+        "--mode=predict: also write each image's Grad-CAM heatmap, for its top class, "
+        "over it as a PNG under RUN/explanations/. Needs a run folder, not a .tflite file.")
+    overwrite: bool = RUN.boolean(
+        False,
+        "Train afresh in a --model_dir that holds a complete or unfinished run, "
+        "deleting what that run wrote and nothing else. Without it, a complete run is "
+        "left alone and an interrupted one resumes. A folder that holds no run is "
+        "never written into unless it is empty.")
