@@ -16,9 +16,9 @@ from tl_keras import rundir
 from tl_keras.data import pipeline
 from tl_keras.model import backbones
 from tl_keras.model import classifier as classifier_lib
+from tl_keras.training import export_weights
 from tl_keras.training import recipe
 from tl_keras.training import runstate
-from tl_keras.training import train
 
 
 def _write_dark_and_bright_images(root):
@@ -172,7 +172,7 @@ def test_export_weights_last_restores_the_last_epoch(bfloat16_run):
     paths = rundir.RunPaths(config.model_dir)
     phases = recipe.plan_phases(head_epochs=2, head_learning_rate=1e-2, finetune_epochs=1,
                                finetune_learning_rate=1e-2, warmup_epochs=0)
-    exported = train.restore_export_weights(
+    exported = export_weights.restore_export_weights(
         model, model.get_layer("resnet50"), "last", phases=phases, paths=paths,
         unfreeze="all", train_batchnorm=False, label_smoothing=0.0, train_batches=None,
         validation_batches=None)
@@ -213,7 +213,7 @@ def test_best_weights_get_batchnorm_statistics_of_their_own(tmp_path, capsys, la
         (images, np.eye(2, dtype=np.float32)[np.arange(16) % 2])).batch(8)
     phases = recipe.plan_phases(head_epochs=1, head_learning_rate=1e-3, finetune_epochs=2,
                                finetune_learning_rate=1e-3, warmup_epochs=0)
-    exported = train.restore_export_weights(
+    exported = export_weights.restore_export_weights(
         classifier, backbone, "best", phases=phases, paths=paths, unfreeze="all",
         train_batchnorm=True, label_smoothing=0.0, train_batches=batches,
         validation_batches=batches)

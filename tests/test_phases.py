@@ -15,6 +15,7 @@ from tl_keras.errors import UsageError
 from tl_keras.model import backbones
 from tl_keras.model import classifier as classifier_lib
 from tl_keras.training import callbacks
+from tl_keras.training import export_weights
 from tl_keras.training import finetune
 from tl_keras.training import recipe
 from tl_keras.training import runstate
@@ -350,7 +351,7 @@ def test_recomputed_statistics_can_make_the_last_epoch_the_best(tmp_path, monkey
     paths = rundir.RunPaths(str(tmp_path))
     best = runstate.Progress(paths.progress).best
     assert (best["phase"], best["epoch"], best["validation"]) == ("finetune", 2, recomputed)
-    exported = train.restore_export_weights(
+    exported = export_weights.restore_export_weights(
         classifier, backbone, "best", phases=recipe.plan_phases(
             head_epochs=1, head_learning_rate=1e-2, finetune_epochs=2,
             finetune_learning_rate=1e-2, warmup_epochs=0),

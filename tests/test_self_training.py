@@ -22,6 +22,7 @@ from tl_keras import rundir
 from tl_keras.data import folder
 from tl_keras.data import unlabeled
 from tl_keras.errors import UsageError
+from tl_keras.training import export_weights
 from tl_keras.training import monitor
 from tl_keras.training import recipe
 from tl_keras.training import runstate
@@ -322,7 +323,7 @@ def test_a_round_that_lowers_validation_top1_is_not_exported(tmp_path):
     progress = runstate.Progress(paths.progress)
     round_top1 = progress.phases["self_training_1"]["validation"]["top1"]
     assert progress.best["phase"] == "finetune" and round_top1 < progress.best_top1
-    exported = train.restore_export_weights(
+    exported = export_weights.restore_export_weights(
         model, backbone, "best", phases=phases, paths=paths, unfreeze="all",
         train_batchnorm=False, label_smoothing=0.0, train_batches=right,
         validation_batches=right.take(1))

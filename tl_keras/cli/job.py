@@ -25,6 +25,7 @@ from tl_keras.outputs import plots
 from tl_keras.outputs import predict
 from tl_keras.training import callbacks
 from tl_keras.training import distribute
+from tl_keras.training import export_weights
 from tl_keras.training import monitor
 from tl_keras.training import recipe
 from tl_keras.training import self_training
@@ -225,7 +226,7 @@ def _evaluate_and_export(config, strategy, role, classifier, backbone, splits, p
     """After training: restores the weights to export, evaluates them on the
     test split, writes every artifact from them, and prints the summary."""
     with strategy.scope():
-        exported = train.restore_export_weights(
+        exported = export_weights.restore_export_weights(
             classifier, backbone, config.export_weights, phases=phases, paths=paths,
             unfreeze=config.unfreeze, train_batchnorm=config.batchnorm == "train",
             label_smoothing=config.label_smoothing, train_batches=train_batches,
@@ -358,7 +359,7 @@ def _summary(config, metrics, exported, phases, timers, splits):
 
 
 def _describe_export(exported):
-    which = ("best validation top-1" if exported["weights"] == train.EXPORT_BEST
+    which = ("best validation top-1" if exported["weights"] == export_weights.EXPORT_BEST
              else "last epoch")
     return (f"weights of epoch {exported['epoch']} ({exported['phase']} phase; "
             f"--export_weights={exported['weights']}: {which} "
