@@ -47,6 +47,7 @@ from tl_keras.model import backbones  # noqa: E402
 from tl_keras.model import classifier as classifier_lib  # noqa: E402
 from tl_keras.model import features  # noqa: E402
 from tl_keras.training import finetune  # noqa: E402
+from tl_keras.training import optimization
 from tl_keras.training import precision, recipe  # noqa: E402
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet50", "Keras Applications backbone.")
@@ -125,7 +126,7 @@ def _seconds_per_fit(model, batch, steps, repeats):
 
 
 def _compile(model, phase, jit_compile):
-    recipe.compile_for_phase(
+    optimization.compile_for_phase(
         model, phase, steps_per_epoch=_STEPS.value, num_classes=_CLASSES.value,
         jit_compile=jit_compile, **_COMPILE)
 

@@ -13,6 +13,7 @@ from tl_keras.cli import flags
 from tl_keras.cli import modes
 from tl_keras.data import folder
 from tl_keras.data import pipeline
+from tl_keras.training import optimization
 from tl_keras.training import recipe
 
 
@@ -165,7 +166,7 @@ def test_batchnorm_statistics_are_recomputed_from_weighted_batches():
     backbone = keras.Model(inputs, normalised)
     pooled = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
     classifier = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(pooled))
-    recipe.compile_for_evaluation(classifier, label_smoothing=0.0)
+    optimization.compile_for_evaluation(classifier, label_smoothing=0.0)
     training = _batches(np.array([1.0, 2.0], np.float32))
 
     validation = finetune.recompute_statistics_and_validate(

@@ -16,6 +16,7 @@ from tl_keras.data import pipeline
 from tl_keras.data import sources
 from tl_keras.model import backbones
 from tl_keras.model import classifier as classifier_lib
+from tl_keras.training import auto_recipe
 from tl_keras.training import distribute
 from tl_keras.training import finetune
 from tl_keras.training import precision
@@ -48,7 +49,7 @@ def strategy_and_backbone(config):
 def apply_auto_recipe(config, flagfile_text, splits, given_flags):
     """`--recipe=auto`: prints its choices; returns `config` and `flagfile_text`
     with them."""
-    chosen = recipe.auto_recipe(splits.sizes["train"], config, given_flags)
+    chosen = auto_recipe.auto_recipe(splits.sizes["train"], config, given_flags)
     print("\n".join(chosen.lines), flush=True)
     return (dataclasses.replace(config, **chosen.values),
             rundir.with_flag_values(flagfile_text, chosen.values))

@@ -18,7 +18,7 @@ import numpy as np
 
 from tl_keras.errors import Preempted
 from tl_keras.errors import TrainingDiverged
-from tl_keras.training import recipe
+from tl_keras.training import optimization
 from tl_keras.training import runstate
 
 
@@ -172,7 +172,7 @@ class ProgressWriter(keras.callbacks.Callback):
         self.paths = paths
 
     def on_epoch_end(self, epoch, logs=None):
-        validation = recipe.validation_metrics(logs or {}, prefix="val_")
+        validation = optimization.validation_metrics(logs or {}, prefix="val_")
         best = self.checkpoint.best
         improved = best not in (None, -np.inf) and (
             self.progress.best_top1 is None or best > self.progress.best_top1)

@@ -5,6 +5,7 @@ Backend-agnostic: only `keras`.
 """
 
 from tl_keras.training import finetune
+from tl_keras.training import optimization
 from tl_keras.training import recipe
 from tl_keras.training import runstate
 
@@ -86,6 +87,6 @@ def _validate_with_own_statistics(model, backbone, *, unfreeze, label_smoothing,
     # process and this one never unfroze (nor compiled) the model.
     finetune.unfreeze_backbone(backbone, unfreeze, train_batchnorm=True)
     if not getattr(model, "compiled", False):
-        recipe.compile_for_evaluation(model, label_smoothing)
+        optimization.compile_for_evaluation(model, label_smoothing)
     return finetune.recompute_statistics_and_validate(
         model, backbone, train_batches, validation_batches, validated_top1)

@@ -13,7 +13,7 @@ import keras
 
 from tl_keras import progress
 from tl_keras.errors import UsageError
-from tl_keras.training import recipe
+from tl_keras.training import optimization
 
 # BatchNormalization momentum while it trains (--batchnorm=train): the moving
 # statistics then average about the last ten batches, PyTorch's default.
@@ -187,7 +187,7 @@ def recompute_statistics_and_validate(model, backbone, train_batches, validation
                 recomputing.advance()
 
         used = recompute_batchnorm_statistics(model, backbone, images())
-        validation = recipe.validation_metrics(
+        validation = optimization.validation_metrics(
             model.evaluate(validation_batches, return_dict=True, verbose=0))
         change = f" (was {validated_top1:.2%})" if validated_top1 is not None else ""
         recomputing.result = (

@@ -25,6 +25,7 @@ from tl_keras.errors import TrainingDiverged
 from tl_keras.errors import UsageError
 from tl_keras.outputs import plots
 from tl_keras.training import finetune
+from tl_keras.training import optimization
 from tl_keras.training import recipe
 from tl_keras.training import runstate
 
@@ -221,7 +222,7 @@ def range_test(model, train_batches, *, steps, phase, trained, optimizer,
         steps: how many steps the rate rises over.
         phase, trained: the phase tested and what trains, for the progress line.
         optimizer, weight_decay, label_smoothing, jit_compile: as training
-            compiles with (`tl_keras.training.recipe.compile_for_phase`).
+            compiles with (`tl_keras.training.optimization.compile_for_phase`).
         scope: returns the strategy's scope, to compile in.
 
     Returns:
@@ -230,7 +231,7 @@ def range_test(model, train_batches, *, steps, phase, trained, optimizer,
     with scope():
         # Recompiled after `set_up_phase` changed `trainable`, as training is.
         model.compile(
-            optimizer=recipe.make_optimizer(
+            optimizer=optimization.make_optimizer(
                 optimizer, ExponentialRise(MIN_LEARNING_RATE, MAX_LEARNING_RATE, steps),
                 weight_decay),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),

@@ -18,6 +18,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 from tl_keras.outputs import evaluate
 from tl_keras.outputs import plots
+from tl_keras.training import optimization
 from tl_keras.training import recipe
 
 RUN_LOG = "run"
@@ -49,7 +50,7 @@ class RunLog:
 
         Computed from the phase's schedule, so training steps never wait on it.
         """
-        schedule = recipe.learning_rate_schedule(phase, steps_per_epoch)
+        schedule = optimization.learning_rate_schedule(phase, steps_per_epoch)
         first = (epoch - phase.first_epoch) * steps_per_epoch
         with self.writer.as_default():
             for step in range(first, first + steps_per_epoch):

@@ -17,6 +17,7 @@ from tl_keras.model import features
 from tl_keras.model import layer_decay
 from tl_keras.training import callbacks
 from tl_keras.training import finetune
+from tl_keras.training import optimization
 from tl_keras.training import recipe
 from tl_keras.training import runstate
 
@@ -250,7 +251,7 @@ def _configure_phase(run, phase):
     with run.scope():
         # Recompile after changing `trainable`: the compiled step captures
         # which weights it updates.
-        recipe.compile_for_phase(fit.model, phase, steps_per_epoch=run.steps_per_epoch,
+        optimization.compile_for_phase(fit.model, phase, steps_per_epoch=run.steps_per_epoch,
                                  rate_factors=rates.factors if rates else None,
                                  **run.compile_settings)
     return fit, trained, rates
