@@ -15,7 +15,7 @@ import numpy as np
 from tl_keras import progress
 from tl_keras.data import image_io
 from tl_keras.data import subsets
-from tl_keras.data.tfds_dataset import Splits
+from tl_keras.data.splits import Splits
 from tl_keras.errors import UsageError
 
 PREFIX = "folder:"
@@ -58,7 +58,7 @@ def load_folder(dataset, *, image_size, resize, val_fraction, seed, strict, clas
             None keeps all.
 
     Returns:
-        `tl_keras.data.tfds_dataset.Splits`.
+        `tl_keras.data.splits.Splits`.
 
     Raises:
         UsageError: for a missing folder, an empty class folder, fewer than two

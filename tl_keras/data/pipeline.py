@@ -121,7 +121,7 @@ def evaluation_batches(examples, *, num_examples, image_shape, image_size,
 
 
 def split_batches(config, splits, split):
-    """Batches of one split of `tl_keras.data.tfds_dataset.Splits` as `config` sizes them,
+    """Batches of one split of `tl_keras.data.splits.Splits` as `config` sizes them,
     every example once, in order."""
     if split not in splits.sizes:
         raise UsageError(f"--split={split}: pass train, validation or test.")

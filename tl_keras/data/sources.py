@@ -16,7 +16,7 @@ def load_splits(config, count_train_classes=False):
             which for a TFDS dataset may cost a pass over the training labels.
 
     Returns:
-        `tl_keras.data.tfds_dataset.Splits`.
+        `tl_keras.data.splits.Splits`.
     """
     if folder.is_folder_dataset(config.dataset):
         splits = folder.load_folder(

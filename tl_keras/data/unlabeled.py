@@ -65,7 +65,7 @@ def load_pool(source, splits, *, dataset, data_dir, image_size, resize, strict):
 
     Args:
         source: `--unlabeled`: a folder, or `tfds:NAME:SPLIT`.
-        splits: the run's `tl_keras.data.tfds_dataset.Splits`.
+        splits: the run's `tl_keras.data.splits.Splits`.
         dataset, data_dir: `--dataset` and `--data_dir`.
         image_size, resize, strict: as for `tl_keras.data.folder.load_folder`.
 
