@@ -274,7 +274,7 @@ def test_a_failed_export_leaves_the_previous_artifact_whole(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        export._write_atomically(str(path), crash_half_way)
+        export.write_atomically(str(path), crash_half_way)
 
     assert (path / "saved_model.pb").read_text() == "the previous, complete model"
     assert os.listdir(tmp_path) == ["saved_model"]

@@ -106,4 +106,4 @@ def test_the_option_definitions_import_no_stage_and_no_tensorflow():
         capture_output=True, text=True, check=True).stdout
     assert "'tensorflow'" not in loaded
     assert "'tl_keras.training.distribute'" not in loaded
-    assert "'tl_keras.outputs.export'" not in loaded
+    assert "'tl_keras.outputs.tflite'" not in loaded

@@ -19,7 +19,7 @@ import dataclasses
 
 # The choices of two options, here with the rest of their definitions, so that
 # this plain-object module imports nothing of the stages (nor TensorFlow);
-# tl_keras.training.distribute and tl_keras.outputs.export import them from here.
+# tl_keras.training.distribute and tl_keras.outputs.tflite import them from here.
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 TFLITE_QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
 

@@ -23,6 +23,7 @@ from tl_keras.outputs import export
 from tl_keras.outputs import gradcam
 from tl_keras.outputs import plots
 from tl_keras.outputs import predict
+from tl_keras.outputs import tflite
 from tl_keras.training import callbacks
 from tl_keras.training import distribute
 from tl_keras.training import export_weights
@@ -243,10 +244,10 @@ def _evaluate_and_export(config, strategy, role, classifier, backbone, splits, p
     if test.tta_report:
         metrics["test_tta_flip"] = evaluate.summary(test.tta_report)
     if config.export_tflite:
-        tflite = _export_tflite(config, model, splits, paths, test)
-        if tflite:
-            evaluate.add_to_metrics(paths.metrics, "tflite", tflite)
-            metrics["tflite"] = tflite
+        tflite_entry = _export_tflite(config, model, splits, paths, test)
+        if tflite_entry:
+            evaluate.add_to_metrics(paths.metrics, "tflite", tflite_entry)
+            metrics["tflite"] = tflite_entry
     _log_gradcam(model, test.examples, splits.class_names, run_log,
                  step=_last_epoch(config))
     if role.is_chief:
@@ -261,9 +262,9 @@ def _export_tflite(config, model, splits, paths, test):
     if config.tflite_quantization == "int8":
         calibration = pipeline.sample_images(
             splits.train, num_examples=splits.sizes["train"],
-            count=export.TFLITE_CALIBRATION_IMAGES, seed=config.seed,
+            count=tflite.TFLITE_CALIBRATION_IMAGES, seed=config.seed,
             image_size=config.image_size, resize=config.resize)
-    return export.export_checked_tflite(
+    return tflite.export_checked_tflite(
         model, paths.tflite, image_size=config.image_size, resize=config.resize,
         quantization=config.tflite_quantization, max_drop=config.tflite_max_drop,
         class_names=splits.class_names, labels_path=paths.tflite_labels,
@@ -283,7 +284,7 @@ def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
     """
     test = evaluate.evaluate_test_split(
         model, pipeline.split_batches(config, splits, "test"), splits.class_names,
-        keep_images=export.TFLITE_ACCURACY_IMAGES if config.export_tflite else 0,
+        keep_images=tflite.TFLITE_ACCURACY_IMAGES if config.export_tflite else 0,
         tta=config.tta)
     test_metrics = evaluate.summary(test.report)
     tta_metrics = evaluate.summary(test.tta_report) if test.tta_report else None
@@ -342,12 +343,12 @@ def _summary(config, metrics, exported, phases, timers, splits):
         speed = timer.steps * config.batch_size / max(timer.training_seconds, 1e-9)
         lines.append(f"Phase {phase.name}: {timer.seconds:.1f} s, training at "
                      f"{speed:,.0f} images/s.")
-    tflite = (f"{rundir.TFLITE_FILE}, {rundir.TFLITE_LABELS_FILE}, "
-              if config.export_tflite and os.path.isfile(paths.tflite) else "")
+    tflite_files = (f"{rundir.TFLITE_FILE}, {rundir.TFLITE_LABELS_FILE}, "
+                    if config.export_tflite and os.path.isfile(paths.tflite) else "")
     lines += [
         f"Outputs in {config.model_dir}: {rundir.SAVED_MODEL_DIR}/, "
-        f"{rundir.KERAS_MODEL_FILE}, {tflite}{rundir.METRICS_FILE}, {rundir.HISTORY_FILE}, "
-        f"{rundir.PLOTS_DIR}/, {rundir.TENSORBOARD_DIR}/"
+        f"{rundir.KERAS_MODEL_FILE}, {tflite_files}{rundir.METRICS_FILE}, "
+        f"{rundir.HISTORY_FILE}, {rundir.PLOTS_DIR}/, {rundir.TENSORBOARD_DIR}/"
         + (f", {rundir.SELF_TRAINING_DIR}/." if config.self_training_rounds else "."),
         "Look further:",
         f"  tensorboard --logdir {shlex.quote(paths.tensorboard)}",
