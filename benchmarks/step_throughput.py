@@ -47,7 +47,7 @@ from tl_keras.model import backbones  # noqa: E402
 from tl_keras.model import classifier as classifier_lib  # noqa: E402
 from tl_keras.model import features  # noqa: E402
 from tl_keras.training import finetune  # noqa: E402
-from tl_keras.training import optimization
+from tl_keras.training import optimization  # noqa: E402
 from tl_keras.training import precision, recipe  # noqa: E402
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet50", "Keras Applications backbone.")

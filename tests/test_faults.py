@@ -18,6 +18,7 @@ from tl_keras import rundir
 from tl_keras.errors import UsageError
 from tl_keras.outputs import export
 from tl_keras.training import callbacks
+from tl_keras.training import resume
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 # Four epochs across both phases, small enough to run in seconds each.
@@ -126,7 +127,7 @@ def test_sigterm_saves_a_backup_and_the_rerun_continues_on_schedule(tmp_path, un
     assert os.path.exists(model_dir / "backup" / "finetune" / "latest.weights.h5")
     assert not os.path.exists(model_dir / "saved_model")
     if stopped.group(2):  # part-way through an epoch: the backup says where
-        epoch, batches_done = callbacks.ResumableBackup(
+        epoch, batches_done = resume.ResumableBackup(
             str(model_dir / "backup" / "finetune")).saved_position()
         assert (epoch + 1, batches_done) == (int(stopped.group(3)), int(stopped.group(2)))
 
@@ -283,7 +284,7 @@ def test_a_failed_export_leaves_the_previous_artifact_whole(tmp_path):
 def test_a_kill_during_a_backup_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-    backup = callbacks.ResumableBackup(str(tmp_path / "backup"))
+    backup = resume.ResumableBackup(str(tmp_path / "backup"))
     backup.set_model(model)
     backup.save_now(0, 3)
     weights = tmp_path / "backup" / "latest.weights.h5"

@@ -20,9 +20,9 @@ from tl_keras import errors
 from tl_keras import rundir
 from tl_keras.cli import job
 from tl_keras.errors import UsageError
-from tl_keras.training import callbacks
 from tl_keras.training import distribute
 from tl_keras.training import recipe
+from tl_keras.training import resume
 from tl_keras.training import runstate
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
@@ -320,7 +320,7 @@ def test_tpu_strategy_asks_the_resolver_for_the_tpu_and_explains_a_failure():
 
 
 def test_sigterm_across_workers_saves_no_mid_epoch_backup():
-    watcher = callbacks.PreemptionWatcher(None, steps_per_epoch=10)
+    watcher = resume.PreemptionWatcher(None, steps_per_epoch=10)
     watcher.on_train_begin()
     watcher.on_epoch_begin(2)
     watcher._on_sigterm(None, None)

@@ -14,10 +14,10 @@ from tl_keras.data import pipeline
 from tl_keras.errors import UsageError
 from tl_keras.model import backbones
 from tl_keras.model import classifier as classifier_lib
-from tl_keras.training import callbacks
 from tl_keras.training import export_weights
 from tl_keras.training import finetune
 from tl_keras.training import recipe
+from tl_keras.training import resume
 from tl_keras.training import runstate
 from tl_keras.training import train
 
@@ -395,7 +395,7 @@ def test_an_epoch_is_recorded_before_it_is_backed_up(tmp_path):
             with open(paths.history, newline="") as file:
                 rows = [int(row["epoch"]) for row in csv.DictReader(file)]
             recorded = runstate.Progress(paths.progress).phases["head"]["validation"]
-            backed_up, _ = callbacks.ResumableBackup(paths.backup_dir("head")).saved_position()
+            backed_up, _ = resume.ResumableBackup(paths.backup_dir("head")).saved_position()
             seen.append((rows[-1], recorded is not None, backed_up))
 
     _train(classifier, backbone, tmp_path, head_epochs=2, finetune_epochs=0,

@@ -179,7 +179,7 @@ def resume_position(paths):
 def backup_position(backup_dir):
     """(epoch, batches of it already trained) a restore from the backup in
     `backup_dir` starts at, or (None, 0) without one. Batches are 0 for an
-    end-of-epoch backup (see `tl_keras.training.callbacks.ResumableBackup`)."""
+    end-of-epoch backup (see `tl_keras.training.resume.ResumableBackup`)."""
     path = os.path.join(backup_dir, rundir.BACKUP_METADATA_FILE)
     if not os.path.exists(path):
         return None, 0

@@ -19,6 +19,7 @@ from tl_keras.training import callbacks
 from tl_keras.training import finetune
 from tl_keras.training import optimization
 from tl_keras.training import recipe
+from tl_keras.training import resume
 from tl_keras.training import runstate
 
 
@@ -167,14 +168,14 @@ class _Fit:
 
 def _train_phase(run, phase):
     fit, trained, rates = _configure_phase(run, phase)
-    backup = callbacks.ResumableBackup(run.paths.backup_dir(phase.name))
+    backup = resume.ResumableBackup(run.paths.backup_dir(phase.name))
     resumed_at, batches_done = backup.saved_position()
     # A phase --early_stopping ended just before a kill: it is finished from
     # its backup, without training on.
     stopped = (callbacks.early_stop(run.progress, phase, resumed_at - 1, run.early_stopping)
                if resumed_at is not None and not batches_done else None)
     _announce_phase(run, phase, trained, rates, resumed_at, batches_done, stopped)
-    watcher = callbacks.PreemptionWatcher(
+    watcher = resume.PreemptionWatcher(
         backup if run.backup_on_preemption else None, run.steps_per_epoch)
     extras = _PhaseExtras(
         early_stopping=(callbacks.PhaseEarlyStopping(run.progress, phase,
