@@ -10,9 +10,9 @@ console.quiet_startup(sys.argv)
 
 from absl import app  # noqa: E402
 
-from tl_keras import flags  # noqa: E402
-from tl_keras import job  # noqa: E402
-from tl_keras import modes  # noqa: E402
+from tl_keras.cli import flags  # noqa: E402
+from tl_keras.cli import job  # noqa: E402
+from tl_keras.cli import modes  # noqa: E402
 from tl_keras.errors import Preempted, TrainingDiverged, UsageError  # noqa: E402
 
 

@@ -35,7 +35,7 @@ console.quiet_startup(sys.argv)
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from tl_keras import folder, image_io, pipeline  # noqa: E402
+from tl_keras.data import folder, image_io, pipeline  # noqa: E402
 
 _DATA = flags.DEFINE_string("data", None, "Image folder, e.g. ../shared/data/cifar10-jpg.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "The model's input size.")

@@ -43,11 +43,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from tl_keras import backbones  # noqa: E402
-from tl_keras import classifier as classifier_lib  # noqa: E402
-from tl_keras import features  # noqa: E402
-from tl_keras import finetune  # noqa: E402
-from tl_keras import precision, recipe  # noqa: E402
+from tl_keras.model import backbones  # noqa: E402
+from tl_keras.model import classifier as classifier_lib  # noqa: E402
+from tl_keras.model import features  # noqa: E402
+from tl_keras.training import finetune  # noqa: E402
+from tl_keras.training import optimization  # noqa: E402
+from tl_keras.training import precision, recipe  # noqa: E402
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet50", "Keras Applications backbone.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Input size.")
@@ -125,7 +126,7 @@ def _seconds_per_fit(model, batch, steps, repeats):
 
 
 def _compile(model, phase, jit_compile):
-    recipe.compile_for_phase(
+    optimization.compile_for_phase(
         model, phase, steps_per_epoch=_STEPS.value, num_classes=_CLASSES.value,
         jit_compile=jit_compile, **_COMPILE)
 
@@ -225,7 +226,7 @@ def _cached_head_epoch(jit_compile, head, fixed_batch, steps, classes):
     if keras.backend.backend() == "tensorflow":
         # The run's own path (`--cache_features`): shuffled tf.data batches read
         # from the features in memory.
-        from tl_keras import pipeline
+        from tl_keras.data import pipeline
 
         batches = pipeline.feature_batches(
             np.tile(head_inputs, (steps, 1)), np.tile(np.argmax(fixed_batch.labels, 1), steps),

@@ -36,19 +36,21 @@ sys.path.insert(0, REPOSITORY)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # The transfer experiment's own --data, --work_dir and --sizes, with its defaults.
-import cifar10_transfer as transfer  # noqa: E402
+import cifar10_transfer  # noqa: E402
+from transfer import arms  # noqa: E402
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    data = os.path.abspath(transfer._DATA.value)
-    work_dir = transfer.chosen_work_dir()
-    sizes = [int(size) for size in transfer._SIZES.value or transfer.FULL_SIZES]
+    data = os.path.abspath(cifar10_transfer._DATA.value)
+    work_dir = cifar10_transfer.chosen_work_dir()
+    sizes = [int(size)
+             for size in cifar10_transfer._SIZES.value or cifar10_transfer.FULL_SIZES]
     teachers = {size: os.path.join(work_dir, f"target_n{size}_both", "model.keras")
                 for size in sizes}
     missing = [path for path in teachers.values() if not os.path.exists(path)]
-    missing += [os.path.join(data, "train", name) for name in transfer.SOURCE_CLASSES
+    missing += [os.path.join(data, "train", name) for name in arms.SOURCE_CLASSES
                 if not os.path.isdir(os.path.join(data, "train", name))]
     if missing:
         raise app.UsageError(
@@ -59,12 +61,14 @@ def main(argv):
     console.quiet_startup(sys.argv)
     import keras
 
-    from tl_keras import config, folder, self_training, unlabeled
+    from tl_keras import config
+    from tl_keras.data import folder, unlabeled
+    from tl_keras.training import self_training
 
     other_dir = os.path.join(work_dir, "other_classes")
     if not os.path.isdir(other_dir):
         partial = other_dir + ".partial"
-        for name in transfer.SOURCE_CLASSES:
+        for name in arms.SOURCE_CLASSES:
             os.makedirs(os.path.join(partial, name), exist_ok=True)
             class_dir = os.path.join(data, "train", name)
             for file_name in sorted(os.listdir(class_dir)):
@@ -72,15 +76,15 @@ def main(argv):
                 if not os.path.lexists(link):
                     os.symlink(os.path.realpath(os.path.join(class_dir, file_name)), link)
         os.replace(partial, other_dir)
-    classes = transfer.TARGET_CLASSES
+    classes = arms.TARGET_CLASSES
     threshold = {field.name: field for field in dataclasses.fields(config.Config)}[
         "pseudo_label_threshold"].metadata["flag"].default
     for size in sizes:
         splits = folder.load_folder(
             f"folder:{data}", image_size=128, resize="stretch",
-            val_fraction=transfer.TARGET_VAL_FRACTION, seed=transfer.TARGET_SEED, strict=False,
+            val_fraction=arms.TARGET_VAL_FRACTION, seed=arms.TARGET_SEED, strict=False,
             classes=classes, train_examples_per_class=size)
-        pool_dir = transfer.write_unlabeled_pool(
+        pool_dir = arms.write_unlabeled_pool(
             data, os.path.join(work_dir, f"unlabeled_n{size}"), size, classes)
         model = keras.saving.load_model(teachers[size], compile=False)
         probabilities = {}
@@ -106,7 +110,7 @@ def main(argv):
                   f"{int((kept.labels == index).sum()):,}"
                   for index, name in enumerate(classes)) + ".", flush=True)
         other = probabilities["other"]
-        for name in transfer.SOURCE_CLASSES:
+        for name in arms.SOURCE_CLASSES:
             of_class = other[other_classes == name]
             called = np.bincount(of_class.argmax(axis=1), minlength=len(classes))
             print(f"  {name}: mean confidence {of_class.max(axis=1).mean():.2f}; called "

@@ -24,7 +24,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import sliced_mock  # noqa: E402
-from tl_keras import flags  # noqa: E402  (after the device setup above)
+from tl_keras.cli import flags  # noqa: E402  (after the device setup above)
 
 SMOKE_FLAGS = os.path.join(REPO_ROOT, "configs", "smoke.flags")
 # In-process training runs use a backbone quick to trace, compile and save:
@@ -75,7 +75,7 @@ def parse_config(*args, flagfile=SMOKE_FLAGS):
 
 def run_job(tmp_path, *args):
     """Trains the smoke configuration on `TEST_BACKBONE` (plus `args`) into `tmp_path/run`."""
-    from tl_keras import job
+    from tl_keras.cli import job
 
     config, flagfile_text = parse_config(TEST_BACKBONE, f"--model_dir={tmp_path / 'run'}",
                                          *args)

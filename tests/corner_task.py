@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tl_keras import classifier as classifier_lib  # noqa: E402
-from tl_keras import gradcam  # noqa: E402
+from tl_keras.model import classifier as classifier_lib  # noqa: E402
+from tl_keras.outputs import gradcam  # noqa: E402
 
 IMAGE_SIZE = 32
 # Top-left, top-right, bottom-left, bottom-right.
@@ -49,7 +49,7 @@ def corner_images(count, seed, size=IMAGE_SIZE):
 
 def small_backbone(size=IMAGE_SIZE):
     """Three strided convolutions to a 4x4 map, average-pooled, as
-    `tl_keras.backbones.build_backbone` pools a Keras Applications model."""
+    `tl_keras.model.backbones.build_backbone` pools a Keras Applications model."""
     inputs = keras.Input((size, size, 3))
     x = inputs
     for filters in (16, 32, 32):

@@ -10,7 +10,7 @@ from absl import app  # noqa: E402
 
 import run  # noqa: E402  (first: it quiets the libraries before TensorFlow loads)
 import sliced_mock  # noqa: E402
-from tl_keras import flags  # noqa: E402
+from tl_keras.cli import flags  # noqa: E402
 
 if __name__ == "__main__":
     with sliced_mock.mock_data(num_examples=64):

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT, SMOKE_FLAGS
-from tl_keras import precision
+from tl_keras.training import precision
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 
@@ -84,9 +84,9 @@ def test_fine_tuning_controls_resume_after_a_kill_under_jax(tmp_path):
 
     import keras
 
-    from tl_keras import classifier  # what loading model.keras needs imported
     from tl_keras import rundir
-    from tl_keras import runstate
+    from tl_keras.model import classifier  # what loading model.keras needs imported
+    from tl_keras.training import runstate
 
     environment = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
     # A learning rate too small to change any prediction: fine-tuning's

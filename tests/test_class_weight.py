@@ -9,11 +9,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import IMBALANCED_TRAIN, parse_config, run_job, write_imbalanced_folder
-from tl_keras import flags
-from tl_keras import folder
-from tl_keras import modes
-from tl_keras import pipeline
-from tl_keras import recipe
+from tl_keras.cli import flags
+from tl_keras.cli import modes
+from tl_keras.data import folder
+from tl_keras.data import pipeline
+from tl_keras.training import optimization
+from tl_keras.training import recipe
 
 
 @pytest.mark.parametrize("counts, expected", [
@@ -158,14 +159,14 @@ def test_a_balanced_run_predicts_the_majority_class_less_often(tmp_path):
 def test_batchnorm_statistics_are_recomputed_from_weighted_batches():
     # --batchnorm=train recomputes statistics from the training batches, which
     # carry sample weights with --class_weight.
-    from tl_keras import finetune
+    from tl_keras.training import finetune
 
     inputs = keras.Input((4, 4, 3), dtype="uint8")
     normalised = keras.layers.BatchNormalization()(keras.ops.cast(inputs, "float32"))
     backbone = keras.Model(inputs, normalised)
     pooled = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
     classifier = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(pooled))
-    recipe.compile_for_evaluation(classifier, label_smoothing=0.0)
+    optimization.compile_for_evaluation(classifier, label_smoothing=0.0)
     training = _batches(np.array([1.0, 2.0], np.float32))
 
     validation = finetune.recompute_statistics_and_validate(

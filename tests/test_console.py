@@ -10,9 +10,9 @@ from absl import flags as absl_flags
 from absl.testing import flagsaver
 
 from conftest import REPO_ROOT, SMOKE_FLAGS
-from tl_keras import flags
-from tl_keras import predict
+from tl_keras.cli import flags
 from tl_keras.errors import UsageError
+from tl_keras.outputs import predict
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 EPOCHS = 2

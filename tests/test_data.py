@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tl_keras import data
+from tl_keras.data import tfds_dataset
 from tl_keras.errors import UsageError
 
 _TEST_OFFSET = 100  # test images count on from here, so no index is both
@@ -52,8 +52,8 @@ def _numbers(dataset):
 
 
 def _load(data_dir, train_split="train", val_split="", test_split="test", **options):
-    return data.load_tfds("numbered_images", data_dir, train_split, val_split, test_split,
-                          options.pop("val_fraction", 0.25), **options)
+    return tfds_dataset.load_tfds("numbered_images", data_dir, train_split, val_split,
+                                  test_split, options.pop("val_fraction", 0.25), **options)
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ def test_every_planned_step_trains_on_a_filtered_split(data_dir, options):
     second epoch, training fewer steps than the run planned and printed."""
     import keras
 
-    from tl_keras import pipeline
+    from tl_keras.data import pipeline
 
     splits = _load(data_dir, **options)
     batches = pipeline.training_batches(

@@ -7,8 +7,9 @@ import pytest
 
 import tiny_training
 from tl_keras import rundir
-from tl_keras import runstate
-from tl_keras import train
+from tl_keras.training import export_weights
+from tl_keras.training import runstate
+from tl_keras.training import train
 
 # Small enough that validation top-1 never changes: a plateau from the start.
 PLATEAU = 1e-12
@@ -54,7 +55,7 @@ def test_a_plateau_ends_each_phase_and_the_next_starts_at_its_planned_epoch(tmp_
         (1, "head"), (2, "head"), (4, "finetune"), (5, "finetune")]
     progress = runstate.Progress(rundir.RunPaths(str(tmp_path)).progress)
     assert progress.phases["head"]["stopped_early"]["epoch"] == 1
-    exported = train.restore_export_weights(
+    exported = export_weights.restore_export_weights(
         model, backbone, "last", phases=tiny_training.phases(3, 3, PLATEAU),
         paths=rundir.RunPaths(str(tmp_path)), unfreeze="all", train_batchnorm=False,
         label_smoothing=0.0, train_batches=None, validation_batches=None)

@@ -10,7 +10,7 @@ import pytest
 
 import tiny_training
 from tl_keras import rundir
-from tl_keras import train
+from tl_keras.training import export_weights
 
 MOMENTUM = 0.5
 
@@ -72,7 +72,7 @@ def test_the_average_is_validated_checkpointed_and_kept(tmp_path):
     model.set_weights(kept)
     np.testing.assert_allclose(_numpy(model.get_layer("head").kernel), averages[-1], rtol=1e-5)
     # The best checkpoint, what --export_weights=best evaluates and exports.
-    exported = train.restore_export_weights(
+    exported = export_weights.restore_export_weights(
         model, backbone, "best", phases=tiny_training.phases(2, 0, 0.05), paths=paths,
         unfreeze="all", train_batchnorm=False, label_smoothing=0.0, train_batches=None,
         validation_batches=None)

@@ -11,10 +11,10 @@ import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 
 from conftest import REPO_ROOT, SMOKE_FLAGS, parse_config
-from tl_keras import backbones
-from tl_keras import job
-from tl_keras import modes
+from tl_keras.cli import job
+from tl_keras.cli import modes
 from tl_keras.errors import UsageError
+from tl_keras.model import backbones
 
 
 @pytest.mark.parametrize(

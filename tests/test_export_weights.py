@@ -12,13 +12,13 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_job
-from tl_keras import backbones
-from tl_keras import classifier as classifier_lib
-from tl_keras import pipeline
-from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import runstate
-from tl_keras import train
+from tl_keras.data import pipeline
+from tl_keras.model import backbones
+from tl_keras.model import classifier as classifier_lib
+from tl_keras.training import export_weights
+from tl_keras.training import recipe
+from tl_keras.training import runstate
 
 
 def _write_dark_and_bright_images(root):
@@ -166,7 +166,7 @@ def test_model_keras_holds_the_trained_optimizer_under_a_mixed_policy(tmp_path, 
     """The float32 copy that is exported is compiled with the trained
     optimizer's state, which a mixed run's `model.keras` used to lose."""
     import tiny_training
-    from tl_keras import export
+    from tl_keras.outputs import export
 
     keras.config.set_dtype_policy(policy)
     model, _ = tiny_training.build()
@@ -199,7 +199,7 @@ def test_export_weights_last_restores_the_last_epoch(bfloat16_run):
     paths = rundir.RunPaths(config.model_dir)
     phases = recipe.plan_phases(head_epochs=2, head_learning_rate=1e-2, finetune_epochs=1,
                                finetune_learning_rate=1e-2, warmup_epochs=0)
-    exported = train.restore_export_weights(
+    exported = export_weights.restore_export_weights(
         model, model.get_layer("resnet50"), "last", phases=phases, paths=paths,
         unfreeze="all", train_batchnorm=False, label_smoothing=0.0, train_batches=None,
         validation_batches=None)
@@ -240,7 +240,7 @@ def test_best_weights_get_batchnorm_statistics_of_their_own(tmp_path, capsys, la
         (images, np.eye(2, dtype=np.float32)[np.arange(16) % 2])).batch(8)
     phases = recipe.plan_phases(head_epochs=1, head_learning_rate=1e-3, finetune_epochs=2,
                                finetune_learning_rate=1e-3, warmup_epochs=0)
-    exported = train.restore_export_weights(
+    exported = export_weights.restore_export_weights(
         classifier, backbone, "best", phases=phases, paths=paths, unfreeze="all",
         train_batchnorm=True, label_smoothing=0.0, train_batches=batches,
         validation_batches=batches)

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, SMOKE_FLAGS
-from tl_keras import callbacks
 from tl_keras import errors
-from tl_keras import export
 from tl_keras import rundir
 from tl_keras.errors import UsageError
+from tl_keras.outputs import export
+from tl_keras.training import callbacks
+from tl_keras.training import resume
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 # Four epochs across both phases, small enough to run in seconds each.
@@ -127,7 +128,7 @@ def test_sigterm_saves_a_backup_and_the_rerun_continues_on_schedule(tmp_path, un
     assert os.path.exists(model_dir / "backup" / "finetune" / "latest.weights.h5")
     assert not os.path.exists(model_dir / "saved_model")
     if stopped.group(2):  # part-way through an epoch: the backup says where
-        epoch, batches_done = callbacks.ResumableBackup(
+        epoch, batches_done = resume.ResumableBackup(
             str(model_dir / "backup" / "finetune")).saved_position()
         assert (epoch + 1, batches_done) == (int(stopped.group(3)), int(stopped.group(2)))
 
@@ -186,8 +187,8 @@ def test_a_folder_that_holds_no_run_is_refused_and_left_alone(tmp_path, overwrit
 
 def test_training_into_a_folder_of_the_users_stops_before_any_work(tmp_path, monkeypatch):
     from conftest import parse_config
-    from tl_keras import job
-    from tl_keras import sources
+    from tl_keras.cli import job
+    from tl_keras.data import sources
 
     (tmp_path / "photo.jpg").write_bytes(b"precious")
     monkeypatch.setattr(sources, "load_splits", lambda config: pytest.fail("data was read"))
@@ -275,7 +276,7 @@ def test_a_failed_export_leaves_the_previous_artifact_whole(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        export._write_atomically(str(path), crash_half_way)
+        export.write_atomically(str(path), crash_half_way)
 
     assert (path / "saved_model.pb").read_text() == "the previous, complete model"
     assert os.listdir(tmp_path) == ["saved_model"]
@@ -285,7 +286,7 @@ def _backed_up_model(tmp_path):
     """(a model, its `ResumableBackup` saved 3 batches into the first epoch)."""
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-    backup = callbacks.ResumableBackup(str(tmp_path / "backup"))
+    backup = resume.ResumableBackup(str(tmp_path / "backup"))
     backup.set_model(model)
     backup.save_now(0, 3)
     return model, backup

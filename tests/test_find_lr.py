@@ -19,11 +19,11 @@ import sliced_mock
 import tiny_training
 from conftest import REPO_ROOT, SMOKE_FLAGS, TEST_BACKBONE, parse_config
 from tl_keras import config as config_lib
-from tl_keras import modes
-from tl_keras import lr_finder
 from tl_keras import rundir
-from tl_keras import runstate
+from tl_keras.cli import modes
 from tl_keras.errors import UsageError
+from tl_keras.training import lr_finder
+from tl_keras.training import runstate
 
 STEPS = 10
 

@@ -21,7 +21,7 @@ import pytest
 from absl import flags as absl_flags
 
 from conftest import REPO_ROOT
-from tl_keras import flags
+from tl_keras.cli import flags
 
 FLAG_REFERENCE = os.path.join(REPO_ROOT, "docs", "flags.md")
 
@@ -109,4 +109,5 @@ def test_the_option_definitions_import_no_stage_and_no_tensorflow():
         [sys.executable, "-c", "import sys, tl_keras.config; print(sorted(sys.modules))"],
         capture_output=True, text=True, check=True).stdout
     assert "'tensorflow'" not in loaded
-    assert "'tl_keras.distribute'" not in loaded and "'tl_keras.export'" not in loaded
+    assert "'tl_keras.training.distribute'" not in loaded
+    assert "'tl_keras.outputs.tflite'" not in loaded

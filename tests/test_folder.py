@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tl_keras import folder
-from tl_keras import image_io
-from tl_keras import pipeline
+from tl_keras.data import folder
+from tl_keras.data import image_io
+from tl_keras.data import pipeline
 from tl_keras.errors import UsageError
 
 
@@ -228,10 +228,10 @@ def test_unknown_class_names_the_closest(tmp_path):
 
 
 def test_tfds_subsets_count_and_renumber(mock_tfds):
-    from tl_keras import data
+    from tl_keras.data import tfds_dataset
 
-    splits = data.load_tfds("cifar10", None, "train", "", "test", 0.1,
-                            classes=("3", "5"), train_examples_per_class=2, seed=0)
+    splits = tfds_dataset.load_tfds("cifar10", None, "train", "", "test", 0.1,
+                                    classes=("3", "5"), train_examples_per_class=2, seed=0)
 
     assert splits.class_names == ("3", "5")
     train_labels = sorted(int(label) for _, label in splits.train)
@@ -273,7 +273,7 @@ def test_augmentation_changes_training_batches_reproducibly(examples, augmentati
 
 @pytest.mark.parametrize("index", range(5))
 def test_cutmix_labels_follow_the_pasted_area(index):
-    from tl_keras import augment
+    from tl_keras.data import augment
 
     # A black image of class 0 and a white one of class 1: the share of black
     # pixels left in the first must be its class-0 label weight.

@@ -11,10 +11,10 @@ import pytest
 
 import corner_task
 from conftest import REPO_ROOT
-from tl_keras import backbones
-from tl_keras import classifier as classifier_lib
-from tl_keras import gradcam
 from tl_keras.errors import UsageError
+from tl_keras.model import backbones
+from tl_keras.model import classifier as classifier_lib
+from tl_keras.outputs import gradcam
 
 
 def _images(count, size, seed=0):

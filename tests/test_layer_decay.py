@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import tiny_training
-from tl_keras import backbones
-from tl_keras import layer_decay
-from tl_keras import recipe
+from tl_keras.model import backbones
+from tl_keras.model import layer_decay
+from tl_keras.training import optimization
 
 
 @pytest.mark.parametrize("name, count, stem, top", [
@@ -70,7 +70,7 @@ def test_each_block_trains_at_the_peak_rate_times_the_decay_to_its_depth(tmp_pat
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_weight_decay_scales_with_the_rate(name):
     weight = keras.Variable(np.ones(4, "float32"))
-    optimizer = recipe.make_optimizer(name, 0.1, weight_decay=0.5,
+    optimizer = optimization.make_optimizer(name, 0.1, weight_decay=0.5,
                                       rate_factors={id(weight): 0.25})
 
     # No gradient: the step is the decoupled weight decay alone.
@@ -82,7 +82,7 @@ def test_weight_decay_scales_with_the_rate(name):
 @pytest.mark.slow  # test_backends's JAX run loads such a model.keras too
 def test_a_model_saved_with_the_optimizer_loads(tmp_path):
     model, _ = tiny_training.build()
-    model.compile(optimizer=recipe.make_optimizer("adamw", 1e-3, 0.05, rate_factors={}),
+    model.compile(optimizer=optimization.make_optimizer("adamw", 1e-3, 0.05, rate_factors={}),
                   loss="categorical_crossentropy")
     model.fit(tiny_training.one_batch(), steps_per_epoch=1, shuffle=False, verbose=0)
     model.save(tmp_path / "model.keras")

@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 
 import tiny_training
-from tl_keras import monitor
 from tl_keras import rundir
 from tl_keras.errors import Preempted
+from tl_keras.training import monitor
 
 HEAD_EPOCHS, FINETUNE_EPOCHS = 3, 1
 STEPS_PER_EPOCH = 2
@@ -40,7 +40,7 @@ class _TerminateAfterFirstBatch(keras.callbacks.Callback):
 
 
 def _train(model_dir, *extra_callbacks):
-    """The tiny classifier's two phases, with `tl_keras.monitor.PhaseMonitor`
+    """The tiny classifier's two phases, with `tl_keras.training.monitor.PhaseMonitor`
     writing to `model_dir/tensorboard/run`; what Keras printed (verbose=2)."""
     model, backbone = tiny_training.build()
     run_log = monitor.RunLog(rundir.RunPaths(str(model_dir)).tensorboard)

@@ -16,14 +16,14 @@ import tensorflow as tf
 from absl import flags as absl_flags
 
 from conftest import REPO_ROOT, SMOKE_FLAGS, parse_config
-from tl_keras import callbacks
-from tl_keras import distribute
 from tl_keras import errors
-from tl_keras import job
-from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import runstate
+from tl_keras.cli import job
 from tl_keras.errors import UsageError
+from tl_keras.training import distribute
+from tl_keras.training import recipe
+from tl_keras.training import resume
+from tl_keras.training import runstate
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--head_epochs=1", "--finetune_epochs=3",
@@ -278,8 +278,8 @@ def test_tpu_needs_an_address():
 _FAKE_RESOLVER_SCRIPT = """
 import sys
 import tensorflow as tf
-from tl_keras import distribute
 from tl_keras.errors import UsageError
+from tl_keras.training import distribute
 
 class FakeResolver(tf.distribute.cluster_resolver.TPUClusterResolver):
     # A resolver for a TPU that asks no metadata service: an empty cluster, so
@@ -320,7 +320,7 @@ def test_tpu_strategy_asks_the_resolver_for_the_tpu_and_explains_a_failure():
 
 
 def test_sigterm_across_workers_saves_no_mid_epoch_backup():
-    watcher = callbacks.PreemptionWatcher(None, steps_per_epoch=10)
+    watcher = resume.PreemptionWatcher(None, steps_per_epoch=10)
     watcher.on_train_begin()
     watcher.on_epoch_begin(2)
     watcher._on_sigterm(None, None)

@@ -9,7 +9,8 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_job
-from tl_keras import evaluate, image_io, pipeline, predict, sources
+from tl_keras.data import image_io, pipeline, sources
+from tl_keras.outputs import evaluate, predict
 
 # Training images all share one size; test images come in others, landscape
 # and portrait, larger and smaller than the 32 px input.

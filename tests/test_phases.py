@@ -9,16 +9,17 @@ import pytest
 import tensorflow as tf
 import keras
 
-from tl_keras import backbones
-from tl_keras import callbacks
-from tl_keras import classifier as classifier_lib
-from tl_keras import finetune
-from tl_keras import pipeline
-from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import runstate
-from tl_keras import train
+from tl_keras.data import pipeline
 from tl_keras.errors import UsageError
+from tl_keras.model import backbones
+from tl_keras.model import classifier as classifier_lib
+from tl_keras.training import export_weights
+from tl_keras.training import finetune
+from tl_keras.training import recipe
+from tl_keras.training import resume
+from tl_keras.training import runstate
+from tl_keras.training import train
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 32
@@ -350,7 +351,7 @@ def test_recomputed_statistics_can_make_the_last_epoch_the_best(tmp_path, monkey
     paths = rundir.RunPaths(str(tmp_path))
     best = runstate.Progress(paths.progress).best
     assert (best["phase"], best["epoch"], best["validation"]) == ("finetune", 2, recomputed)
-    exported = train.restore_export_weights(
+    exported = export_weights.restore_export_weights(
         classifier, backbone, "best", phases=recipe.plan_phases(
             head_epochs=1, head_learning_rate=1e-2, finetune_epochs=2,
             finetune_learning_rate=1e-2, warmup_epochs=0),
@@ -394,7 +395,7 @@ def test_an_epoch_is_recorded_before_it_is_backed_up(tmp_path):
             with open(paths.history, newline="") as file:
                 rows = [int(row["epoch"]) for row in csv.DictReader(file)]
             recorded = runstate.Progress(paths.progress).phases["head"]["validation"]
-            backed_up, _ = callbacks.ResumableBackup(paths.backup_dir("head")).saved_position()
+            backed_up, _ = resume.ResumableBackup(paths.backup_dir("head")).saved_position()
             seen.append((rows[-1], recorded is not None, backed_up))
 
     _train(classifier, backbone, tmp_path, head_epochs=2, finetune_epochs=0,

@@ -8,11 +8,11 @@ from absl import flags as absl_flags
 from absl.testing import flagsaver
 
 from conftest import SMOKE_FLAGS, TEST_BACKBONE
-from tl_keras import flags
-from tl_keras import job
-from tl_keras import recipe
 from tl_keras import rundir
+from tl_keras.cli import flags
+from tl_keras.cli import job
 from tl_keras.errors import UsageError
+from tl_keras.training import auto_recipe
 
 SMALL, LARGE = 1_000, 1_200_000
 
@@ -28,8 +28,8 @@ def _parse(*args, flagfile=None):
 
 def test_a_small_and_a_large_dataset_get_bits_choices_for_their_size():
     config, _, given = _parse("--recipe=auto")
-    small = recipe.auto_recipe(SMALL, config, given).values
-    large = recipe.auto_recipe(LARGE, config, given).values
+    small = auto_recipe.auto_recipe(SMALL, config, given).values
+    large = auto_recipe.auto_recipe(LARGE, config, given).values
     # BiT: 100 steps of 512 under 5,000 images, 20,000 steps from 500,000 on.
     # At --batch_size=64, 1,000 images are 15 steps (960 images) an epoch.
     assert small == {"finetune_epochs": 54, "head_epochs": 6, "warmup_epochs": 5.4,
@@ -40,14 +40,14 @@ def test_a_small_and_a_large_dataset_get_bits_choices_for_their_size():
 
 def test_a_tiny_dataset_gets_at_most_the_epoch_cap():
     config, _, given = _parse("--recipe=auto")
-    chosen = recipe.auto_recipe(200, config, given)
-    assert chosen.values["finetune_epochs"] == recipe.AUTO_MAX_EPOCHS
-    assert f"at most {recipe.AUTO_MAX_EPOCHS}" in "\n".join(chosen.lines)
+    chosen = auto_recipe.auto_recipe(200, config, given)
+    assert chosen.values["finetune_epochs"] == auto_recipe.AUTO_MAX_EPOCHS
+    assert f"at most {auto_recipe.AUTO_MAX_EPOCHS}" in "\n".join(chosen.lines)
 
 
 def test_the_choices_are_printed_with_their_reasons():
     config, _, given = _parse("--recipe=auto")
-    lines = recipe.auto_recipe(SMALL, config, given).lines
+    lines = auto_recipe.auto_recipe(SMALL, config, given).lines
     assert lines[0] == ("Recipe auto, for 1,000 training images (BiT's HyperRule: "
                         "under 5,000 images):")
     assert ("  --finetune_epochs=54: BiT fine-tunes on 51,200 examples (100 steps of 512) "
@@ -60,7 +60,7 @@ def test_an_explicit_flag_wins_also_from_a_flagfile(tmp_path):
     flagfile.write_text("--finetune_epochs=7\n")
     config, _, given = _parse("--recipe=auto", "--augment=randaugment", "--mixup=0",
                               flagfile=str(flagfile))
-    chosen = recipe.auto_recipe(LARGE, config, given)
+    chosen = auto_recipe.auto_recipe(LARGE, config, given)
     assert {"finetune_epochs", "augment", "mixup"}.isdisjoint(chosen.values)
     # What depends on a kept value follows it.
     assert chosen.values["head_epochs"] == 1 and chosen.values["warmup_epochs"] == 0.18
@@ -70,13 +70,13 @@ def test_an_explicit_flag_wins_also_from_a_flagfile(tmp_path):
 
 def test_cache_features_keeps_the_images_unaugmented():
     config, _, given = _parse("--recipe=auto", "--cache_features")
-    chosen = recipe.auto_recipe(LARGE, config, given).values
+    chosen = auto_recipe.auto_recipe(LARGE, config, given).values
     assert chosen["augment"] == "none" and chosen["mixup"] == 0.0
 
 
 def test_a_given_cutmix_gets_no_mixup_beside_it():
     config, _, given = _parse("--recipe=auto", "--cutmix=1.0")
-    assert recipe.auto_recipe(LARGE, config, given).values["mixup"] == 0.0
+    assert auto_recipe.auto_recipe(LARGE, config, given).values["mixup"] == 0.0
 
 
 def test_a_given_warmup_longer_than_the_chosen_fine_tuning_is_refused():
@@ -84,7 +84,7 @@ def test_a_given_warmup_longer_than_the_chosen_fine_tuning_is_refused():
     config, _, given = _parse("--recipe=auto", "--warmup_epochs=9.5")
     with pytest.raises(UsageError, match=r"--warmup_epochs=9.5 leaves no fine-tuning "
                                          r"after warmup in the --finetune_epochs=9"):
-        recipe.auto_recipe(LARGE, config, given)
+        auto_recipe.auto_recipe(LARGE, config, given)
 
 
 def test_manual_still_checks_warmup_against_fine_tuning_when_parsed():
@@ -102,7 +102,7 @@ def test_given_flags_are_those_set_on_the_command_line_or_in_a_flagfile():
 
 def test_flags_txt_holds_the_choices_and_reruns_them(tmp_path):
     config, flagfile_text, given = _parse("--recipe=auto", f"--model_dir={tmp_path}")
-    chosen = recipe.auto_recipe(SMALL, config, given)
+    chosen = auto_recipe.auto_recipe(SMALL, config, given)
     written = rundir.with_flag_values(flagfile_text, chosen.values)
     # Just as the flags would write it had they been given so.
     _, explicit, _ = _parse("--recipe=auto", f"--model_dir={tmp_path}",
@@ -113,7 +113,7 @@ def test_flags_txt_holds_the_choices_and_reruns_them(tmp_path):
     assert rerun.recipe == "auto" and rerun.finetune_epochs == 54
     assert rerun.augment == "basic" and rerun.warmup_epochs == 5.4
     # Every option of flags.txt is given: rerun, the recipe changes nothing.
-    assert recipe.auto_recipe(SMALL, rerun, rerun_given).values == {}
+    assert auto_recipe.auto_recipe(SMALL, rerun, rerun_given).values == {}
 
 
 def test_run_training_decides_before_claiming_the_folder(tmp_path, mock_tfds, monkeypatch,

@@ -99,7 +99,7 @@ def test_a_flag_after_the_flagfile_wins(tmp_path):
 
 def _saved_model_top1(config):
     """The exported model's top-1 on the run's test split, image by image."""
-    from tl_keras import sources
+    from tl_keras.data import sources
 
     serving = tf.saved_model.load(os.path.join(config.model_dir, "saved_model"))
     classify = serving.signatures["serving_default"]

@@ -18,15 +18,16 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import REPO_ROOT, SMOKE_FLAGS, TEST_BACKBONE, parse_config
-from tl_keras import folder
-from tl_keras import monitor
-from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import runstate
-from tl_keras import self_training
-from tl_keras import train
-from tl_keras import unlabeled
+from tl_keras.data import folder
+from tl_keras.data import unlabeled
 from tl_keras.errors import UsageError
+from tl_keras.training import export_weights
+from tl_keras.training import monitor
+from tl_keras.training import recipe
+from tl_keras.training import runstate
+from tl_keras.training import self_training
+from tl_keras.training import train
 
 CLASSES = ("bright", "dark")
 _BRIGHTNESS = {"bright": 195, "dark": 60}
@@ -361,7 +362,7 @@ def test_a_round_that_lowers_validation_top1_is_not_exported(tmp_path):
     progress = runstate.Progress(paths.progress)
     round_top1 = progress.phases["self_training_1"]["validation"]["top1"]
     assert progress.best["phase"] == "finetune" and round_top1 < progress.best_top1
-    exported = train.restore_export_weights(
+    exported = export_weights.restore_export_weights(
         model, backbone, "best", phases=phases, paths=paths, unfreeze="all",
         train_batchnorm=False, label_smoothing=0.0, train_batches=right,
         validation_batches=right.take(1))
@@ -436,9 +437,9 @@ def _tfds_pool(source, splits, dataset="cifar10"):
 ])
 def test_a_tfds_pool_that_shares_the_validation_or_test_split_is_refused(
         mock_tfds, source, role):
-    from tl_keras import data
+    from tl_keras.data import tfds_dataset
 
-    splits = data.load_tfds("cifar10", None, "train", "", "test", 0.1)
+    splits = tfds_dataset.load_tfds("cifar10", None, "train", "", "test", 0.1)
     with pytest.raises(UsageError, match=f"shares examples with the run's {role} split"):
         _tfds_pool(source, splits)
 
@@ -449,30 +450,30 @@ def test_a_tfds_pool_that_shares_the_validation_or_test_split_is_refused(
     ("cifar10:3.0.2", "tfds:cifar10:3.0.2:test[:10%]"),
 ])
 def test_a_version_in_either_name_does_not_hide_the_overlap(mock_tfds, dataset, source):
-    from tl_keras import data
+    from tl_keras.data import tfds_dataset
 
-    splits = data.load_tfds(dataset, None, "train", "", "test", 0.1)
+    splits = tfds_dataset.load_tfds(dataset, None, "train", "", "test", 0.1)
     with pytest.raises(UsageError, match=f"shares examples with the run's test split "
                                          f"\\(test.* of --dataset={dataset}\\)"):
         _tfds_pool(source, splits, dataset=dataset)
 
 
 def test_a_pool_names_its_version_between_name_and_split(mock_tfds):
-    from tl_keras import data
+    from tl_keras.data import tfds_dataset
 
     assert unlabeled.parse_tfds_source("tfds:cifar10:3.0.2:train[:50%]") == (
         "cifar10", "3.0.2", "train[:50%]")
     assert unlabeled.parse_tfds_source("tfds:cifar10:train[:50%]") == (
         "cifar10", None, "train[:50%]")
-    splits = data.load_tfds("cifar10", None, "train", "", "test", 0.1)
+    splits = tfds_dataset.load_tfds("cifar10", None, "train", "", "test", 0.1)
     pool = _tfds_pool("tfds:cifar10:3.0.2:train[:50%]", splits)
     assert len(pool) == 32
 
 
 def test_a_tfds_pool_reads_the_chosen_examples_with_their_pseudo_labels(mock_tfds):
-    from tl_keras import data
+    from tl_keras.data import tfds_dataset
 
-    splits = data.load_tfds("cifar10", None, "train", "", "test", 0.1)
+    splits = tfds_dataset.load_tfds("cifar10", None, "train", "", "test", 0.1)
     pool = _tfds_pool("tfds:cifar10:train[:50%]", splits)
     assert len(pool) == 32 and pool.ids[3] == "tfds:cifar10:train[:50%]#3"
     assert (pool.hidden_labels >= 0).all()  # the mock's labels name cifar10's classes

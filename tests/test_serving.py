@@ -18,9 +18,9 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import sliced_mock
 from conftest import REPO_ROOT
-from tl_keras import evaluate
-from tl_keras import flags
-from tl_keras import modes
+from tl_keras.cli import flags
+from tl_keras.cli import modes
+from tl_keras.outputs import evaluate
 
 
 def test_report_matches_a_hand_computed_confusion_matrix():
@@ -222,7 +222,7 @@ def _cli_signatures(saved_model):
 def test_the_documented_serving_tables_are_what_saved_model_cli_shows(tmp_path):
     import keras
 
-    from tl_keras import export
+    from tl_keras.outputs import export
 
     # Three classes, fewer than the five top-k outputs, so a shape that
     # confuses `classes`, 5 and min(5, classes) shows.

@@ -15,8 +15,8 @@ from PIL import Image
 
 import sliced_mock
 from conftest import TEST_BACKBONE, parse_config
-from tl_keras import job
-from tl_keras import modes
+from tl_keras.cli import job
+from tl_keras.cli import modes
 
 pytest.importorskip("tensorflow.lite.python.lite",
                     reason="this TensorFlow has no TFLite converter")

@@ -15,10 +15,10 @@ from absl.testing import flagsaver
 from PIL import Image
 
 import sliced_mock
-from tl_keras import evaluate
-from tl_keras import export
-from tl_keras import flags
-from tl_keras import modes
+from tl_keras.cli import flags
+from tl_keras.cli import modes
+from tl_keras.outputs import evaluate
+from tl_keras.outputs import export
 
 CLASS_NAMES = ["ant", "bee", "cat"]
 

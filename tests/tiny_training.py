@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import recipe
 from tl_keras import rundir
-from tl_keras import train
+from tl_keras.training import recipe
+from tl_keras.training import train
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 16

@@ -3,21 +3,23 @@ of each of its options.
 
 Each field of `Config` is an option, defined once, here: its name, its type,
 and as metadata the flag that sets it (kind, default, choices, help text, help
-group). `tl_keras.flags` makes the absl flags and `to_config` from these
-fields, and a test checks the README's flag table against them. Only
-`tl_keras.flags` reads flags; every other module takes the values it needs as
-arguments, so library code never reads flags.
+group). So is each field of `ModeOptions`, the options of what the process
+does (train, evaluate, ...) rather than of the run. `tl_keras.cli.flags` makes
+the absl flags and `to_config` from these fields, and a test checks the
+README's flag table against them. Only `tl_keras.cli.flags` reads flags; every
+other module takes the values it needs as arguments, so library code never
+reads flags.
 
 A field has no default of its own: the flag's default is what a command line
 that leaves the flag out gets, and some flags (`--image_size`, `--model_dir`)
-default to None, which `tl_keras.flags.to_config` works out into a value.
+default to None, which `tl_keras.cli.flags.to_config` works out into a value.
 """
 
 import dataclasses
 
 # The choices of two options, here with the rest of their definitions, so that
 # this plain-object module imports nothing of the stages (nor TensorFlow);
-# tl_keras.distribute and tl_keras.export import them from here.
+# tl_keras.training.distribute and tl_keras.outputs.tflite import them from here.
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 TFLITE_QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
 
@@ -77,6 +79,7 @@ MODEL = OptionGroup("Model")
 TRAINING = OptionGroup("Training")
 SELF_TRAINING = OptionGroup("Self-training")
 RUN = OptionGroup("Run")
+MODES = OptionGroup("Modes")
 
 
 def flag_spec(field):
@@ -300,10 +303,52 @@ class Config:
         "TensorBoard (e.g. 10,20).")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModeOptions:
+    """The options of what this process does, not of the training run itself:
+    `tl_keras.cli.flags.to_flagfile` leaves them out, so rerunning a run's
+    flags.txt trains it.
+
+    Never instantiated: only its fields are read, defined like `Config`'s.
+    """
+    mode: str = MODES.enum(
+        "train", ["train", "evaluate", "predict", "find_lr"],
+        "train: train, evaluate and export. evaluate: evaluate the finished run in "
+        "--model_dir on --split. predict: classify --images with that run's SavedModel, "
+        "or with the .tflite file --model_dir names (its labels.txt beside it). "
+        "find_lr: a learning-rate range test of --find_lr_phase, written to "
+        "--model_dir/find_lr/; it changes nothing else there.")
+    split: str = MODES.enum(
+        "test", ["train", "validation", "test"], "--mode=evaluate: the split.")
+    images: str | None = MODES.string(
+        None, "--mode=predict: an image file, a folder, or a glob.")
+    top_k: int = MODES.integer(5, "--mode=predict: classes shown per image.")
+    output: str | None = MODES.string(
+        None, "--mode=predict: also write the predictions to this CSV file.")
+    find_lr_phase: str = MODES.enum(
+        "head", ["head", "finetune"],
+        "--mode=find_lr: the phase whose learning rate is tested, set up as training "
+        "sets it up. finetune starts from the head phase's end weights of the run in "
+        "--model_dir when it has them and its flags.txt matches these flags (phase 2's "
+        "own options may differ), else from an untrained head.")
+    find_lr_steps: int = MODES.integer(
+        100, "--mode=find_lr: training steps over which the rate rises from 1e-7 to 1.")
+    explain: bool = MODES.boolean(
+        False,
+        "--mode=predict: also write each image's Grad-CAM heatmap, for its top class, "
+        "over it as a PNG under RUN/explanations/. Needs a run folder, not a .tflite file.")
+    overwrite: bool = RUN.boolean(
+        False,
+        "Train afresh in a --model_dir that holds a complete or unfinished run, "
+        "deleting what that run wrote and nothing else. Without it, a complete run is "
+        "left alone and an interrupted one resumes. A folder that holds no run is "
+        "never written into unless it is empty.")
+
+
 # The options a run's head phase doesn't depend on: what phase 2 and the
 # self-training rounds do, what is evaluated and exported afterwards, and where
 # and how the same computation runs. A range test of phase 2 starts from a
-# run's head only when every other option matches (`tl_keras.lr_finder`), so
+# run's head only when every other option matches (`tl_keras.training.lr_finder`), so
 # these may differ: the head is still the one these flags' run would train.
 NOT_IN_THE_HEAD_PHASE = frozenset({
     "finetune_epochs", "finetune_learning_rate", "warmup_epochs", "unfreeze",

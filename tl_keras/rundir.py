@@ -27,7 +27,7 @@ TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 BACKUP_DIR = "backup"
 FEATURES_DIR = "features"
-# Each self-training round's pseudo-labels, round_N.json (tl_keras.self_training).
+# Each self-training round's pseudo-labels, round_N.json (tl_keras.training.self_training).
 SELF_TRAINING_DIR = "self_training"
 PLOTS_DIR = "plots"
 EVALUATION_DIR = "evaluation"
@@ -67,7 +67,7 @@ RUN_OUTPUTS = frozenset({
     FEATURES_DIR, SELF_TRAINING_DIR, PLOTS_DIR, EVALUATION_DIR, EXPLANATIONS_DIR,
     SAVED_MODEL_DIR, KERAS_MODEL_FILE, TFLITE_FILE, TFLITE_LABELS_FILE, BACKBONE_WEIGHTS_FILE,
 })
-# Temporary folders of atomic writes (tl_keras.export), left by a kill.
+# Temporary folders of atomic writes (tl_keras.outputs.export), left by a kill.
 TEMPORARY_PREFIX = ".export-"
 # How many entries of a folder that holds no run the refusal names.
 _ENTRIES_SHOWN = 5
@@ -100,7 +100,7 @@ class RunPaths:
     training_curves = property(lambda self: self._in(PLOTS_DIR, "training_curves.png"))
     best_checkpoint = property(lambda self: self._in(CHECKPOINTS_DIR, "best.weights.h5"))
     # Where a new best epoch's weights are written, until progress.json has
-    # recorded which epoch they are (see `tl_keras.runstate`).
+    # recorded which epoch they are (see `tl_keras.training.runstate`).
     pending_best_checkpoint = property(
         lambda self: self._in(CHECKPOINTS_DIR, "best.pending.weights.h5"))
     backups = property(lambda self: self._in(BACKUP_DIR))
@@ -308,7 +308,7 @@ def with_flag_values(flagfile_text, values):
     the flag's line or appended after the others.
 
     Args:
-        flagfile_text: a flags.txt text, as `tl_keras.flags.to_flagfile` writes.
+        flagfile_text: a flags.txt text, as `tl_keras.cli.flags.to_flagfile` writes.
         values: {flag name: int, float or string value}.
     """
     lines = flagfile_text.splitlines()
