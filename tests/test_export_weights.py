@@ -17,6 +17,7 @@ from tl_keras.data import pipeline
 from tl_keras.model import backbones
 from tl_keras.model import classifier as classifier_lib
 from tl_keras.training import export_weights
+from tl_keras.training import optimization
 from tl_keras.training import recipe
 from tl_keras.training import runstate
 
@@ -171,7 +172,7 @@ def test_model_keras_holds_the_trained_optimizer_under_a_mixed_policy(tmp_path, 
     keras.config.set_dtype_policy(policy)
     model, _ = tiny_training.build()
     keras.config.set_dtype_policy("float32")
-    model.compile(optimizer=recipe.make_optimizer("adamw", 1e-3, 0.05, rate_factors={}),
+    model.compile(optimizer=optimization.make_optimizer("adamw", 1e-3, 0.05, rate_factors={}),
                   loss="categorical_crossentropy", metrics=["categorical_accuracy"])
     model.fit(tiny_training.one_batch(), steps_per_epoch=3, verbose=0)
     trained = getattr(model.optimizer, "inner_optimizer", model.optimizer)
