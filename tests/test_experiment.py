@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tl_keras import config
+from tl_keras import options
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPOSITORY, "experiments", "cifar10_transfer.py")
@@ -73,7 +74,7 @@ def test_the_self_training_arm_is_both_phases_then_a_round_on_the_pool(mode):
 
 def test_full_modes_round_is_the_tools_default_round():
     """docs/results.md presents arm (d) as a round with the tool's defaults."""
-    default = {field.name: config.flag_spec(field).default
+    default = {field.name: options.flag_spec(field).default
                for field in dataclasses.fields(config.Config)}
     assert arms_lib.FULL.self_training_epochs == default["self_training_epochs"]
     assert arms_lib.QUICK.self_training_epochs < arms_lib.FULL.self_training_epochs

@@ -23,6 +23,7 @@ from tl_keras import rundir
 from tl_keras.cli import modes
 from tl_keras.errors import UsageError
 from tl_keras.training import lr_finder
+from tl_keras.training import lr_finder_setup
 from tl_keras.training import runstate
 
 STEPS = 10
@@ -187,7 +188,7 @@ def test_fine_tuning_sweeps_each_block_at_its_layer_decay_factor(monkeypatch):
     # their sum (within 1%: Adam's step is the rate only for a steady gradient).
     monkeypatch.setattr(lr_finder, "MAX_LEARNING_RATE", 1e-4)
 
-    trained, rates = lr_finder.set_up_phase(model, backbone, "finetune", unfreeze="all",
+    trained, rates = lr_finder_setup.set_up_phase(model, backbone, "finetune", unfreeze="all",
                                             train_batchnorm=False, decay=0.5)
     test = lr_finder.range_test(
         model, tiny_training.one_batch(), steps=STEPS, phase="finetune", trained=trained,
@@ -203,7 +204,7 @@ def test_fine_tuning_sweeps_each_block_at_its_layer_decay_factor(monkeypatch):
     for depth, name in enumerate(reversed(tiny_training.BLOCKS), start=1):
         assert moved(backbone.get_layer(name)) == pytest.approx(swept * 0.5**depth,
                                                                  rel=1e-2), name
-    assert lr_finder.describe_optimizer(rates, ema=0.0) == [
+    assert lr_finder_setup.describe_optimizer(rates, ema=0.0) == [
         "Layer-wise learning-rate decay 0.5, as fine-tuning trains: the head at the rate "
         "swept, the backbone's 3 blocks at 0.5 (the top one) down to 0.125 (the stem) "
         "times it. The suggestion is the head's rate, as --finetune_learning_rate is."]
@@ -211,10 +212,10 @@ def test_fine_tuning_sweeps_each_block_at_its_layer_decay_factor(monkeypatch):
 
 def test_the_head_phase_sweeps_without_layer_decay_and_ema_is_left_out_in_words():
     model, backbone = tiny_training.build()
-    assert lr_finder.set_up_phase(model, backbone, "head", unfreeze="all",
+    assert lr_finder_setup.set_up_phase(model, backbone, "head", unfreeze="all",
                                   train_batchnorm=False, decay=0.5) == ("the head", None)
-    assert lr_finder.describe_optimizer(None, ema=0.0) == []
-    [line] = lr_finder.describe_optimizer(None, ema=0.999)
+    assert lr_finder_setup.describe_optimizer(None, ema=0.0) == []
+    [line] = lr_finder_setup.describe_optimizer(None, ema=0.999)
     assert line.startswith("--ema=0.999 is left out: the moving average changes no "
                            "training step")
 
@@ -240,7 +241,7 @@ def test_a_head_trained_with_other_flags_is_refused_naming_them(tmp_path, stored
     paths = _run_with_a_trained_head(str(tmp_path / "run"), stored)
     _, flagfile_text = parse_config(f"--model_dir={paths.model_dir}", given)
     with pytest.raises(UsageError) as refusal:
-        lr_finder.trained_head(paths, "finetune", 1, flagfile_text)
+        lr_finder_setup.trained_head(paths, "finetune", 1, flagfile_text)
     assert named in str(refusal.value)
     assert f"--flagfile={paths.flags}" in str(refusal.value)
 
@@ -251,7 +252,7 @@ def test_a_head_trained_with_these_flags_but_for_phase_2s_is_started_from(tmp_pa
         f"--model_dir={paths.model_dir}", "--dataset=cifar10", "--unfreeze=2",
         "--layer_decay=0.5", "--finetune_learning_rate=0.3", "--jit_compile=false",
         "--export_tflite", "--self_training_epochs=5")
-    assert lr_finder.trained_head(paths, "finetune", 1, flagfile_text) == paths
+    assert lr_finder_setup.trained_head(paths, "finetune", 1, flagfile_text) == paths
     assert "Starting from the head phase's end weights" in capsys.readouterr().out
     # A misspelt name there would compare that option after all.
     assert config_lib.NOT_IN_THE_HEAD_PHASE <= {

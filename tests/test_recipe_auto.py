@@ -8,6 +8,7 @@ from absl import flags as absl_flags
 from absl.testing import flagsaver
 
 from conftest import SMOKE_FLAGS, TEST_BACKBONE
+from tl_keras import flagfile
 from tl_keras import rundir
 from tl_keras.cli import flags
 from tl_keras.cli import job
@@ -103,7 +104,7 @@ def test_given_flags_are_those_set_on_the_command_line_or_in_a_flagfile():
 def test_flags_txt_holds_the_choices_and_reruns_them(tmp_path):
     config, flagfile_text, given = _parse("--recipe=auto", f"--model_dir={tmp_path}")
     chosen = auto_recipe.auto_recipe(SMALL, config, given)
-    written = rundir.with_flag_values(flagfile_text, chosen.values)
+    written = flagfile.with_flag_values(flagfile_text, chosen.values)
     # Just as the flags would write it had they been given so.
     _, explicit, _ = _parse("--recipe=auto", f"--model_dir={tmp_path}",
                             *(f"--{name}={value}" for name, value in chosen.values.items()))
@@ -124,7 +125,7 @@ def test_run_training_decides_before_claiming_the_folder(tmp_path, mock_tfds, mo
     model_dir = tmp_path / "run"
     config, flagfile_text, given = _parse("--recipe=auto", TEST_BACKBONE,
                                           f"--model_dir={model_dir}", flagfile=SMOKE_FLAGS)
-    stored = rundir.with_flag_values(flagfile_text, {"augment": "basic", "mixup": 0.0})
+    stored = flagfile.with_flag_values(flagfile_text, {"augment": "basic", "mixup": 0.0})
     model_dir.mkdir()
     (model_dir / "flags.txt").write_text(stored)
     seen = {}

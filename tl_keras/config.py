@@ -17,61 +17,14 @@ default to None, which `tl_keras.cli.flags.to_config` works out into a value.
 
 import dataclasses
 
+from tl_keras.options import OptionGroup
+from tl_keras.options import flag_spec
+
 # The choices of two options, here with the rest of their definitions, so that
 # this plain-object module imports nothing of the stages (nor TensorFlow);
 # tl_keras.training.distribute and tl_keras.outputs.tflite import them from here.
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 TFLITE_QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
-
-
-@dataclasses.dataclass(frozen=True)
-class FlagSpec:
-    """How one option is set from the command line.
-
-    `kind` names the absl definer (`string`, `integer`, `float`, `boolean`,
-    `enum`, `list`); `choices` is set for `enum` only; `group` is the heading
-    `--helpshort` lists the flag under.
-    """
-    kind: str
-    default: object
-    help: str
-    group: str
-    choices: tuple = ()
-
-
-class OptionGroup:
-    """Makes the fields of the options `--helpshort` lists under one heading.
-
-    Each method returns a `dataclasses.field` with no default of its own, its
-    flag's `FlagSpec` under the metadata key `flag`; the methods are named, and
-    take their arguments in the order of, absl's `DEFINE_*`.
-    """
-
-    def __init__(self, title):
-        self.title = title
-
-    def _field(self, kind, default, help, choices=()):
-        spec = FlagSpec(kind=kind, default=default, help=help, group=self.title,
-                        choices=tuple(choices))
-        return dataclasses.field(metadata={"flag": spec})
-
-    def string(self, default, help):
-        return self._field("string", default, help)
-
-    def integer(self, default, help):
-        return self._field("integer", default, help)
-
-    def float(self, default, help):
-        return self._field("float", default, help)
-
-    def boolean(self, default, help):
-        return self._field("boolean", default, help)
-
-    def enum(self, default, choices, help):
-        return self._field("enum", default, help, choices)
-
-    def list(self, default, help):
-        return self._field("list", default, help)
 
 
 DATA = OptionGroup("Data")
@@ -80,11 +33,6 @@ TRAINING = OptionGroup("Training")
 SELF_TRAINING = OptionGroup("Self-training")
 RUN = OptionGroup("Run")
 MODES = OptionGroup("Modes")
-
-
-def flag_spec(field):
-    """The `FlagSpec` of one of `dataclasses.fields(Config)`."""
-    return field.metadata["flag"]
 
 
 # The fields are in the order `--helpshort` lists them.

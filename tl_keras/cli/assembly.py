@@ -11,7 +11,7 @@ import dataclasses
 
 import keras
 
-from tl_keras import rundir
+from tl_keras import flagfile
 from tl_keras.data import pipeline
 from tl_keras.data import sources
 from tl_keras.model import backbones
@@ -52,7 +52,7 @@ def apply_auto_recipe(config, flagfile_text, splits, given_flags):
     chosen = auto_recipe.auto_recipe(splits.sizes["train"], config, given_flags)
     print("\n".join(chosen.lines), flush=True)
     return (dataclasses.replace(config, **chosen.values),
-            rundir.with_flag_values(flagfile_text, chosen.values))
+            flagfile.with_flag_values(flagfile_text, chosen.values))
 
 
 def training_batches(config, splits, repeat, class_weights=None):

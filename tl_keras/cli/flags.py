@@ -17,7 +17,7 @@ import sys
 from absl import flags
 from absl.testing import flagsaver
 
-from tl_keras import config as config_lib
+from tl_keras import options
 from tl_keras import rundir
 from tl_keras.cli import flag_checks
 from tl_keras.config import Config
@@ -42,7 +42,7 @@ def _define_flags(*option_classes):
     groups = {}
     for option_class in option_classes:
         for field in dataclasses.fields(option_class):
-            spec = config_lib.flag_spec(field)
+            spec = options.flag_spec(field)
             if spec.kind == "enum":
                 holder = flags.DEFINE_enum(field.name, spec.default, list(spec.choices),
                                            spec.help)

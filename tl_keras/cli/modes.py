@@ -16,6 +16,7 @@ from tl_keras.outputs import evaluate
 from tl_keras.outputs import gradcam
 from tl_keras.outputs import predict
 from tl_keras.training import lr_finder
+from tl_keras.training import lr_finder_setup
 from tl_keras.training import monitor
 from tl_keras.training import recipe
 
@@ -40,7 +41,7 @@ def run_find_lr(config, phase, steps, *, flagfile_text, given_flags=frozenset())
     Raises:
         UsageError: for bad input, before the test starts; among it a run
             whose head was trained with other flags (see
-            `tl_keras.training.lr_finder.trained_head`).
+            `tl_keras.training.lr_finder_setup.trained_head`).
     """
     strategy, backbone = assembly.strategy_and_backbone(config)
     paths = rundir.RunPaths(config.model_dir)
@@ -51,13 +52,13 @@ def run_find_lr(config, phase, steps, *, flagfile_text, given_flags=frozenset())
                 config, flagfile_text, splits, given_flags)
         # Repeated batches would fill a batch from fewer examples; training won't.
         recipe.training_steps_per_epoch(splits.sizes["train"], config.batch_size, None)
-        head = lr_finder.trained_head(paths, phase, config.head_epochs, flagfile_text)
+        head = lr_finder_setup.trained_head(paths, phase, config.head_epochs, flagfile_text)
         classifier = assembly.build_classifier(config, strategy, backbone, splits)
-        trained, rates = lr_finder.set_up_phase(
+        trained, rates = lr_finder_setup.set_up_phase(
             classifier, backbone, phase, unfreeze=config.unfreeze,
             train_batchnorm=config.batchnorm == "train", trained_head=head,
             decay=config.layer_decay)
-        for line in lr_finder.describe_optimizer(rates, config.ema):
+        for line in lr_finder_setup.describe_optimizer(rates, config.ema):
             print(line, flush=True)
         test = lr_finder.range_test(
             classifier, assembly.training_batches(config, splits, repeat=True,

@@ -22,6 +22,7 @@ from tl_keras.data import folder
 from tl_keras.data import image_io
 from tl_keras.data import pipeline
 from tl_keras.data import tfds_dataset
+from tl_keras.data import tfds_splits
 from tl_keras.errors import UsageError
 
 TFDS_PREFIX = "tfds:"
@@ -209,11 +210,11 @@ def _tfds_pool(source, splits, *, dataset, data_dir, image_size, resize):
     (`name/config`) is another dataset here: its overlap isn't checked."""
     name, version, split = parse_tfds_source(source)
     builder = tfds_dataset.prepared_builder(f"{name}:{version}" if version else name, data_dir)
-    tfds_dataset.check_split(builder, f"--unlabeled={source}", split)
+    tfds_splits.check_split(builder, f"--unlabeled={source}", split)
     # `cifar10:3.0.2` is still cifar10: another version holds the same images.
     if splits.split_specs is not None and tfds_dataset.name_without_version(dataset) == name:
         for role in ("validation", "test"):
-            shared = tfds_dataset.shared_slices(split, splits.split_specs[role],
+            shared = tfds_splits.shared_slices(split, splits.split_specs[role],
                                                 builder.info.splits)
             if shared:
                 raise UsageError(
