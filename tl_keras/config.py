@@ -145,6 +145,11 @@ class Config:
         "How images become square --image_size: stretch resizes as they are; crop "
         "takes the centre square first, keeping the aspect ratio. Training, "
         "evaluation and the exported model all do the same.")
+    cut_at: int | None = MODEL.integer(
+        None,
+        "Build the classifier on the backbone's output at the end of this block, "
+        "average-pooled, instead of its last: blocks as --layer_decay finds them, 0 the "
+        "stem, negative from the top (-1 is the whole backbone). --mode=probe suggests one.")
     dropout: float = MODEL.float(0.2, "Dropout rate before the head.")
 
     recipe: str = TRAINING.enum(
