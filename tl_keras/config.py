@@ -317,12 +317,14 @@ class ModeOptions:
     Never instantiated: only its fields are read, defined like `Config`'s.
     """
     mode: str = MODES.enum(
-        "train", ["train", "evaluate", "predict", "find_lr"],
+        "train", ["train", "evaluate", "predict", "find_lr", "probe"],
         "train: train, evaluate and export. evaluate: evaluate the finished run in "
         "--model_dir on --split. predict: classify --images with that run's SavedModel, "
         "or with the .tflite file --model_dir names (its labels.txt beside it). "
         "find_lr: a learning-rate range test of --find_lr_phase, written to "
-        "--model_dir/find_lr/; it changes nothing else there.")
+        "--model_dir/find_lr/; it changes nothing else there. probe: a linear classifier "
+        "on the backbone's features at each block's end, its validation top-1 and a "
+        "suggested --cut_at, written to --model_dir/probe/; it changes nothing else there.")
     split: str = MODES.enum(
         "test", ["train", "validation", "test"], "--mode=evaluate: the split.")
     images: str | None = MODES.string(
@@ -338,6 +340,10 @@ class ModeOptions:
         "own options may differ), else from an untrained head.")
     find_lr_steps: int = MODES.integer(
         100, "--mode=find_lr: training steps over which the rate rises from 1e-7 to 1.")
+    probe_every: int | None = MODES.integer(
+        None,
+        "--mode=probe: probe every k-th block, counted from the top (which is always "
+        "probed). Default: every block, or about 24 depths of a deeper backbone.")
     explain: bool = MODES.boolean(
         False,
         "--mode=predict: also write each image's Grad-CAM heatmap, for its top class, "
