@@ -126,3 +126,32 @@ def test_flags_txt_records_it_and_a_resume_with_another_cut_is_refused(tmp_path)
     # A run made before --cut_at existed has no such line, and still resumes.
     _, uncut = parse_config(f"--model_dir={model_dir}")
     assert "cut_at" not in uncut
+
+
+@pytest.mark.slow
+def test_a_cut_run_trains_exports_and_seeds_another(tmp_path):
+    # The whole run on the cut backbone: cached features for the head phase,
+    # BatchNormalization trained and its statistics recomputed, the exports.
+    import sliced_mock
+    from conftest import run_job
+
+    with sliced_mock.mock_data(num_examples=64):
+        config, metrics = run_job(
+            tmp_path, "--backbone=resnet50", "--cut_at=4", "--cache_features",
+            "--batchnorm=train", "--unfreeze=10", "--head_epochs=1", "--finetune_epochs=1")
+    assert metrics["test"]["top1"] >= 0
+    model = keras.saving.load_model(f"{config.model_dir}/model.keras")
+    backbone = model.get_layer("resnet50")
+    assert backbone.layers[-1].name == cut.CUT_POOLING_LAYER
+    assert backbone.output.shape[-1] == 512  # conv3_block1_out's channels
+    images = _images()
+    serving = tf.saved_model.load(f"{config.model_dir}/saved_model")
+    served = serving.signatures[export.SERVING_SIGNATURE](images=tf.constant(images))
+    np.testing.assert_allclose(served["probabilities"].numpy(), np.asarray(model(images)),
+                               atol=1e-5)
+    # A cut run's backbone.weights.h5 holds the blocks it kept: it seeds a
+    # run cut at the same block.
+    seeded = backbones.build_backbone("resnet50", IMAGE_SIZE,
+                                      f"{config.model_dir}/backbone.weights.h5", cut_at=4)
+    for mine, theirs in zip(seeded.weights, backbone.weights):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs))

@@ -158,12 +158,24 @@ def build_backbone(name, image_size, weights, cut_at=None):
             f"--weights=PATH to a weights file you have, or --weights=none "
             f"to train from random initialisation."
         ) from error
+    kept = backbone if cut_at is None else cut.cut_backbone(backbone, cut_at)
     if not download and weights != "none":
-        _load_backbone_weights(backbone, weights)
-    return backbone if cut_at is None else cut.cut_backbone(backbone, cut_at)
+        _load_backbone_weights(backbone, weights, kept)
+    return kept
 
 
-def _load_backbone_weights(backbone, path):
+def _load_backbone_weights(backbone, path, kept):
+    """Loads the file into the whole backbone or, when only the blocks a cut
+    keeps fit it (another cut run's backbone.weights.h5), into `kept`."""
+    try:
+        _load_weights_file(backbone, path)
+    except UsageError:
+        if kept is backbone:
+            raise
+        _load_weights_file(kept, path)
+
+
+def _load_weights_file(backbone, path):
     if not os.path.isfile(path):
         raise UsageError(
             f"--weights={path}: no such file. Pass imagenet, none, or the path "
