@@ -37,7 +37,7 @@ def _images(count=4, seed=0):
 @pytest.mark.parametrize("name, cut_at", FAMILIES)
 def test_the_classifiers_features_are_the_named_blocks_output(name, cut_at):
     full, _, model = _cut_classifier(name, cut_at)
-    end = layer_decay.backbone_blocks(full)[cut_at].end
+    end = cut.block_outputs(full)[cut_at][0].end
     by_hand = keras.Model(full.input, full.get_layer(end).output)
     images = _images()
     preprocessed = model.get_layer("preprocessing")(images)
@@ -58,6 +58,15 @@ def test_resnet50s_blocks_are_its_residual_blocks():
         "pool1_pool", "conv2_block1_out", "conv2_block3_out", "conv3_block1_out",
         "conv5_block2_out", "avg_pool"]
     assert cut.cut_backbone(full, -1) is full
+
+
+def test_a_stage_of_a_plain_chain_ends_before_the_next_ones_zero_padding():
+    full = backbones.build_backbone("mobilenet", IMAGE_SIZE, "none")
+    # layer_decay's stage 2 runs on to conv_pad_6, which pads for conv_dw_6's stride.
+    assert layer_decay.backbone_blocks(full)[2].end == "conv_pad_6"
+    block, output = cut.block_outputs(full)[2]
+    assert block.end == "conv_pw_5_relu"
+    assert output.shape[1:] == full.get_layer("conv_pw_5_relu").output.shape[1:]
 
 
 @pytest.mark.parametrize("name, cut_at", FAMILIES)

@@ -7,6 +7,8 @@ as Python's do. Earlier blocks hold features that carry further from the
 source task (Yosinski et al., 2014); `--mode=probe` measures which.
 """
 
+import dataclasses
+
 import keras
 
 from tl_keras.errors import UsageError
@@ -24,8 +26,16 @@ def block_outputs(backbone):
         A list of (`layer_decay.Block`, KerasTensor) pairs.
     """
     by_name = {operation.name: operation for operation in backbone.operations}
-    return [(block, by_name[block.end].output)
-            for block in layer_decay.backbone_blocks(backbone)]
+    outputs = []
+    for block in layer_decay.backbone_blocks(backbone):
+        end = by_name[block.end]
+        # A plain chain's stage ends where the next stage's strided layer
+        # starts (VGG, MobileNet); the zero padding before that layer is the
+        # next stage's, and pooling over it would count its zeros.
+        while isinstance(end, keras.layers.ZeroPadding2D):
+            end = end.input._keras_history.operation
+        outputs.append((dataclasses.replace(block, end=end.name), end.output))
+    return outputs
 
 
 def describe_blocks(outputs):
