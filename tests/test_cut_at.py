@@ -119,6 +119,8 @@ def test_unfreeze_counts_within_what_remains():
     trainable = [layer.name for layer in backbone.layers if layer.trainable]
     assert trainable[-1] == cut.CUT_POOLING_LAYER
     assert "conv2_block3_3_conv" in trainable and "conv5_block3_out" not in trainable
+    # --layer_decay's blocks are the cut's: the stem and three residual blocks.
+    assert len(layer_decay.layer_rates(backbone, 0.5).blocks) == 4
 
 
 def test_flags_txt_records_it_and_a_resume_with_another_cut_is_refused(tmp_path):

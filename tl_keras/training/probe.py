@@ -111,8 +111,10 @@ def write(results, csv_path, png_path, title):
             writer.writerow([depth.block, depth.from_top, depth.layer, depth.dimensions,
                              f"{result.train_top1:.4f}", f"{result.validation_top1:.4f}"])
     best = suggestion(results)
+    label = ("the top is best: no --cut_at" if best.depth.from_top == -1
+             else f"suggested --cut_at={best.depth.block}")
     with open(png_path, "wb") as file:
         file.write(plots.probe_depths(
             [result.depth.block for result in results],
             [result.validation_top1 for result in results],
-            [result.train_top1 for result in results], best.depth.block, title))
+            [result.train_top1 for result in results], best.depth.block, label, title))
