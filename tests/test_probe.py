@@ -5,9 +5,11 @@ import os
 
 import numpy as np
 import pytest
+from absl import flags as absl_flags
 from PIL import Image
 
 from conftest import parse_config
+from tl_keras import rundir
 from tl_keras.cli import probe as probe_mode
 from tl_keras.model import depth_features
 from tl_keras.training import probe
@@ -92,7 +94,19 @@ def test_the_linear_probe_fits_a_separable_task():
     assert np.mean(classify(features[200:]) == labels[200:]) > 0.95
 
 
-def test_probe_every_must_be_positive():
-    from absl import flags
-    with pytest.raises(flags.IllegalFlagValueError, match="probe_every"):
-        parse_config("--mode=probe", "--probe_every=0")
+@pytest.mark.parametrize("args, expected", [
+    (["--mode=probe", "--probe_every=0"], "must be at least 1"),
+    (["--mode=probe", "--strategy=multi_worker"], "--mode=probe runs on one machine"),
+])
+def test_bad_probe_flags_are_refused(args, expected):
+    with pytest.raises(absl_flags.Error, match=expected):
+        parse_config(*args)
+
+
+def test_the_probe_flags_stay_out_of_flags_txt_and_its_folder_is_a_new_runs(tmp_path):
+    _, flagfile_text = parse_config("--mode=probe", "--probe_every=2")
+    assert not [line for line in flagfile_text.splitlines()
+                if line.startswith(("--mode=", "--probe"))]
+    (tmp_path / rundir.PROBE_DIR).mkdir()
+    with rundir.claim(str(tmp_path), "--a=1\n", overwrite=False) as state:
+        assert state == rundir.FRESH
