@@ -13,6 +13,7 @@ from absl import app  # noqa: E402
 from tl_keras.cli import flags  # noqa: E402
 from tl_keras.cli import job  # noqa: E402
 from tl_keras.cli import modes  # noqa: E402
+from tl_keras.cli import probe  # noqa: E402
 from tl_keras.errors import Preempted, TrainingDiverged, UsageError  # noqa: E402
 
 
@@ -35,6 +36,8 @@ def main(argv):
             modes.run_find_lr(flags.to_config(), settings["find_lr_phase"],
                               settings["find_lr_steps"], flagfile_text=flags.to_flagfile(),
                               given_flags=flags.given_flags())
+        elif settings["mode"] == "probe":
+            probe.run_probe(flags.to_config(), settings["probe_every"])
         else:
             job.run_training(
                 flags.to_config(),

@@ -93,6 +93,11 @@ class Config:
         "How images become square --image_size: stretch resizes as they are; crop "
         "takes the centre square first, keeping the aspect ratio. Training, "
         "evaluation and the exported model all do the same.")
+    cut_at: int | None = MODEL.integer(
+        None,
+        "Build the classifier on the backbone's output at the end of this block, "
+        "average-pooled, instead of its last: blocks as --layer_decay finds them, 0 the "
+        "stem, negative from the top (-1 is the whole backbone). --mode=probe suggests one.")
     dropout: float = MODEL.float(0.2, "Dropout rate before the head.")
 
     recipe: str = TRAINING.enum(
@@ -260,12 +265,14 @@ class ModeOptions:
     Never instantiated: only its fields are read, defined like `Config`'s.
     """
     mode: str = MODES.enum(
-        "train", ["train", "evaluate", "predict", "find_lr"],
+        "train", ["train", "evaluate", "predict", "find_lr", "probe"],
         "train: train, evaluate and export. evaluate: evaluate the finished run in "
         "--model_dir on --split. predict: classify --images with that run's SavedModel, "
         "or with the .tflite file --model_dir names (its labels.txt beside it). "
         "find_lr: a learning-rate range test of --find_lr_phase, written to "
-        "--model_dir/find_lr/; it changes nothing else there.")
+        "--model_dir/find_lr/; it changes nothing else there. probe: a linear classifier "
+        "on the backbone's features at each block's end, its validation top-1 and a "
+        "suggested --cut_at, written to --model_dir/probe/; it changes nothing else there.")
     split: str = MODES.enum(
         "test", ["train", "validation", "test"], "--mode=evaluate: the split.")
     images: str | None = MODES.string(
@@ -281,6 +288,10 @@ class ModeOptions:
         "own options may differ), else from an untrained head.")
     find_lr_steps: int = MODES.integer(
         100, "--mode=find_lr: training steps over which the rate rises from 1e-7 to 1.")
+    probe_every: int | None = MODES.integer(
+        None,
+        "--mode=probe: probe every k-th block, counted from the top (which is always "
+        "probed). Default: every block, or about 24 depths of a deeper backbone.")
     explain: bool = MODES.boolean(
         False,
         "--mode=predict: also write each image's Grad-CAM heatmap, for its top class, "

@@ -47,6 +47,8 @@ WORKERS_DIR = "workers"
 # What --mode=find_lr writes, beside a run or before one; a run's claim of the
 # folder passes it by, and --overwrite keeps it.
 FIND_LR_DIR = "find_lr"
+# What --mode=probe writes, beside a run or before one, as find_lr/ is.
+PROBE_DIR = "probe"
 # Where Keras' BackupAndRestore keeps the epoch it restores to, in its folder.
 BACKUP_METADATA_FILE = "training_metadata.json"
 
@@ -107,6 +109,10 @@ class RunPaths:
     backups = property(lambda self: self._in(BACKUP_DIR))
     find_lr_tensorboard = property(lambda self: self._in(FIND_LR_DIR, TENSORBOARD_DIR))
 
+    probe_csv = property(lambda self: self._in(PROBE_DIR, "depths.csv"))
+    probe_plot = property(lambda self: self._in(PROBE_DIR, "depths.png"))
+    probe_features = property(lambda self: self._in(PROBE_DIR, "features"))
+
     def find_lr_plot(self, phase):
         return self._in(FIND_LR_DIR, f"{phase}.png")
 
@@ -146,7 +152,8 @@ def claim(model_dir, flagfile_text, overwrite):
 
 @contextlib.contextmanager
 def claim_for_find_lr(model_dir):
-    """Locks `model_dir` for a learning-rate range test (`--mode=find_lr`).
+    """Locks `model_dir` for a learning-rate range test (`--mode=find_lr`),
+    or a probe of the backbone's depths (`--mode=probe`, into `PROBE_DIR`).
 
     The test writes into `FIND_LR_DIR` alone, so the folder may be new, empty,
     or a run's (complete or not): a run's files are left as they are, and
@@ -203,8 +210,8 @@ def discard_worker_outputs(model_dir):
 def _entries(model_dir):
     """What the folder holds that says whether, and which, run it holds: not
     the lock, the other workers' folders (theirs to decide about), nor what
-    --mode=find_lr wrote."""
-    return set(os.listdir(model_dir)) - {LOCK_FILE, WORKERS_DIR, FIND_LR_DIR}
+    --mode=find_lr and --mode=probe wrote."""
+    return set(os.listdir(model_dir)) - {LOCK_FILE, WORKERS_DIR, FIND_LR_DIR, PROBE_DIR}
 
 
 def _decide(model_dir, flagfile_text, overwrite):

@@ -34,15 +34,17 @@ def strategy_and_backbone(config):
     # no network) are refused before anything else is printed.
     with strategy.scope():
         backbone = backbones.build_backbone(
-            config.backbone, config.image_size, config.weights
+            config.backbone, config.image_size, config.weights, config.cut_at
         )
     print(
         f"Strategy: {distribute.describe(strategy)} with {strategy.num_replicas_in_sync} "
         f"replica(s); dtype policy {policy} ({reason}).",
         flush=True,
     )
+    cut = "" if config.cut_at is None else (
+        f", cut at block {config.cut_at} ({backbone.output.shape[-1]} features)")
     print(f"Backbone: {backbone.name} at {config.image_size}x{config.image_size} px, "
-          f"weights {config.weights}.", flush=True)
+          f"weights {config.weights}{cut}.", flush=True)
     return strategy, backbone
 
 

@@ -90,6 +90,7 @@ _check("unlabeled", lambda v: bool(v.strip()) and (
        "pass a folder of images, or tfds:NAME:SPLIT such as tfds:stl10:unlabelled "
        "(tfds:NAME:VERSION:SPLIT names a version, e.g. tfds:cifar10:3.0.2:train).")
 _check("top_k", lambda v: v >= 1, "must be at least 1.")
+_check("probe_every", lambda v: v >= 1, "must be at least 1, e.g. 2.")
 _check("find_lr_steps", lambda v: v >= 10, "must be at least 10, e.g. 100.")
 _check("profile_batches",
        lambda v: re.fullmatch(r"\d+,\d+", v) and 0 < int(v.split(",")[0]) <= int(v.split(",")[1]),
@@ -124,9 +125,9 @@ def _validate_mode(values):
 
 @_checks_together("mode", "strategy")
 def _validate_find_lr(values):
-    if values["mode"] == "find_lr" and values["strategy"] == "multi_worker":
+    if values["mode"] in ("find_lr", "probe") and values["strategy"] == "multi_worker":
         raise flags.ValidationError(
-            "--mode=find_lr runs on one machine; drop --strategy=multi_worker.")
+            f"--mode={values['mode']} runs on one machine; drop --strategy=multi_worker.")
     return True
 
 

@@ -13,6 +13,7 @@ import warnings
 import keras
 
 from tl_keras.errors import UsageError
+from tl_keras.model import cut
 
 # Input sizes the ImageNet weights were trained at, from the Keras Applications
 # documentation; every backbone not listed here was trained at 224.
@@ -111,7 +112,7 @@ def backbone_spec(name):
     return spec
 
 
-def build_backbone(name, image_size, weights):
+def build_backbone(name, image_size, weights, cut_at=None):
     """Creates a Keras Applications backbone without its top, average-pooled.
 
     Args:
@@ -120,13 +121,15 @@ def build_backbone(name, image_size, weights):
         weights: `imagenet`, `none`, or the path of a weights file: either one
             written by a previous run (`backbone.weights.h5`) or a Keras
             Applications `..._notop.h5` file.
+        cut_at: None for the whole backbone, or the block to cut it at
+            (`tl_keras.model.cut.cut_backbone`), once the weights are in.
 
     Returns:
         The backbone, a `keras.Model` mapping preprocessed images to features.
 
     Raises:
-        UsageError: when the weights can't be downloaded or loaded, or the image
-            size is too small for this backbone.
+        UsageError: when the weights can't be downloaded or loaded, the image
+            size is too small for this backbone, or it has no block `cut_at`.
     """
     spec = backbone_spec(name)
     download = weights == "imagenet"
@@ -155,12 +158,24 @@ def build_backbone(name, image_size, weights):
             f"--weights=PATH to a weights file you have, or --weights=none "
             f"to train from random initialisation."
         ) from error
+    kept = backbone if cut_at is None else cut.cut_backbone(backbone, cut_at)
     if not download and weights != "none":
-        _load_backbone_weights(backbone, weights)
-    return backbone
+        _load_backbone_weights(backbone, weights, kept)
+    return kept
 
 
-def _load_backbone_weights(backbone, path):
+def _load_backbone_weights(backbone, path, kept):
+    """Loads the file into the whole backbone or, when only the blocks a cut
+    keeps fit it (another cut run's backbone.weights.h5), into `kept`."""
+    try:
+        _load_weights_file(backbone, path)
+    except UsageError:
+        if kept is backbone:
+            raise
+        _load_weights_file(kept, path)
+
+
+def _load_weights_file(backbone, path):
     if not os.path.isfile(path):
         raise UsageError(
             f"--weights={path}: no such file. Pass imagenet, none, or the path "

@@ -69,7 +69,7 @@ def cache_features(classifier, *, batches_of, sizes, num_classes, batch_size, se
         extractor = feature_extractor(classifier)
         datasets, places = {}, set()
         for split in ("train", "validation"):
-            values, place = _features_array(split, sizes[split],
+            values, place = features_array(split, sizes[split],
                                             extractor.output.shape[-1], directory)
             places.add(place)
             labels = _fill(values, extractor, batches_of(split), computing.advance)
@@ -85,7 +85,7 @@ def cache_features(classifier, *, batches_of, sizes, num_classes, batch_size, se
     return CachedFeatures(train=datasets["train"], validation=datasets["validation"])
 
 
-def _features_array(split, count, dimensions, directory):
+def features_array(split, count, dimensions, directory):
     """An empty float32 array for a split's features, in memory when it fits,
     else a memmap under `directory`; and where it is, for the log."""
     if count * dimensions * 4 <= _FEATURE_MEMORY_LIMIT_BYTES:

@@ -25,11 +25,14 @@ class Block:
     Attributes:
         first, last: the names of its first and last layers that hold weights.
         weights: every weight of its layers.
+        end: the name of its last layer, weights or not: the block's output
+            is that layer's (`--cut_at` cuts there).
     """
 
     first: str
     last: str
     weights: tuple
+    end: str = ""
 
 
 def backbone_blocks(backbone):
@@ -140,13 +143,14 @@ def _merge_weightless(runs):
         if not weighted:
             if blocks:
                 blocks[-1] = dataclasses.replace(
-                    blocks[-1], weights=blocks[-1].weights + _weights_of(layers))
+                    blocks[-1], weights=blocks[-1].weights + _weights_of(layers),
+                    end=layers[-1].name)
             else:
                 pending = layers
             continue
         pending = []
         blocks.append(Block(first=weighted[0].name, last=weighted[-1].name,
-                            weights=_weights_of(layers)))
+                            weights=_weights_of(layers), end=layers[-1].name))
     return blocks
 
 

@@ -127,6 +127,23 @@ def learning_rate_range_test(rates, losses, smoothed, suggestion, rule, title):
     return _png(figure)
 
 
+def probe_depths(blocks, validation_top1, train_top1, suggested_block, suggestion, title):
+    """A linear probe's top-1 against the block it was fitted at, the
+    suggested block marked and `suggestion` saying what it suggests."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.plot(blocks, validation_top1, marker="o", label="validation top-1")
+    axes.plot(blocks, train_top1, color="lightgrey", marker=".", label="train top-1")
+    axes.axvline(suggested_block, color="tab:red", linestyle="--",
+                 label=suggestion)
+    axes.set_xlabel("block (0 is the stem; the last is the whole backbone)")
+    axes.set_ylabel("top-1")
+    axes.set_ylim(0, 1.02)
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    return _png(figure)
+
+
 def _png(figure):
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
