@@ -118,6 +118,13 @@ class Config:
         False,
         "Make any unreadable image file, and a split without examples of some class, "
         "an error instead of a note.")
+    exclude_files: str | None = DATA.string(
+        None,
+        "A text file of training images to leave out, one a line: paths for a folder "
+        "dataset, indices into the training split for a TFDS one, as --mode=audit writes "
+        "them to exclude.txt. Validation and test stay as they are. The run prints how "
+        "many it drops and flags.txt records them, so a resume with another list is "
+        "refused.")
     augment: str = DATA.enum(
         "none", ["none", "basic", "randaugment"],
         "Training augmentation: basic is a random resized crop and horizontal flip; "

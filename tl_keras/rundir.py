@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 
+from tl_keras import flagfile
 from tl_keras.errors import UsageError
 
 LOCK_FILE = "run.lock"
@@ -43,9 +44,10 @@ TFLITE_LABELS_FILE = "labels.txt"
 BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 # Under the chief's --model_dir, the other workers' own folders.
 WORKERS_DIR = "workers"
-# What --mode=find_lr writes, beside a run or before one; a run's claim of the
-# folder passes it by, and --overwrite keeps it.
+# What --mode=find_lr and --mode=audit write, beside a run or before one; a
+# run's claim of the folder passes them by, and --overwrite keeps them.
 FIND_LR_DIR = "find_lr"
+AUDIT_DIR = "audit"
 # Where Keras' BackupAndRestore keeps the epoch it restores to, in its folder.
 BACKUP_METADATA_FILE = "training_metadata.json"
 
@@ -105,6 +107,7 @@ class RunPaths:
         lambda self: self._in(CHECKPOINTS_DIR, "best.pending.weights.h5"))
     backups = property(lambda self: self._in(BACKUP_DIR))
     find_lr_tensorboard = property(lambda self: self._in(FIND_LR_DIR, TENSORBOARD_DIR))
+    audit = property(lambda self: self._in(AUDIT_DIR))
 
     def find_lr_plot(self, phase):
         return self._in(FIND_LR_DIR, f"{phase}.png")
@@ -144,12 +147,14 @@ def claim(model_dir, flagfile_text, overwrite):
 
 
 @contextlib.contextmanager
-def claim_for_find_lr(model_dir):
-    """Locks `model_dir` for a learning-rate range test (`--mode=find_lr`).
+def claim_beside_run(model_dir):
+    """Locks `model_dir` for a learning-rate range test (`--mode=find_lr`) or
+    an audit (`--mode=audit`).
 
-    The test writes into `FIND_LR_DIR` alone, so the folder may be new, empty,
-    or a run's (complete or not): a run's files are left as they are, and
-    holding the lock keeps a training run out while the test reads them.
+    Each writes into its own folder alone (`FIND_LR_DIR`, `AUDIT_DIR`), so
+    `model_dir` may be new, empty, or a run's (complete or not): a run's files
+    are left as they are, and holding the lock keeps a training run out while
+    the mode reads them.
 
     Raises:
         UsageError: when another live process holds the lock, or the folder
@@ -157,7 +162,7 @@ def claim_for_find_lr(model_dir):
     """
     with _claimed(model_dir):
         entries = _entries(model_dir)
-        if entries and not _holds_a_run(model_dir):
+        if entries and not holds_a_run(model_dir):
             raise UsageError(_not_a_run_message(model_dir, entries))
         yield
 
@@ -202,15 +207,15 @@ def discard_worker_outputs(model_dir):
 def _entries(model_dir):
     """What the folder holds that says whether, and which, run it holds: not
     the lock, the other workers' folders (theirs to decide about), nor what
-    --mode=find_lr wrote."""
-    return set(os.listdir(model_dir)) - {LOCK_FILE, WORKERS_DIR, FIND_LR_DIR}
+    --mode=find_lr and --mode=audit wrote."""
+    return set(os.listdir(model_dir)) - {LOCK_FILE, WORKERS_DIR, FIND_LR_DIR, AUDIT_DIR}
 
 
 def _decide(model_dir, flagfile_text, overwrite):
     entries = _entries(model_dir)
     if not entries:
         return FRESH
-    if not _holds_a_run(model_dir):
+    if not holds_a_run(model_dir):
         raise UsageError(_not_a_run_message(model_dir, entries))
     if overwrite:
         _delete_run_outputs(model_dir, entries)
@@ -252,7 +257,8 @@ def _not_a_run_message(model_dir, entries):
     )
 
 
-def _holds_a_run(model_dir):
+def holds_a_run(model_dir):
+    """Whether `model_dir` holds a tl_keras run's flags.txt or COMPLETE marker."""
     def starts_with(name, text):
         try:
             with open(os.path.join(model_dir, name)) as file:
@@ -281,25 +287,9 @@ def _delete_run_outputs(model_dir, entries):
 def flag_differences(model_dir, flagfile_text, ignored=frozenset()):
     """How the flags.txt of the run in `model_dir` differs from `flagfile_text`
     (`stored --seed=1, given --seed=2`, flag by flag), but for the flags named
-    in `ignored`; empty when they match."""
+    in `ignored`; empty when they match (`tl_keras.flagfile.differences`)."""
     with open(os.path.join(model_dir, FLAGS_FILE)) as file:
-        stored = _flag_lines(file.read(), ignored)
-    given = _flag_lines(flagfile_text, ignored)
-    return _describe_differences(stored, given) if stored != given else ""
-
-
-def _describe_differences(stored, given):
-    """`stored --seed=1, given --seed=2`, flag by flag, for the changed flags."""
-    def by_name(lines):
-        return {line.split("=", 1)[0]: line for line in lines}
-
-    stored, given = by_name(stored), by_name(given)
-    parts = []
-    for name in sorted(set(stored) | set(given)):
-        if stored.get(name) != given.get(name):
-            parts.append(f"stored {stored.get(name, 'no ' + name)}, "
-                         f"given {given.get(name, 'no ' + name)}")
-    return "; ".join(parts[:6])
+        return flagfile.differences(file.read(), flagfile_text, ignored)
 
 
 def with_flag_values(flagfile_text, values):
@@ -320,18 +310,6 @@ def with_flag_values(flagfile_text, values):
         else:
             lines.append(line)
     return "".join(f"{line}\n" for line in lines)
-
-
-def _flag_lines(text, ignored=frozenset()):
-    return {line for line in text.splitlines()
-            if line and not line.startswith("#") and not _sets_one_of(line, ignored)}
-
-
-def _sets_one_of(line, names):
-    """Whether a flags.txt line sets one of `names`: `--name=value`, or a
-    boolean's `--name` or `--noname`."""
-    name = line.removeprefix("--").split("=", 1)[0]
-    return name in names or ("=" not in line and name.removeprefix("no") in names)
 
 
 @contextlib.contextmanager

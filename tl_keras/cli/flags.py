@@ -18,10 +18,12 @@ from absl import flags
 from absl.testing import flagsaver
 
 from tl_keras import config as config_lib
+from tl_keras import flagfile
 from tl_keras import rundir
 from tl_keras.cli import flag_checks
 from tl_keras.config import Config
 from tl_keras.config import ModeOptions
+from tl_keras.data import exclusion
 from tl_keras.errors import UsageError
 from tl_keras.model import backbones
 
@@ -226,12 +228,17 @@ def to_flagfile():
     """The effective flags as flagfile text: `--flagfile=` it to rerun the run.
 
     Every tl_keras flag is written, defaults included, so a later change of a
-    default doesn't change what the rerun does.
+    default doesn't change what the rerun does; and, as comments a resume
+    compares, the training examples `--exclude_files` lists.
     """
     lines = [rundir.FLAGS_HEADER]
     for flag in sorted(flags.FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
         if flag.value is not None and flag.name not in _MODE_FLAGS:
             lines.append(flag.serialize())
+    if flags.FLAGS.exclude_files:
+        # The list itself, not just the file's name: a resume with the same
+        # file edited since is then refused too.
+        lines += flagfile.exclusion_lines(exclusion.read_entries(flags.FLAGS.exclude_files))
     return "\n".join(lines) + "\n"
 
 
