@@ -184,6 +184,16 @@ def run_config(model_dir):
     return dataclasses.replace(config, model_dir=model_dir)
 
 
+def audit_config():
+    """What `--mode=audit` audits: (the `Config` of the run in `--model_dir`,
+    from its flags.txt, and True) when the folder holds one; else (these
+    flags' `Config`, and False)."""
+    config = to_config()
+    if rundir.holds_a_run(config.model_dir):
+        return run_config(config.model_dir), True
+    return config, False
+
+
 def run_setting(run_folder, name):
     """The value of option `name` in the run in `run_folder`, from its
     flags.txt; the option's default for a folder without one, such as a
