@@ -141,12 +141,15 @@ def write_grids(directory, findings, images_of):
             [f"given {classes[labels['train'][p]]}\nsuggested {classes[s]}"
              for p, s in zip(shown, issues.suggested)], columns=6))
         written.append(LABEL_ISSUES_GRID)
-    leaked = [(split, pair) for split in HELD_OUT_SPLITS
-              for pair in findings.leaks.get(split, ())][:_GRID_PAIRS]
+    # Near pairs first, the farthest first: they are the ones to look at.
+    leaked = sorted(((split, pair) for split in HELD_OUT_SPLITS
+                     for pair in findings.leaks.get(split, ())),
+                    key=lambda item: -item[1].distance)[:_GRID_PAIRS]
     if leaked:
         _write_png(directory, LEAKS_GRID, _pairs_grid(leaked, findings, images_of))
         written.append(LEAKS_GRID)
-    doubled = [("train", pair) for pair in findings.duplicates[:_GRID_PAIRS]]
+    doubled = sorted((("train", pair) for pair in findings.duplicates),
+                     key=lambda item: -item[1].distance)[:_GRID_PAIRS]
     if doubled:
         _write_png(directory, DUPLICATES_GRID, _pairs_grid(doubled, findings, images_of))
         written.append(DUPLICATES_GRID)
