@@ -235,3 +235,17 @@ def test_only_the_audit_imports_cleanlab_and_only_when_it_runs():
                 assert node not in top_level, f"{path.name} imports {names} at import time"
                 importers.add(path.name)
     assert importers == {"label_issues.py"}
+
+
+def test_a_tfds_dataset_is_audited_by_index(mock_tfds, tmp_path):
+    config, flagfile_text = parse_config(
+        TEST_BACKBONE, "--dataset=cifar10", "--weights=none", "--image_size=32",
+        f"--model_dir={tmp_path / 'run'}")
+
+    findings = audit.run_audit(config, from_run=False, flagfile_text=flagfile_text)
+
+    # The mock's 64 training examples, less the last 10% carved for validation.
+    assert findings.names["train"] == [str(index) for index in range(58)]
+    assert findings.names["test"] == [str(index) for index in range(64)]
+    written = tmp_path / "run" / rundir.AUDIT_DIR
+    assert (written / "exclude.txt").is_file() and (written / "flags.txt").is_file()
