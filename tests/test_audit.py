@@ -170,23 +170,29 @@ def test_exclude_files_refuses_a_file_not_among_the_training_images(tmp_path, en
     assert os.path.basename(entry) in str(refused.value)
 
 
-def test_exclude_files_leaves_out_tfds_examples_by_index(mock_tfds, tmp_path):
+@pytest.mark.parametrize("selection", [
+    {}, {"classes": ("3", "5", "7"), "train_examples_per_class": 3}])
+def test_exclude_files_leaves_out_tfds_examples_by_index(mock_tfds, tmp_path, selection):
     from tl_keras.data import tfds_dataset
 
-    def load(exclude_files=None):
+    def load(exclude_files=None, **options):
         return tfds_dataset.load_tfds("cifar10", None, "train", "", "test", 0.25,
-                                      exclude_files=exclude_files)
+                                      exclude_files=exclude_files, **options)
 
-    before = load()
+    whole = [image for image, _ in load().train.as_numpy_iterator()]
     exclude = tmp_path / "exclude.txt"
     exclude.write_text("3\n0\n")
-    after = load(str(exclude))
 
-    assert list(after.indices["train"]) == list(before.indices["train"][[1, 2, *range(4, 48)]])
+    after = load(str(exclude), **selection)
+
+    # Each example kept is the one at its index in the training split, and
+    # the listed ones are gone.
     kept = [image for image, _ in after.train.as_numpy_iterator()]
-    original = [image for image, _ in before.train.as_numpy_iterator()]
-    np.testing.assert_array_equal(kept, [original[i] for i in after.indices["train"]])
-    assert after.sizes["train"] == before.sizes["train"] - 2 == len(kept)
+    assert after.sizes["train"] == len(kept) == len(after.indices["train"])
+    np.testing.assert_array_equal(kept, [whole[i] for i in after.indices["train"]])
+    assert not {0, 3} & set(after.indices["train"])
+    if not selection:
+        assert list(after.indices["train"]) == [1, 2, *range(4, len(whole))]
 
 
 def test_a_resume_with_another_exclude_list_is_refused(tmp_path):

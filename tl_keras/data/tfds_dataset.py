@@ -145,7 +145,7 @@ def _select_examples(class_names, datasets, classes, train_examples_per_class, s
         return (class_names, datasets, sizes, None,
                 {split: np.arange(size) for split, size in sizes.items()})
     names, old_to_new = subsets.class_mapping(class_names, classes)
-    selected, sizes, kept_labels, kept_positions = {}, {}, {}, {}
+    selected, sizes, kept_labels, positions = {}, {}, {}, {}
     for split, dataset in datasets.items():
         # One pass over the labels decides which examples stay.
         labels = old_to_new[np.fromiter(
@@ -165,9 +165,9 @@ def _select_examples(class_names, datasets, classes, train_examples_per_class, s
         selected[split] = _filter(dataset, keep, old_to_new)
         sizes[split] = int(keep.sum())
         kept_labels[split] = labels[keep]
-        kept_positions[split] = np.flatnonzero(keep)
+        positions[split] = np.flatnonzero(keep)
     subsets.check_every_class_present(kept_labels, names, strict)
-    return names, selected, sizes, kept_labels["train"], kept_positions
+    return names, selected, sizes, kept_labels["train"], positions
 
 
 def _without_excluded(train, exclude_files):
