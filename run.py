@@ -10,6 +10,7 @@ console.quiet_startup(sys.argv)
 
 from absl import app  # noqa: E402
 
+from tl_keras.cli import audit  # noqa: E402
 from tl_keras.cli import flags  # noqa: E402
 from tl_keras.cli import job  # noqa: E402
 from tl_keras.cli import modes  # noqa: E402
@@ -32,6 +33,10 @@ def main(argv):
                 resize=flags.run_setting(run_folder, "resize"),
                 tta=settings["tta"] or flags.run_setting(run_folder, "tta"),
                 explain=settings["explain"])
+        elif settings["mode"] == "audit":
+            config, from_run = flags.audit_config()
+            audit.run_audit(config, from_run=from_run, output=settings["output"],
+                            flagfile_text=flags.to_flagfile())
         elif settings["mode"] == "find_lr":
             modes.run_find_lr(flags.to_config(), settings["find_lr_phase"],
                               settings["find_lr_steps"], flagfile_text=flags.to_flagfile(),

@@ -346,11 +346,11 @@ def test_find_lr_refuses_a_folder_of_the_users_and_a_run_in_progress(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.md").write_text("mine")
     with pytest.raises(UsageError, match="is not empty and holds no tl_keras run"):
-        with rundir.claim_for_find_lr(str(tmp_path / "mine")):
+        with rundir.claim_beside_run(str(tmp_path / "mine")):
             pass
     with rundir.claim(str(tmp_path / "run"), "--a=1\n", overwrite=False):
         with pytest.raises(UsageError, match="Another run is using"):
-            with rundir.claim_for_find_lr(str(tmp_path / "run")):
+            with rundir.claim_beside_run(str(tmp_path / "run")):
                 pass
 
 

@@ -66,6 +66,13 @@ class Config:
         False,
         "Make any unreadable image file, and a split without examples of some class, "
         "an error instead of a note.")
+    exclude_files: str | None = DATA.string(
+        None,
+        "A text file of training images to leave out, one a line: paths for a folder "
+        "dataset, indices into the training split for a TFDS one, as --mode=audit writes "
+        "them to exclude.txt. Validation and test stay as they are. The run prints how "
+        "many it drops and flags.txt records them, so a resume with another list is "
+        "refused.")
     augment: str = DATA.enum(
         "none", ["none", "basic", "randaugment"],
         "Training augmentation: basic is a random resized crop and horizontal flip; "
@@ -265,21 +272,26 @@ class ModeOptions:
     Never instantiated: only its fields are read, defined like `Config`'s.
     """
     mode: str = MODES.enum(
-        "train", ["train", "evaluate", "predict", "find_lr", "probe"],
+        "train", ["train", "evaluate", "predict", "find_lr", "probe", "audit"],
         "train: train, evaluate and export. evaluate: evaluate the finished run in "
         "--model_dir on --split. predict: classify --images with that run's SavedModel, "
         "or with the .tflite file --model_dir names (its labels.txt beside it). "
         "find_lr: a learning-rate range test of --find_lr_phase, written to "
         "--model_dir/find_lr/; it changes nothing else there. probe: a linear classifier "
         "on the backbone's features at each block's end, its validation top-1 and a "
-        "suggested --cut_at, written to --model_dir/probe/; it changes nothing else there.")
+        "suggested --cut_at, written to --model_dir/probe/; it changes nothing else there. "
+        "audit: look for wrong labels, duplicates and validation or test images leaked "
+        "into train, in the dataset of the run in --model_dir with its backbone, or "
+        "before training with these flags and --weights; written to --model_dir/audit/ "
+        "or --output (needs pip install -e \".[audit]\").")
     split: str = MODES.enum(
         "test", ["train", "validation", "test"], "--mode=evaluate: the split.")
     images: str | None = MODES.string(
         None, "--mode=predict: an image file, a folder, or a glob.")
     top_k: int = MODES.integer(5, "--mode=predict: classes shown per image.")
     output: str | None = MODES.string(
-        None, "--mode=predict: also write the predictions to this CSV file.")
+        None, "--mode=predict: also write the predictions to this CSV file. "
+        "--mode=audit: the folder to write the audit to (default: --model_dir/audit).")
     find_lr_phase: str = MODES.enum(
         "head", ["head", "finetune"],
         "--mode=find_lr: the phase whose learning rate is tested, set up as training "

@@ -1,29 +1,30 @@
-"""A run's flags.txt as text: how it differs from the flags given now, and
-the same text with some flags' values replaced."""
+"""The text of a run's flags.txt: what a resume compares, how two differ, and
+the same text with some flags' values replaced.
+
+`tl_keras.cli.flags.to_flagfile` writes the text, `tl_keras.rundir` keeps it
+in the run's folder, and a resume is refused when its own text differs here.
+"""
+
+# flags.txt records each training example --exclude_files leaves out, on a
+# line of its own after this prefix: absl reads the line as a comment, and
+# `claim` compares these lines as it compares the flags, so a resume with
+# another list (another file, or the same file edited) is refused.
+EXCLUDED_PREFIX = "# excluded: "
 
 
-def differences(path, flagfile_text, ignored=frozenset()):
-    """How the flags.txt at `path` differs from `flagfile_text` (`stored
-    --seed=1, given --seed=2`, flag by flag), but for the flags named in
-    `ignored`; empty when they match."""
-    with open(path) as file:
-        stored = _flag_lines(file.read(), ignored)
-    given = _flag_lines(flagfile_text, ignored)
+def exclusion_lines(entries):
+    """The lines of flags.txt that record the training examples
+    `--exclude_files` leaves out (`EXCLUDED_PREFIX`)."""
+    return [f"# --exclude_files leaves out these {len(entries)} training examples:",
+            *(EXCLUDED_PREFIX + entry for entry in entries)]
+
+
+def differences(stored_text, given_text, ignored=frozenset()):
+    """How `given_text` differs from `stored_text` (`stored --seed=1, given
+    --seed=2`, flag by flag), but for the flags named in `ignored`; empty when
+    they match."""
+    stored, given = _compared_lines(stored_text, ignored), _compared_lines(given_text, ignored)
     return _describe_differences(stored, given) if stored != given else ""
-
-
-def _describe_differences(stored, given):
-    """`stored --seed=1, given --seed=2`, flag by flag, for the changed flags."""
-    def by_name(lines):
-        return {line.split("=", 1)[0]: line for line in lines}
-
-    stored, given = by_name(stored), by_name(given)
-    parts = []
-    for name in sorted(set(stored) | set(given)):
-        if stored.get(name) != given.get(name):
-            parts.append(f"stored {stored.get(name, 'no ' + name)}, "
-                         f"given {given.get(name, 'no ' + name)}")
-    return "; ".join(parts[:6])
 
 
 def with_flag_values(flagfile_text, values):
@@ -46,9 +47,36 @@ def with_flag_values(flagfile_text, values):
     return "".join(f"{line}\n" for line in lines)
 
 
-def _flag_lines(text, ignored=frozenset()):
+def _describe_differences(stored, given):
+    """`stored --seed=1, given --seed=2`, flag by flag, for the changed flags;
+    the excluded examples as counts."""
+    def by_name(lines):
+        return {line.split("=", 1)[0]: line for line in lines}
+
+    def excluded(lines):
+        return {line for line in lines if line.startswith(EXCLUDED_PREFIX)}
+
+    parts = []
+    stored_excluded, given_excluded = excluded(stored), excluded(given)
+    if stored_excluded != given_excluded:
+        parts.append(
+            f"stored {len(stored_excluded)} excluded training examples, given "
+            f"{len(given_excluded)}, {len(stored_excluded ^ given_excluded)} of them "
+            f"in one list only")
+    stored, given = by_name(stored - stored_excluded), by_name(given - given_excluded)
+    for name in sorted(set(stored) | set(given)):
+        if stored.get(name) != given.get(name):
+            parts.append(f"stored {stored.get(name, 'no ' + name)}, "
+                         f"given {given.get(name, 'no ' + name)}")
+    return "; ".join(parts[:6])
+
+
+def _compared_lines(text, ignored=frozenset()):
+    """The lines of a flags.txt text that a resume compares: its flags, and
+    the examples --exclude_files leaves out."""
     return {line for line in text.splitlines()
-            if line and not line.startswith("#") and not _sets_one_of(line, ignored)}
+            if line and (not line.startswith("#") or line.startswith(EXCLUDED_PREFIX))
+            and not _sets_one_of(line, ignored)}
 
 
 def _sets_one_of(line, names):

@@ -44,11 +44,12 @@ TFLITE_LABELS_FILE = "labels.txt"
 BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 # Under the chief's --model_dir, the other workers' own folders.
 WORKERS_DIR = "workers"
-# What --mode=find_lr writes, beside a run or before one; a run's claim of the
-# folder passes it by, and --overwrite keeps it.
+# What --mode=find_lr and --mode=audit write, beside a run or before one; a
+# run's claim of the folder passes them by, and --overwrite keeps them.
 FIND_LR_DIR = "find_lr"
 # What --mode=probe writes, beside a run or before one, as find_lr/ is.
 PROBE_DIR = "probe"
+AUDIT_DIR = "audit"
 # Where Keras' BackupAndRestore keeps the epoch it restores to, in its folder.
 BACKUP_METADATA_FILE = "training_metadata.json"
 
@@ -108,6 +109,7 @@ class RunPaths:
         lambda self: self._in(CHECKPOINTS_DIR, "best.pending.weights.h5"))
     backups = property(lambda self: self._in(BACKUP_DIR))
     find_lr_tensorboard = property(lambda self: self._in(FIND_LR_DIR, TENSORBOARD_DIR))
+    audit = property(lambda self: self._in(AUDIT_DIR))
 
     probe_csv = property(lambda self: self._in(PROBE_DIR, "depths.csv"))
     probe_plot = property(lambda self: self._in(PROBE_DIR, "depths.png"))
@@ -151,13 +153,15 @@ def claim(model_dir, flagfile_text, overwrite):
 
 
 @contextlib.contextmanager
-def claim_for_find_lr(model_dir):
-    """Locks `model_dir` for a learning-rate range test (`--mode=find_lr`),
-    or a probe of the backbone's depths (`--mode=probe`, into `PROBE_DIR`).
+def claim_beside_run(model_dir):
+    """Locks `model_dir` for a learning-rate range test (`--mode=find_lr`), a
+    probe of the backbone's depths (`--mode=probe`) or an audit
+    (`--mode=audit`).
 
-    The test writes into `FIND_LR_DIR` alone, so the folder may be new, empty,
-    or a run's (complete or not): a run's files are left as they are, and
-    holding the lock keeps a training run out while the test reads them.
+    Each writes into its own folder alone (`FIND_LR_DIR`, `PROBE_DIR`, `AUDIT_DIR`), so
+    `model_dir` may be new, empty, or a run's (complete or not): a run's files
+    are left as they are, and holding the lock keeps a training run out while
+    the mode reads them.
 
     Raises:
         UsageError: when another live process holds the lock, or the folder
@@ -165,7 +169,7 @@ def claim_for_find_lr(model_dir):
     """
     with _claimed(model_dir):
         entries = _entries(model_dir)
-        if entries and not _holds_a_run(model_dir):
+        if entries and not holds_a_run(model_dir):
             raise UsageError(_not_a_run_message(model_dir, entries))
         yield
 
@@ -210,15 +214,16 @@ def discard_worker_outputs(model_dir):
 def _entries(model_dir):
     """What the folder holds that says whether, and which, run it holds: not
     the lock, the other workers' folders (theirs to decide about), nor what
-    --mode=find_lr and --mode=probe wrote."""
-    return set(os.listdir(model_dir)) - {LOCK_FILE, WORKERS_DIR, FIND_LR_DIR, PROBE_DIR}
+    --mode=find_lr, --mode=probe and --mode=audit wrote."""
+    return set(os.listdir(model_dir)) - {LOCK_FILE, WORKERS_DIR, FIND_LR_DIR, PROBE_DIR,
+                                         AUDIT_DIR}
 
 
 def _decide(model_dir, flagfile_text, overwrite):
     entries = _entries(model_dir)
     if not entries:
         return FRESH
-    if not _holds_a_run(model_dir):
+    if not holds_a_run(model_dir):
         raise UsageError(_not_a_run_message(model_dir, entries))
     if overwrite:
         _delete_run_outputs(model_dir, entries)
@@ -228,7 +233,7 @@ def _decide(model_dir, flagfile_text, overwrite):
         # A worker's folder of a complete cluster run keeps no flags.txt of
         # its own when an older version wrote it; the chief's is checked.
         return COMPLETE if complete else FRESH
-    differences = flagfile.differences(os.path.join(model_dir, FLAGS_FILE), flagfile_text)
+    differences = flag_differences(model_dir, flagfile_text)
     if differences:
         if complete:
             # Saying "nothing to do" here would pass the earlier run's results
@@ -260,7 +265,8 @@ def _not_a_run_message(model_dir, entries):
     )
 
 
-def _holds_a_run(model_dir):
+def holds_a_run(model_dir):
+    """Whether `model_dir` holds a tl_keras run's flags.txt or COMPLETE marker."""
     def starts_with(name, text):
         try:
             with open(os.path.join(model_dir, name)) as file:
@@ -284,6 +290,14 @@ def _delete_run_outputs(model_dir, entries):
     if kept:
         print(f"--overwrite deleted the earlier run in {model_dir} and kept what "
               f"no run writes: {', '.join(kept)}.", flush=True)
+
+
+def flag_differences(model_dir, flagfile_text, ignored=frozenset()):
+    """How the flags.txt of the run in `model_dir` differs from `flagfile_text`
+    (`stored --seed=1, given --seed=2`, flag by flag), but for the flags named
+    in `ignored`; empty when they match (`tl_keras.flagfile.differences`)."""
+    with open(os.path.join(model_dir, FLAGS_FILE)) as file:
+        return flagfile.differences(file.read(), flagfile_text, ignored)
 
 
 @contextlib.contextmanager

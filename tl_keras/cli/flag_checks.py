@@ -89,6 +89,9 @@ _check("unlabeled", lambda v: bool(v.strip()) and (
            not v.startswith("tfds:") or re.fullmatch(r"tfds:[^:]+:.+", v)),
        "pass a folder of images, or tfds:NAME:SPLIT such as tfds:stl10:unlabelled "
        "(tfds:NAME:VERSION:SPLIT names a version, e.g. tfds:cifar10:3.0.2:train).")
+_check("exclude_files", os.path.isfile,
+       "no such file. Pass a text file of the training images to leave out, one a "
+       "line, such as the exclude.txt --mode=audit writes.")
 _check("top_k", lambda v: v >= 1, "must be at least 1.")
 _check("probe_every", lambda v: v >= 1, "must be at least 1, e.g. 2.")
 _check("find_lr_steps", lambda v: v >= 10, "must be at least 10, e.g. 100.")

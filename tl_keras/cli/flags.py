@@ -17,11 +17,13 @@ import sys
 from absl import flags
 from absl.testing import flagsaver
 
+from tl_keras import flagfile
 from tl_keras import options
 from tl_keras import rundir
 from tl_keras.cli import flag_checks
 from tl_keras.config import Config
 from tl_keras.config import ModeOptions
+from tl_keras.data import exclusion
 from tl_keras.errors import UsageError
 from tl_keras.model import backbones
 
@@ -182,6 +184,16 @@ def run_config(model_dir):
     return dataclasses.replace(config, model_dir=model_dir)
 
 
+def audit_config():
+    """What `--mode=audit` audits: (the `Config` of the run in `--model_dir`,
+    from its flags.txt, and True) when the folder holds one; else (these
+    flags' `Config`, and False)."""
+    config = to_config()
+    if rundir.holds_a_run(config.model_dir):
+        return run_config(config.model_dir), True
+    return config, False
+
+
 def run_setting(run_folder, name):
     """The value of option `name` in the run in `run_folder`, from its
     flags.txt; the option's default for a folder without one, such as a
@@ -226,12 +238,17 @@ def to_flagfile():
     """The effective flags as flagfile text: `--flagfile=` it to rerun the run.
 
     Every tl_keras flag is written, defaults included, so a later change of a
-    default doesn't change what the rerun does.
+    default doesn't change what the rerun does; and, as comments a resume
+    compares, the training examples `--exclude_files` lists.
     """
     lines = [rundir.FLAGS_HEADER]
     for flag in sorted(flags.FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
         if flag.value is not None and flag.name not in _MODE_FLAGS:
             lines.append(flag.serialize())
+    if flags.FLAGS.exclude_files:
+        # The list itself, not just the file's name: a resume with the same
+        # file edited since is then refused too.
+        lines += flagfile.exclusion_lines(exclusion.read_entries(flags.FLAGS.exclude_files))
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,7 @@ def run_find_lr(config, phase, steps, *, flagfile_text, given_flags=frozenset())
     """
     strategy, backbone = assembly.strategy_and_backbone(config)
     paths = rundir.RunPaths(config.model_dir)
-    with rundir.claim_for_find_lr(config.model_dir):
+    with rundir.claim_beside_run(config.model_dir):
         splits = assembly.load_splits(config)
         if config.recipe == "auto":
             config, flagfile_text = assembly.apply_auto_recipe(

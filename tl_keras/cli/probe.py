@@ -30,7 +30,7 @@ def run_probe(config, every=None):
     started = time.monotonic()
     strategy, backbone = assembly.strategy_and_backbone(config)
     paths = rundir.RunPaths(config.model_dir)
-    with rundir.claim_for_find_lr(config.model_dir):
+    with rundir.claim_beside_run(config.model_dir):
         splits = assembly.load_splits(config)
         with strategy.scope():
             extractor, depths = depth_features.depth_extractor(

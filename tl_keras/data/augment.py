@@ -138,3 +138,36 @@ def _cutmix_mask(shape, share, seed):
     inside = (rows >= top) & (rows < bottom) & (columns >= left) & (columns < right)
     kept = 1.0 - tf.reduce_mean(tf.cast(inside, tf.float32))
     return ~inside, kept
+
+
+# `near_copies`' distortions: a copy saved again as a JPEG of this quality, at a
+# size this many percent smaller or larger (alternately), as a photo saved
+# twice or a test image re-encoded from a training one would be.
+NEAR_COPY_JPEG_QUALITY = 60
+NEAR_COPY_RESIZE_PERCENT = 12
+
+
+def near_copies(images):
+    """Copies of uint8 images, each resized by `NEAR_COPY_RESIZE_PERCENT`,
+    saved as a JPEG of `NEAR_COPY_JPEG_QUALITY`, decoded, and brought back
+    to its size, as a folder would bring it: what the audit measures its
+    near-copy threshold on (`tl_keras.outputs.copies`).
+
+    Args:
+        images: uint8 `[count, height, width, 3]`.
+
+    Returns:
+        uint8 copies of the same shape.
+    """
+    height, width = images.shape[1:3]
+    copies = []
+    for index, image in enumerate(images):
+        factor = 1 + (1 if index % 2 else -1) * NEAR_COPY_RESIZE_PERCENT / 100
+        size = (max(1, round(height * factor)), max(1, round(width * factor)))
+        resized = tf.image.resize(image, size, antialias=True)
+        encoded = tf.io.encode_jpeg(tf.cast(tf.clip_by_value(tf.round(resized), 0, 255),
+                                            tf.uint8), quality=NEAR_COPY_JPEG_QUALITY)
+        decoded = tf.image.resize(tf.io.decode_jpeg(encoded, channels=3), (height, width),
+                                  antialias=True)
+        copies.append(tf.cast(tf.clip_by_value(tf.round(decoded), 0, 255), tf.uint8))
+    return tf.stack(copies).numpy() if copies else images.copy()

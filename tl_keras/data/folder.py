@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from tl_keras import progress
+from tl_keras.data import exclusion
 from tl_keras.data import image_io
 from tl_keras.data import subsets
 from tl_keras.data.splits import Splits
@@ -35,7 +36,7 @@ def is_folder_dataset(dataset):
 
 
 def load_folder(dataset, *, image_size, resize, val_fraction, seed, strict, classes,
-                train_examples_per_class):
+                train_examples_per_class, exclude_files=None, reduce_train_jpeg=True):
     """Lists an image folder and splits it into train, validation and test.
 
     Without split folders, validation and test each take `val_fraction` of
@@ -56,6 +57,12 @@ def load_folder(dataset, *, image_size, resize, val_fraction, seed, strict, clas
         classes: class names to keep, in their new label order; empty keeps all.
         train_examples_per_class: keep this many training images per class;
             None keeps all.
+        exclude_files: a file listing training images to leave out
+            (`tl_keras.data.exclusion`), applied after validation and test are
+            held out, so they stay the same; None leaves none out.
+        reduce_train_jpeg: let training decode large JPEGs at reduced scale
+            (`tl_keras.data.image_io.decoded_examples`). Defaults to True; the
+            audit turns it off, to compare every split's decoded pixels.
 
     Returns:
         `tl_keras.data.splits.Splits`.
@@ -74,6 +81,8 @@ def load_folder(dataset, *, image_size, resize, val_fraction, seed, strict, clas
 
     listed = _readable_files(split_dirs, train_dir, class_names, strict)
     sources = _carve_missing_splits(listed, split_dirs, root, val_fraction, seed)
+    if exclude_files:
+        listed["train"] = _without_excluded(listed, exclude_files)
 
     class_names, listed = _select_files(
         class_names, listed, classes, train_examples_per_class, seed
@@ -94,7 +103,7 @@ def load_folder(dataset, *, image_size, resize, val_fraction, seed, strict, clas
     return Splits(
         # Training alone may decode JPEGs at reduced scale: its pixels need not
         # match serving's bit for bit, while evaluation's must.
-        train=decoded(listed["train"], reduce_jpeg=True),
+        train=decoded(listed["train"], reduce_jpeg=reduce_train_jpeg),
         validation=decoded(listed["validation"]),
         test=decoded(listed["test"]),
         class_names=tuple(class_names),
@@ -144,6 +153,16 @@ def _carve_missing_splits(listed, split_dirs, root, val_fraction, seed):
         sources[split] = f"{val_fraction:.0%} of each class of {sources['train']}"
     listed["train"] = carve_from
     return sources
+
+
+def _without_excluded(listed, exclude_files):
+    """The training files less those `exclude_files` lists, the count printed."""
+    train = listed["train"]
+    dropped = exclusion.folder_positions(
+        exclude_files, train.paths,
+        {split: files.paths for split, files in listed.items() if split != "train"})
+    print(exclusion.describe(exclude_files, len(dropped)), flush=True)
+    return train.take(np.setdiff1d(np.arange(len(train)), dropped))
 
 
 class FileList:

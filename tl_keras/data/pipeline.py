@@ -180,12 +180,22 @@ def sample_images(examples, *, num_examples, count, seed, image_size, resize):
     """
     count = min(count, num_examples)
     chosen = np.sort(np.random.default_rng(seed).choice(num_examples, count, replace=False))
-    wanted = tf.constant(chosen, tf.int64)
+    if not count:
+        return np.zeros([0, image_size, image_size, 3], np.uint8)
+    return np.stack([resize_uint8(image, image_size, resize).numpy()
+                     for image in images_at(examples, chosen)])
+
+
+def images_at(examples, positions):
+    """The images of `examples` at `positions`, in one pass over them.
+
+    Returns:
+        A list of uint8 images, in the order of sorted `positions`.
+    """
+    wanted = tf.constant(np.unique(np.asarray(positions, np.int64)), tf.int64)
     picked = _as_rgb(examples).enumerate().filter(
         lambda index, example: tf.reduce_any(tf.equal(index, wanted)))
-    return np.stack([resize_uint8(image, image_size, resize).numpy()
-                     for _, (image, _label) in picked.as_numpy_iterator()]
-                    if count else np.zeros([0, image_size, image_size, 3], np.uint8))
+    return [image for _, (image, _label) in picked.as_numpy_iterator()]
 
 
 def resize_uint8(image, size, method):

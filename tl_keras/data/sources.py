@@ -7,13 +7,15 @@ from tl_keras.data import folder
 from tl_keras.data import tfds_dataset
 
 
-def load_splits(config, count_train_classes=False):
+def load_splits(config, count_train_classes=False, reduce_train_jpeg=True):
     """The run's examples, from a TFDS dataset or an image folder.
 
     Args:
         config: the run's `tl_keras.config.Config`.
         count_train_classes: make sure `Splits.train_class_counts` is known,
             which for a TFDS dataset may cost a pass over the training labels.
+        reduce_train_jpeg: for a folder, let training decode large JPEGs at
+            reduced scale (`tl_keras.data.folder.load_folder`).
 
     Returns:
         `tl_keras.data.splits.Splits`.
@@ -24,6 +26,7 @@ def load_splits(config, count_train_classes=False):
             val_fraction=config.val_fraction, seed=config.seed,
             strict=config.strict_data, classes=config.classes,
             train_examples_per_class=config.train_examples_per_class,
+            exclude_files=config.exclude_files, reduce_train_jpeg=reduce_train_jpeg,
         )
     else:
         splits = tfds_dataset.load_tfds(
@@ -31,7 +34,7 @@ def load_splits(config, count_train_classes=False):
             config.test_split, config.val_fraction, classes=config.classes,
             train_examples_per_class=config.train_examples_per_class, seed=config.seed,
             strict=config.strict_data,
-            count_train_classes=count_train_classes,
+            count_train_classes=count_train_classes, exclude_files=config.exclude_files,
         )
     print(
         f"Dataset {config.dataset}: {splits.num_classes} classes; "

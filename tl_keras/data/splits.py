@@ -27,8 +27,12 @@ class Splits:
         files: for a folder dataset, each split's file paths, by split name,
             which `tl_keras.training.self_training` keeps out of its unlabelled pool;
             None for a TFDS dataset.
-        split_specs: for a TFDS dataset, the split specs validation and test
-            read (validation's as carved), by split name; None for a folder.
+        split_specs: for a TFDS dataset, the split specs each split reads
+            (train's less, and validation's as, carved), by split name; None
+            for a folder.
+        indices: for a TFDS dataset, each example's index in its split spec
+            as TFDS reads it, by split name (what `--exclude_files` lists);
+            None for a folder.
     """
 
     train: tf.data.Dataset
@@ -41,6 +45,7 @@ class Splits:
     train_class_counts: tuple | None = None
     files: dict | None = None
     split_specs: dict | None = None
+    indices: dict | None = None
 
     @property
     def num_classes(self):

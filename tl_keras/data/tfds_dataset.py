@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tl_keras.data import exclusion
 from tl_keras.data import subsets
 from tl_keras.data import tfds_splits
 from tl_keras.data.splits import Splits
@@ -18,7 +19,7 @@ from tl_keras.errors import UsageError
 
 def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, *,
               classes=(), train_examples_per_class=None, seed=0, strict=False,
-              count_train_classes=False):
+              count_train_classes=False, exclude_files=None):
     """Loads a TFDS dataset by name, downloading and preparing it if needed.
 
     Args:
@@ -38,6 +39,8 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
             labels anyway. Default False.
         count_train_classes: count each class's training examples, in a pass
             over the labels alone unless other options read them. Default False.
+        exclude_files: a file listing training examples to leave out by index
+            (`tl_keras.data.exclusion`); None leaves none out.
 
     Returns:
         `Splits`.
@@ -72,10 +75,14 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
 
     datasets = {"train": read(read_for_training), "validation": read(val_split),
                 "test": read(test_split)}
+    read_positions = {}
+    if exclude_files:
+        datasets["train"], read_positions["train"] = _without_excluded(
+            datasets["train"], exclude_files)
     label_feature = builder.info.features[builder.info.supervised_keys[1]]
     image_feature = builder.info.features[builder.info.supervised_keys[0]]
     image_shape = tuple(image_feature.shape)
-    class_names, datasets, sizes, train_labels = _select_examples(
+    class_names, datasets, sizes, train_labels, kept = _select_examples(
         list(label_feature.names), datasets, classes, train_examples_per_class, seed, strict
     )
     if count_train_classes and train_labels is None:
@@ -87,7 +94,10 @@ def load_tfds(name, data_dir, train_split, val_split, test_split, val_fraction, 
         image_shape=image_shape if None not in image_shape else None,
         validation_source=validation_source,
         train_class_counts=subsets.class_counts(train_labels, len(class_names)),
-        split_specs={"validation": val_split, "test": test_split},
+        split_specs={"train": read_for_training, "validation": val_split,
+                     "test": test_split},
+        indices={split: read_positions[split][positions] if split in read_positions
+                 else positions for split, positions in kept.items()},
     )
 
 
@@ -129,12 +139,15 @@ def _select_examples(class_names, datasets, classes, train_examples_per_class, s
 
     Returns:
         (class names, datasets by split, sizes by split, the training split's
-        labels or None when they weren't read).
+        labels or None when they weren't read, the positions of the examples
+        kept by split).
     """
     if not classes and not train_examples_per_class:
-        return class_names, datasets, {s: _count(d) for s, d in datasets.items()}, None
+        sizes = {split: _count(dataset) for split, dataset in datasets.items()}
+        return (class_names, datasets, sizes, None,
+                {split: np.arange(size) for split, size in sizes.items()})
     names, old_to_new = subsets.class_mapping(class_names, classes)
-    selected, sizes, kept_labels = {}, {}, {}
+    selected, sizes, kept_labels, positions = {}, {}, {}, {}
     for split, dataset in datasets.items():
         # One pass over the labels decides which examples stay.
         labels = old_to_new[np.fromiter(
@@ -154,8 +167,18 @@ def _select_examples(class_names, datasets, classes, train_examples_per_class, s
         selected[split] = _filter(dataset, keep, old_to_new)
         sizes[split] = int(keep.sum())
         kept_labels[split] = labels[keep]
+        positions[split] = np.flatnonzero(keep)
     subsets.check_every_class_present(kept_labels, names, strict)
-    return names, selected, sizes, kept_labels["train"]
+    return names, selected, sizes, kept_labels["train"], positions
+
+
+def _without_excluded(train, exclude_files):
+    """The training examples less those `exclude_files` lists, the count
+    printed; and the positions of those kept."""
+    count = _count(train)
+    dropped = exclusion.tfds_positions(exclude_files, count)
+    print(exclusion.describe(exclude_files, len(dropped)), flush=True)
+    return exclusion.without_positions(train, dropped, count)
 
 
 def _filter(dataset, keep, old_to_new):

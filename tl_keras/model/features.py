@@ -1,8 +1,9 @@
-"""The backbone's features: the head phase can train on them, computed once.
+"""The backbone's features, computed once per image.
 
 With `--cache_features`, the frozen backbone runs once over train and
 validation, and the head phase trains the classifier's own dropout and head
-layers on those features instead of on images.
+layers on those features instead of on images. `--mode=audit` computes every
+split's features the same way (`split_features`).
 """
 
 import dataclasses
@@ -69,10 +70,10 @@ def cache_features(classifier, *, batches_of, sizes, num_classes, batch_size, se
         extractor = feature_extractor(classifier)
         datasets, places = {}, set()
         for split in ("train", "validation"):
-            values, place = features_array(split, sizes[split],
-                                            extractor.output.shape[-1], directory)
+            values, labels, place = split_features(
+                extractor, batches_of(split), sizes[split], split=split,
+                directory=directory, computed=computing.advance)
             places.add(place)
-            labels = _fill(values, extractor, batches_of(split), computing.advance)
             datasets[split] = pipeline.feature_batches(
                 values, labels, num_classes=num_classes, batch_size=batch_size,
                 seed=seed if split == "train" else None,
@@ -85,6 +86,39 @@ def cache_features(classifier, *, batches_of, sizes, num_classes, batch_size, se
     return CachedFeatures(train=datasets["train"], validation=datasets["validation"])
 
 
+def split_features(extractor, batches, count, *, split, directory, computed,
+                   on_images=None):
+    """Runs `extractor` once over the batches of one split.
+
+    Args:
+        extractor: from `feature_extractor`.
+        batches: (uint8 images, one-hot labels) batches, every example once,
+            in order.
+        count: the number of examples.
+        split: the split's name, for the file of features kept on disk.
+        directory: where features too large for memory are kept.
+        computed: called with each batch's number of images once it is done.
+        on_images: optional, called with each batch's images, for what else
+            is computed from them in the same pass.
+
+    Returns:
+        (float32 features `[count, dimensions]`, in memory or memory-mapped;
+        int labels `[count]`; where the features are, in words).
+    """
+    values, place = features_array(split, count, extractor.output.shape[-1], directory)
+    labels = np.empty(count, np.int64)
+    position = 0
+    for images, one_hot in batches:
+        batch = len(images)
+        values[position:position + batch] = extractor.predict(images, verbose=0)
+        labels[position:position + batch] = np.argmax(one_hot, axis=1)
+        if on_images is not None:
+            on_images(images)
+        position += batch
+        computed(batch)
+    return values, labels, place
+
+
 def features_array(split, count, dimensions, directory):
     """An empty float32 array for a split's features, in memory when it fits,
     else a memmap under `directory`; and where it is, for the log."""
@@ -95,17 +129,3 @@ def features_array(split, count, dimensions, directory):
                                        mode="w+", dtype=np.float32,
                                        shape=(count, dimensions))
     return values, f"on disk in {directory}"
-
-
-def _fill(values, extractor, batches, computed):
-    """Writes each batch's features into `values`; returns the labels as ints.
-    Calls `computed(count)` after each batch of `count` images."""
-    labels = np.empty(len(values), np.int64)
-    position = 0
-    for images, one_hot in batches:
-        batch = len(images)
-        values[position:position + batch] = extractor.predict(images, verbose=0)
-        labels[position:position + batch] = np.argmax(one_hot, axis=1)
-        position += batch
-        computed(batch)
-    return labels

@@ -3,7 +3,7 @@ head phase 2's test starts from (only one trained with these flags), what
 trains, and at which rates."""
 
 from tl_keras import config as config_lib
-from tl_keras import flagfile
+from tl_keras import rundir
 from tl_keras.errors import UsageError
 from tl_keras.model import layer_decay
 from tl_keras.training import finetune
@@ -31,8 +31,8 @@ def trained_head(paths, phase, head_epochs, flagfile_text):
     if phase != recipe.FINETUNE_PHASE or not head_epochs:
         return None
     if runstate.Progress(paths.progress).phase_complete(recipe.HEAD_PHASE):
-        differences = flagfile.differences(paths.flags, flagfile_text,
-                                           ignored=config_lib.NOT_IN_THE_HEAD_PHASE)
+        differences = rundir.flag_differences(paths.model_dir, flagfile_text,
+                                              ignored=config_lib.NOT_IN_THE_HEAD_PHASE)
         if differences:
             raise UsageError(
                 f"--find_lr_phase=finetune starts from the head phase's end weights of "
