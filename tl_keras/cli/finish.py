@@ -6,6 +6,8 @@ the summary. `tl_keras.cli.job` trains first.
 import os
 import shlex
 
+import numpy as np
+
 from tl_keras import rundir
 from tl_keras.data import pipeline
 from tl_keras.errors import UsageError
@@ -62,11 +64,13 @@ def _export_tflite(config, model, splits, paths, test):
             splits.train, num_examples=splits.sizes["train"],
             count=tflite.TFLITE_CALIBRATION_IMAGES, seed=config.seed,
             image_size=config.image_size, resize=config.resize)
+    images = np.stack([pipeline.resize_uint8(image, config.image_size, config.resize).numpy()
+                       for image in test.first_images])
     return tflite.export_checked_tflite(
-        model, paths.tflite, image_size=config.image_size, resize=config.resize,
+        model, paths.tflite, image_size=config.image_size,
         quantization=config.tflite_quantization, max_drop=config.tflite_max_drop,
         class_names=splits.class_names, labels_path=paths.tflite_labels,
-        representative_images=calibration, test_images=test.first_images,
+        representative_images=calibration, test_images=images,
         test_labels=test.first_labels, float_predicted=test.first_predicted,
         test_examples=splits.sizes["test"],
         load_serving=lambda: predict.load_serving(config.model_dir))

@@ -10,13 +10,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import console
 from tl_keras import rundir
 from tl_keras.data import image_io
 from tl_keras.data import pipeline
 from tl_keras.errors import UsageError
 from tl_keras.outputs import export
 from tl_keras.outputs import gradcam
+from tl_keras.outputs import litert
 from tl_keras.outputs import plots
 
 _FILES_PER_CALL = 32
@@ -97,10 +97,7 @@ def load_tflite(path, resize, tta="none"):
             f"class names there, one per line; copy it along with the .tflite file.")
     with open(labels_path, encoding="utf-8") as file:
         class_names = file.read().splitlines()
-    # The interpreter announces its CPU delegate on stderr as it starts.
-    with console.native_chatter_dropped():
-        interpreter = tf.lite.Interpreter(model_path=path)
-        interpreter.allocate_tensors()
+    interpreter = litert.interpreter(path)
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]["index"]
     size = int(source["shape"][1])
