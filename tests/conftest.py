@@ -175,8 +175,8 @@ def write_colours(root, count, seed):
 @pytest.fixture(scope="session")
 def deploy_run(tmp_path_factory):
     """A run that learned the colours, its head trained on cached features in
-    seconds, exported as the SavedModel and an int8 model.tflite; (config,
-    metrics, stdout).
+    seconds, exported in every format: the SavedModel, an int8 model.tflite
+    and model.onnx; (config, metrics, stdout).
 
     TensorFlow's own tf.lite.Interpreter raises throughout: with LiteRT
     installed, the export's checks must not construct it."""
@@ -190,7 +190,7 @@ def deploy_run(tmp_path_factory):
         TEST_BACKBONE, f"--model_dir={tmp_path / 'run'}", "--finetune_epochs=0",
         "--batch_size=16", f"--dataset=folder:{tmp_path / 'colours'}", "--cache_features",
         "--head_epochs=10", "--head_learning_rate=0.1", "--export_tflite",
-        "--tflite_quantization=int8")
+        "--tflite_quantization=int8", "--export_onnx")
     # A threshold below any drop, so the TFLite drop warning must appear; no
     # command line can set one.
     config = dataclasses.replace(config, tflite_max_drop=-1.0)

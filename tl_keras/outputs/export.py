@@ -1,6 +1,6 @@
 """Writing the trained model: a SavedModel for serving, `model.keras` and the
 backbone's weights, and the labels file. `tl_keras.outputs.tflite` writes
-`model.tflite`.
+`model.tflite`, and `tl_keras.outputs.onnx_export` `model.onnx`.
 
 Each artifact is written beside its final path and renamed into place, so a
 crash never leaves a half-written model where a server would load it.
@@ -145,7 +145,7 @@ def save_keras_model(model, path):
 
 def write_labels(path, class_names):
     """Writes the class names one per line, line i for class i: the label map
-    TFLite apps read."""
+    TFLite apps read, and ONNX Runtime apps may."""
     text = "".join(f"{name}\n" for name in class_names)
     write_atomically(path, lambda temporary: _write_text(temporary, text), suffix=".txt")
 
