@@ -10,6 +10,7 @@ console.quiet_startup(sys.argv)
 
 from absl import app  # noqa: E402
 
+from tl_keras import rundir  # noqa: E402
 from tl_keras.cli import audit  # noqa: E402
 from tl_keras.cli import flags  # noqa: E402
 from tl_keras.cli import job  # noqa: E402
@@ -27,7 +28,8 @@ def main(argv):
                                tta=settings["tta"])
         elif settings["mode"] == "predict":
             model = settings["model_dir"]
-            run_folder = os.path.dirname(model) if model.endswith(".tflite") else model
+            run_folder = (os.path.dirname(model)
+                          if model.endswith(rundir.MODEL_FILE_SUFFIXES) else model)
             modes.run_prediction(
                 model, settings["images"], settings["top_k"], settings["output"],
                 resize=flags.run_setting(run_folder, "resize"),

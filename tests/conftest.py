@@ -1,6 +1,7 @@
 """Shared test setup: two logical CPU devices, mock TFDS data, configs from flags."""
 
 import contextlib
+import dataclasses
 import io
 import os
 import sys
@@ -146,3 +147,60 @@ def imbalanced_run(tmp_path_factory):
             tmp_path, f"--dataset={dataset}", "--class_weight=balanced", "--tta=flip",
             "--cache_features", "--head_epochs=1", "--finetune_epochs=0", "--batch_size=22")
     return config, metrics, printed.getvalue()
+
+
+# Each class a colour: even a network with random weights tells them apart, so
+# the head learns them in a few cheap epochs, and a test can tell a model that
+# learned from one that names a class at random or the same class for all.
+COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40),
+           "white": (225, 225, 225)}
+# The colour folder's train and test splits hold this many examples each; a
+# run keeps every test image.
+COLOUR_EXAMPLES = 40
+
+
+def write_colours(root, count, seed):
+    """Writes `root/<colour>/<i>.png`: `count` noisy 32 px images of each colour."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            pixels = np.clip(rng.normal(colour, 30, (32, 32, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def deploy_run(tmp_path_factory):
+    """A run that learned the colours, its head trained on cached features in
+    seconds, exported in every format: the SavedModel, an int8 model.tflite
+    and model.onnx; (config, metrics, stdout).
+
+    TensorFlow's own tf.lite.Interpreter raises throughout: with LiteRT
+    installed, the export's checks must not construct it."""
+    from tl_keras.cli import job
+
+    tmp_path = tmp_path_factory.mktemp("deploy")
+    per_class = COLOUR_EXAMPLES // len(COLOURS)
+    write_colours(tmp_path / "colours" / "train", per_class, seed=0)
+    write_colours(tmp_path / "colours" / "test", per_class, seed=1)
+    config, flagfile_text = parse_config(
+        TEST_BACKBONE, f"--model_dir={tmp_path / 'run'}", "--finetune_epochs=0",
+        "--batch_size=16", f"--dataset=folder:{tmp_path / 'colours'}", "--cache_features",
+        "--head_epochs=10", "--head_learning_rate=0.1", "--export_tflite",
+        "--tflite_quantization=int8", "--export_onnx")
+    # A threshold below any drop, so the TFLite drop warning must appear; no
+    # command line can set one.
+    config = dataclasses.replace(config, tflite_max_drop=-1.0)
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(tf.lite, "Interpreter", refuse_tf_lite_interpreter)
+        metrics = job.run_training(config, flagfile_text=flagfile_text, verbose=0)
+    return config, metrics, printed.getvalue()
+
+
+def refuse_tf_lite_interpreter(*args, **kwargs):
+    """Stands in for tf.lite.Interpreter, which LiteRT replaces."""
+    raise AssertionError("tf.lite.Interpreter was constructed although LiteRT is installed")

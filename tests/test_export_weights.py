@@ -16,6 +16,7 @@ from tl_keras import rundir
 from tl_keras.data import pipeline
 from tl_keras.model import backbones
 from tl_keras.model import classifier as classifier_lib
+from tl_keras.outputs import litert
 from tl_keras.training import export_weights
 from tl_keras.training import optimization
 from tl_keras.training import recipe
@@ -142,7 +143,7 @@ def test_exports_compute_in_float32_after_bfloat16_training(bfloat16_run):
                   if any(value.type in half for value in node.attr.values())]
     assert not half_nodes, half_nodes[:5]
 
-    interpreter = tf.lite.Interpreter(os.path.join(config.model_dir, "model.tflite"))
+    interpreter = litert.interpreter(os.path.join(config.model_dir, "model.tflite"))
     dtypes = {np.dtype(detail["dtype"]).name for detail in interpreter.get_tensor_details()}
     assert not dtypes & {"float16", "bfloat16"}, dtypes
 

@@ -1,82 +1,50 @@
 """model.tflite's variants (--tflite_quantization), their metrics.json entry,
-the labels file beside them, and predicting with a .tflite file."""
+the labels file beside them, and predicting with a .tflite file; all in LiteRT."""
 
 import contextlib
-import dataclasses
 import io
 import json
 import os
 
+import ai_edge_litert.interpreter
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 import sliced_mock
-from conftest import TEST_BACKBONE, parse_config
+from conftest import TEST_BACKBONE, parse_config, refuse_tf_lite_interpreter, write_colours
 from tl_keras.cli import job
 from tl_keras.cli import modes
+from tl_keras.outputs import litert
 
 pytest.importorskip("tensorflow.lite.python.lite",
                     reason="this TensorFlow has no TFLite converter")
 
-# The mock splits, and the colour folder's train and test splits, hold this
-# many examples each; a run keeps every test image.
+# The mock splits hold this many examples each; a run keeps every test image.
 EXAMPLES = 40
-# Each class a colour: even a network with random weights tells them apart, so
-# the head learns them in a few cheap epochs, and a test can tell a model that
-# learned from one that names a class at random or the same class for all.
-COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40),
-           "white": (225, 225, 225)}
 
 
-def _train(tmp_path, *args, **config_changes):
+def _train(tmp_path, *args):
     """A one-epoch smoke run that exports model.tflite; (config, metrics, stdout)."""
     config, flagfile_text = parse_config(
         TEST_BACKBONE, f"--model_dir={tmp_path / 'run'}", "--export_tflite",
         "--finetune_epochs=0", "--batch_size=16", *args)
-    # Changes no command line can make, such as a negative --tflite_max_drop.
-    config = dataclasses.replace(config, **config_changes)
     printed = io.StringIO()
     with sliced_mock.mock_data(num_examples=EXAMPLES), contextlib.redirect_stdout(printed):
         metrics = job.run_training(config, flagfile_text=flagfile_text, verbose=0)
     return config, metrics, printed.getvalue()
 
 
-def _write_colours(root, count, seed):
-    """Writes `root/<colour>/<i>.png`: `count` noisy 32 px images of each colour."""
-    rng = np.random.default_rng(seed)
-    for name, colour in COLOURS.items():
-        (root / name).mkdir(parents=True)
-        for index in range(count):
-            pixels = np.clip(rng.normal(colour, 30, (32, 32, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{index}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def int8_run(tmp_path_factory):
-    """An int8 export of a model that learned the colours, its head trained
-    on cached features, so in seconds."""
-    tmp_path = tmp_path_factory.mktemp("int8")
-    per_class = EXAMPLES // len(COLOURS)
-    _write_colours(tmp_path / "colours" / "train", per_class, seed=0)
-    _write_colours(tmp_path / "colours" / "test", per_class, seed=1)
-    # A threshold below any drop, so the warning must appear.
-    return _train(tmp_path, f"--dataset=folder:{tmp_path / 'colours'}", "--cache_features",
-                  "--head_epochs=10", "--head_learning_rate=0.1",
-                  "--tflite_quantization=int8", tflite_max_drop=-1.0)
-
-
 def _interpreter(config):
-    interpreter = tf.lite.Interpreter(os.path.join(config.model_dir, "model.tflite"))
-    interpreter.allocate_tensors()
+    interpreter = litert.interpreter(os.path.join(config.model_dir, "model.tflite"))
+    # LiteRT's, as on a phone, not TensorFlow's deprecated one.
+    assert isinstance(interpreter, ai_edge_litert.interpreter.Interpreter)
     return interpreter
 
 
-def test_int8_file_takes_uint8_images_and_computes_in_int8(int8_run):
-    config, _, _ = int8_run
+def test_int8_file_takes_uint8_images_and_computes_in_int8(deploy_run):
+    config, _, _ = deploy_run
     interpreter = _interpreter(config)
     [source] = interpreter.get_input_details()
     assert source["dtype"] == np.uint8
@@ -85,6 +53,7 @@ def test_int8_file_takes_uint8_images_and_computes_in_int8(int8_run):
     # feeds its pixels as they are, as to the SavedModel, not rescaled.
     assert source["quantization"] == (0.0, 0)
     assert source["quantization_parameters"]["scales"].size == 0
+    assert source["quantization_parameters"]["zero_points"].size == 0
     assert interpreter.get_output_details()[0]["dtype"] == np.float32
     dtypes = [detail["dtype"] for detail in interpreter.get_tensor_details()]
     # Weights and activations in int8: only the input, its cast and the
@@ -102,18 +71,22 @@ def _check_tflite_entry(config, metrics, quantization, bytes_per_parameter):
         written = json.load(file)["tflite"]
     assert written == metrics["tflite"]
     assert written["quantization"] == quantization
+    assert written["runtime"] == "LiteRT"
     assert written["bytes"] == os.path.getsize(os.path.join(config.model_dir, "model.tflite"))
     low, high = bytes_per_parameter
     assert low <= written["bytes"] / _model_parameters(config) <= high, written
     assert written["images"] == EXAMPLES
+    # Every variant's parity with the SavedModel is recorded; float32's is checked.
+    assert written["check_images"] == 32
+    assert 0 <= written["max_difference"] <= 1, written
     assert 0 <= written["top1"] <= 1 and 0 <= written["float_top1"] <= 1
     assert written["float_top1"] == pytest.approx(metrics["test"]["top1"])
     assert written["drop_points"] == pytest.approx(
         100 * (written["float_top1"] - written["top1"]), abs=1e-3)
 
 
-def test_int8_run_writes_its_tflite_entry(int8_run):
-    config, metrics, printed = int8_run
+def test_deploy_run_writes_its_tflite_entry(deploy_run):
+    config, metrics, printed = deploy_run
     _check_tflite_entry(config, metrics, "int8", bytes_per_parameter=(0.9, 1.3))
     # Measured on a model that learned (chance is 25%), the int8 file keeps
     # its top-1; on a near-chance model, a drop of 0 says nothing.
@@ -135,16 +108,16 @@ def test_each_quantization_writes_its_tflite_entry(tmp_path, quantization,
     assert "Skipped the TFLite export" not in printed
 
 
-def test_a_drop_past_the_threshold_is_said_plainly_and_the_file_kept(int8_run):
-    config, _, printed = int8_run
+def test_a_drop_past_the_threshold_is_said_plainly_and_the_file_kept(deploy_run):
+    config, _, printed = deploy_run
     assert "Warning: the int8 model.tflite loses" in printed
     assert "more than --tflite_max_drop=-1. The file is kept. Likely causes:" in printed
     assert "calibration images (it used 36 training images)" in printed
     assert os.path.getsize(os.path.join(config.model_dir, "model.tflite")) > 0
 
 
-def test_the_labels_file_lists_the_class_names_in_order(int8_run):
-    config, _, _ = int8_run
+def test_the_labels_file_lists_the_class_names_in_order(deploy_run):
+    config, _, _ = deploy_run
     with open(os.path.join(config.model_dir, "class_names.json")) as file:
         class_names = json.load(file)
     with open(os.path.join(config.model_dir, "labels.txt"), encoding="utf-8") as file:
@@ -155,11 +128,12 @@ def _top1(predictions):
     return {path: ranked[0][0] for path, ranked in predictions}
 
 
-def test_predict_on_the_int8_file_names_the_saved_models_classes(int8_run, tmp_path,
-                                                                 capsys):
-    config, _, _ = int8_run
+def test_predict_on_the_int8_file_names_the_saved_models_classes(deploy_run, tmp_path,
+                                                                 capsys, monkeypatch):
+    config, _, _ = deploy_run
+    monkeypatch.setattr(tf.lite, "Interpreter", refuse_tf_lite_interpreter)
     # Two new images of each colour, in a folder named for it.
-    images = _write_colours(tmp_path / "images", count=2, seed=2)
+    images = write_colours(tmp_path / "images", count=2, seed=2)
     from_saved_model = modes.run_prediction(config.model_dir, str(images), top_k=3,
                                             output=None)
     capsys.readouterr()
@@ -178,3 +152,18 @@ def test_predict_on_the_int8_file_names_the_saved_models_classes(int8_run, tmp_p
     # int8 rounds the probabilities, so a near tie may go the other way.
     agree = sum(saved[path] == quantized[path] for path in saved)
     assert agree >= 7, (saved, quantized)
+
+
+def test_without_litert_tflite_files_run_in_tensorflow_and_it_says_so(deploy_run,
+                                                                      monkeypatch, capsys):
+    config, _, _ = deploy_run
+    path = os.path.join(config.model_dir, "model.tflite")
+    # As on a platform without an ai-edge-litert wheel.
+    monkeypatch.setattr(litert, "_litert", None)
+    monkeypatch.setattr(litert, "_fallback_announced", False)
+    first, second = litert.interpreter(path), litert.interpreter(path)
+    assert isinstance(first, tf.lite.Interpreter) and isinstance(second, tf.lite.Interpreter)
+    printed = capsys.readouterr().out
+    assert printed.count("Note: the ai-edge-litert package is not installed") == 1, printed
+    assert "runs them in LiteRT" in printed
+    assert litert.runtime_name() == "tf.lite.Interpreter"

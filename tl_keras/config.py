@@ -256,6 +256,11 @@ class Config:
         2.0,
         "--export_tflite: the most test top-1 (in percentage points) model.tflite may "
         "lose against the float model before the run warns; the file is kept either way.")
+    export_onnx: bool = RUN.boolean(
+        False,
+        "Also write model.onnx (uint8 images of any batch in, probabilities out; the "
+        "class names in its metadata) and check it in ONNX Runtime against the "
+        "SavedModel on test images. Needs the onnx extra: pip install -e \".[onnx]\".")
     # The flag is START,END text; the field holds (START, END).
     profile_batches: tuple | None = RUN.string(
         None,
@@ -275,8 +280,8 @@ class ModeOptions:
         "train", ["train", "evaluate", "predict", "find_lr", "probe", "audit"],
         "train: train, evaluate and export. evaluate: evaluate the finished run in "
         "--model_dir on --split. predict: classify --images with that run's SavedModel, "
-        "or with the .tflite file --model_dir names (its labels.txt beside it). "
-        "find_lr: a learning-rate range test of --find_lr_phase, written to "
+        "or with the .tflite file (its labels.txt beside it) or .onnx file --model_dir "
+        "names. find_lr: a learning-rate range test of --find_lr_phase, written to "
         "--model_dir/find_lr/; it changes nothing else there. probe: a linear classifier "
         "on the backbone's features at each block's end, its validation top-1 and a "
         "suggested --cut_at, written to --model_dir/probe/; it changes nothing else there. "
@@ -307,7 +312,8 @@ class ModeOptions:
     explain: bool = MODES.boolean(
         False,
         "--mode=predict: also write each image's Grad-CAM heatmap, for its top class, "
-        "over it as a PNG under RUN/explanations/. Needs a run folder, not a .tflite file.")
+        "over it as a PNG under RUN/explanations/. Needs a run folder, not a .tflite or "
+        ".onnx file.")
     overwrite: bool = RUN.boolean(
         False,
         "Train afresh in a --model_dir that holds a complete or unfinished run, "
@@ -327,5 +333,5 @@ NOT_IN_THE_HEAD_PHASE = frozenset({
     *(field.name for field in dataclasses.fields(Config)
       if flag_spec(field).group == SELF_TRAINING.title),
     "model_dir", "jit_compile", "strategy", "tpu", "export_tflite", "tflite_quantization",
-    "tflite_max_drop", "profile_batches",
+    "tflite_max_drop", "export_onnx", "profile_batches",
 })

@@ -13,6 +13,7 @@ the command line or in a flagfile, turns them back on, and a
 import contextlib
 import importlib
 import importlib.util
+import logging as std_logging
 import os
 import re
 import sys
@@ -108,3 +109,23 @@ def native_chatter_dropped():
             sys.stderr.writelines(line for line in text.splitlines(keepends=True)
                                   if not _LIBRARY_LINE.match(line))
             sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def library_logs_dropped(*loggers):
+    """Drops what the named Python loggers log inside the block (tf2onnx logs
+    the optimisations it skips, with tracebacks, and converts anyway). Does
+    nothing when `quiet_startup` left the library lines on."""
+    if not _native_quiet:
+        yield
+        return
+    quieted = [std_logging.getLogger(name) for name in loggers]
+    levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel(std_logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(quieted, levels):
+            logger.setLevel(level)
+

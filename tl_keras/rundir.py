@@ -39,8 +39,11 @@ EXPLANATIONS_DIR = "explanations"
 SAVED_MODEL_DIR = "saved_model"
 KERAS_MODEL_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
-# model.tflite's class names, one per line, beside it.
-TFLITE_LABELS_FILE = "labels.txt"
+ONNX_FILE = "model.onnx"
+# The class names of model.tflite and model.onnx, one per line, beside them.
+LABELS_FILE = "labels.txt"
+# The suffixes of the model files --mode=predict takes instead of a run folder.
+MODEL_FILE_SUFFIXES = (".tflite", ".onnx")
 BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 # Under the chief's --model_dir, the other workers' own folders.
 WORKERS_DIR = "workers"
@@ -69,7 +72,8 @@ RUN_OUTPUTS = frozenset({
     FLAGS_FILE, COMPLETE_FILE, PROGRESS_FILE, PROGRESS_FILE + ".tmp", CLASS_NAMES_FILE,
     METRICS_FILE, HISTORY_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR, BACKUP_DIR,
     FEATURES_DIR, SELF_TRAINING_DIR, PLOTS_DIR, EVALUATION_DIR, EXPLANATIONS_DIR,
-    SAVED_MODEL_DIR, KERAS_MODEL_FILE, TFLITE_FILE, TFLITE_LABELS_FILE, BACKBONE_WEIGHTS_FILE,
+    SAVED_MODEL_DIR, KERAS_MODEL_FILE, TFLITE_FILE, ONNX_FILE, LABELS_FILE,
+    BACKBONE_WEIGHTS_FILE,
 })
 # Temporary folders of atomic writes (tl_keras.outputs.export), left by a kill.
 TEMPORARY_PREFIX = ".export-"
@@ -99,7 +103,8 @@ class RunPaths:
     saved_model = property(lambda self: self._in(SAVED_MODEL_DIR))
     keras_model = property(lambda self: self._in(KERAS_MODEL_FILE))
     tflite = property(lambda self: self._in(TFLITE_FILE))
-    tflite_labels = property(lambda self: self._in(TFLITE_LABELS_FILE))
+    onnx = property(lambda self: self._in(ONNX_FILE))
+    labels = property(lambda self: self._in(LABELS_FILE))
     backbone_weights = property(lambda self: self._in(BACKBONE_WEIGHTS_FILE))
     training_curves = property(lambda self: self._in(PLOTS_DIR, "training_curves.png"))
     best_checkpoint = property(lambda self: self._in(CHECKPOINTS_DIR, "best.weights.h5"))

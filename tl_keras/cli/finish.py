@@ -6,6 +6,8 @@ the summary. `tl_keras.cli.job` trains first.
 import os
 import shlex
 
+import numpy as np
+
 from tl_keras import rundir
 from tl_keras.data import pipeline
 from tl_keras.errors import UsageError
@@ -13,6 +15,7 @@ from tl_keras.model import classifier as classifier_lib
 from tl_keras.outputs import evaluate
 from tl_keras.outputs import export
 from tl_keras.outputs import gradcam
+from tl_keras.outputs import onnx_export
 from tl_keras.outputs import predict
 from tl_keras.outputs import tflite
 from tl_keras.training import export_weights
@@ -41,11 +44,7 @@ def evaluate_and_export(config, strategy, role, classifier, backbone, splits, ph
     metrics = {"validation": validation_by_phase, "test": test_metrics, "exported": exported}
     if test.tta_report:
         metrics["test_tta_flip"] = evaluate.summary(test.tta_report)
-    if config.export_tflite:
-        tflite_entry = _export_tflite(config, model, splits, paths, test)
-        if tflite_entry:
-            evaluate.add_to_metrics(paths.metrics, "tflite", tflite_entry)
-            metrics["tflite"] = tflite_entry
+    metrics.update(_export_deployables(config, model, splits, paths, test))
     _log_gradcam(model, test.examples, splits.class_names, run_log,
                  step=_last_epoch(config))
     if role.is_chief:
@@ -53,7 +52,31 @@ def evaluate_and_export(config, strategy, role, classifier, backbone, splits, ph
     return metrics
 
 
-def _export_tflite(config, model, splits, paths, test):
+def _export_deployables(config, model, splits, paths, test):
+    """Writes model.tflite and model.onnx as the flags ask, each checked on the
+    same test images; records and returns their metrics.json entries."""
+    entries = {}
+    if not (config.export_tflite or config.export_onnx):
+        return entries
+    images = np.stack([pipeline.resize_uint8(image, config.image_size, config.resize).numpy()
+                       for image in test.first_images])
+    checked = dict(test_labels=test.first_labels, float_predicted=test.first_predicted,
+                   test_examples=splits.sizes["test"],
+                   load_serving=lambda: predict.load_serving(config.model_dir))
+    if config.export_tflite:
+        entries["tflite"] = _export_tflite(config, model, splits, paths, images, checked)
+    if config.export_onnx:
+        entries["onnx"] = onnx_export.export_checked_onnx(
+            model, paths.onnx, image_size=config.image_size, resize=config.resize,
+            class_names=splits.class_names, labels_path=paths.labels,
+            test_images=images, **checked)
+    entries = {name: entry for name, entry in entries.items() if entry}
+    for name, entry in entries.items():
+        evaluate.add_to_metrics(paths.metrics, name, entry)
+    return entries
+
+
+def _export_tflite(config, model, splits, paths, images, checked):
     """Writes model.tflite as --tflite_quantization says, with its labels file;
     returns its metrics.json entry, or None when the converter failed."""
     calibration = ()
@@ -63,13 +86,10 @@ def _export_tflite(config, model, splits, paths, test):
             count=tflite.TFLITE_CALIBRATION_IMAGES, seed=config.seed,
             image_size=config.image_size, resize=config.resize)
     return tflite.export_checked_tflite(
-        model, paths.tflite, image_size=config.image_size, resize=config.resize,
+        model, paths.tflite, image_size=config.image_size,
         quantization=config.tflite_quantization, max_drop=config.tflite_max_drop,
-        class_names=splits.class_names, labels_path=paths.tflite_labels,
-        representative_images=calibration, test_images=test.first_images,
-        test_labels=test.first_labels, float_predicted=test.first_predicted,
-        test_examples=splits.sizes["test"],
-        load_serving=lambda: predict.load_serving(config.model_dir))
+        class_names=splits.class_names, labels_path=paths.labels,
+        representative_images=calibration, test_images=images, **checked)
 
 
 def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
@@ -82,7 +102,8 @@ def _test(config, model, splits, paths, run_log, validation_by_phase, exported):
     """
     test = evaluate.evaluate_test_split(
         model, pipeline.split_batches(config, splits, "test"), splits.class_names,
-        keep_images=tflite.TFLITE_ACCURACY_IMAGES if config.export_tflite else 0,
+        keep_images=(tflite.TFLITE_ACCURACY_IMAGES
+                     if config.export_tflite or config.export_onnx else 0),
         tta=config.tta)
     test_metrics = evaluate.summary(test.report)
     tta_metrics = evaluate.summary(test.tta_report) if test.tta_report else None
@@ -141,11 +162,15 @@ def _summary(config, metrics, exported, phases, timers, splits):
         speed = timer.steps * config.batch_size / max(timer.training_seconds, 1e-9)
         lines.append(f"Phase {phase.name}: {timer.seconds:.1f} s, training at "
                      f"{speed:,.0f} images/s.")
-    tflite_files = (f"{rundir.TFLITE_FILE}, {rundir.TFLITE_LABELS_FILE}, "
-                    if config.export_tflite and os.path.isfile(paths.tflite) else "")
+    deployables = "".join(
+        f"{name}, " for name, written in (
+            (rundir.TFLITE_FILE, config.export_tflite and os.path.isfile(paths.tflite)),
+            (rundir.ONNX_FILE, config.export_onnx and os.path.isfile(paths.onnx)),
+            (rundir.LABELS_FILE, os.path.isfile(paths.labels)))
+        if written)
     lines += [
         f"Outputs in {config.model_dir}: {rundir.SAVED_MODEL_DIR}/, "
-        f"{rundir.KERAS_MODEL_FILE}, {tflite_files}{rundir.METRICS_FILE}, "
+        f"{rundir.KERAS_MODEL_FILE}, {deployables}{rundir.METRICS_FILE}, "
         f"{rundir.HISTORY_FILE}, {rundir.PLOTS_DIR}/, {rundir.TENSORBOARD_DIR}/"
         + (f", {rundir.SELF_TRAINING_DIR}/." if config.self_training_rounds else "."),
         "Look further:",

@@ -10,6 +10,7 @@ import re
 
 from absl import flags
 
+from tl_keras import rundir
 from tl_keras.errors import UsageError
 from tl_keras.model import backbones
 
@@ -116,9 +117,10 @@ def _validate_mode(values):
     if mode in ("evaluate", "predict") and not values["model_dir"]:
         raise flags.ValidationError(
             f"--mode={mode} needs --model_dir=RUN, the folder of a finished training run.")
-    if values["model_dir"] and values["model_dir"].endswith(".tflite") and mode != "predict":
+    model_file = os.path.splitext(values["model_dir"] or "")[1]
+    if model_file in rundir.MODEL_FILE_SUFFIXES and mode != "predict":
         raise flags.ValidationError(
-            f"--model_dir={values['model_dir']} is a .tflite file, which only "
+            f"--model_dir={values['model_dir']} is a {model_file} file, which only "
             f"--mode=predict takes; --mode={mode} needs a run folder.")
     if mode == "predict" and not values["images"]:
         raise flags.ValidationError(

@@ -9,12 +9,16 @@ follows training. The other modes are in `tl_keras.cli.modes`.
 import dataclasses
 import json
 
+import keras
+
 from tl_keras import rundir
 from tl_keras.cli import assembly
 from tl_keras.cli import finish
 from tl_keras.data import pipeline
 from tl_keras.data import unlabeled
+from tl_keras.errors import UsageError
 from tl_keras.model import features
+from tl_keras.outputs import onnx_export
 from tl_keras.outputs import plots
 from tl_keras.training import callbacks
 from tl_keras.training import distribute
@@ -29,7 +33,8 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
     """Trains, evaluates and exports one model as `config` says.
 
     Everything that can fail on bad input (flags, replicas, dataset, weights,
-    `--unfreeze`) is checked before the first training step.
+    `--unfreeze`, `--export_onnx`'s packages and backend) is checked before the
+    first training step.
 
     Args:
         config: a `tl_keras.config.Config`.
@@ -46,6 +51,10 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
         tl_keras.errors.Preempted: on SIGTERM, after saving a backup (on one
             machine; see `tl_keras.training.train.train_two_phases`).
     """
+    refusal = config.export_onnx and onnx_export.refusal(config.backbone,
+                                                         keras.config.backend())
+    if refusal:
+        raise UsageError(refusal)
     strategy, backbone = assembly.strategy_and_backbone(config)
     role = distribute.worker_role(strategy)
     config = _this_workers_config(config, role)

@@ -125,15 +125,16 @@ def run_evaluation(config, split, tta=None):
 def run_prediction(model, images, top_k, output, resize="stretch", tta="none",
                    explain=False):
     """Predicts the top-k classes of image files with a finished run's
-    SavedModel, or with a `.tflite` file and the labels file beside it.
+    SavedModel, or with a `.tflite` file and the labels file beside it, or
+    with a `.onnx` file.
 
     Args:
-        model: a run folder, or a `.tflite` file.
+        model: a run folder, or a `.tflite` or `.onnx` file.
         resize: for a `.tflite` file, how images are brought to its size: the
-            run's `--resize`.
+            run's `--resize` (a `.onnx` file holds its own).
         tta: `none`, or `flip`: average each image's probabilities with its
-            mirror image's (the SavedModel's `serving_tta`; a `.tflite` file
-            runs twice per image).
+            mirror image's (the SavedModel's `serving_tta`; a `.tflite` or
+            `.onnx` file runs twice per image).
         explain: also write each image's Grad-CAM overlay, from the run's
             model.keras, under `RUN/explanations/` (a run folder only).
 
@@ -141,13 +142,14 @@ def run_prediction(model, images, top_k, output, resize="stretch", tta="none",
         The predictions, as written by `tl_keras.outputs.predict.predict_files`.
     """
     explainer = explanations_dir = None
-    if model.endswith(".tflite"):
+    model_file = os.path.splitext(model)[1]
+    if model_file in _FILE_LOADERS:
         if explain:
             raise UsageError(
-                f"--explain needs the Keras model of a run folder (model.keras): a .tflite "
-                f"file has no gradients for Grad-CAM. Pass --model_dir=RUN, the folder of "
-                f"the run that wrote {os.path.basename(model)}.")
-        classify, class_names = predict.load_tflite(model, resize, tta)
+                f"--explain needs the Keras model of a run folder (model.keras): a "
+                f"{model_file} file has no gradients for Grad-CAM. Pass --model_dir=RUN, "
+                f"the folder of the run that wrote {os.path.basename(model)}.")
+        classify, class_names = _FILE_LOADERS[model_file](model, resize, tta)
     else:
         classify = predict.serving_bytes_classifier(predict.load_serving(model), tta)
         with open(rundir.RunPaths(model).class_names) as file:
@@ -163,3 +165,5 @@ def run_prediction(model, images, top_k, output, resize="stretch", tta="none",
                                  explainer=explainer, explanations_dir=explanations_dir)
 
 
+# The model files --mode=predict takes instead of a run folder, by suffix.
+_FILE_LOADERS = {".tflite": predict.load_tflite, ".onnx": predict.load_onnx}

@@ -1,5 +1,6 @@
 """Writing the trained model: a SavedModel for serving, `model.keras` and the
-backbone's weights. `tl_keras.outputs.tflite` writes `model.tflite`.
+backbone's weights, and the labels file. `tl_keras.outputs.tflite` writes
+`model.tflite`, and `tl_keras.outputs.onnx_export` `model.onnx`.
 
 Each artifact is written beside its final path and renamed into place, so a
 crash never leaves a half-written model where a server would load it.
@@ -140,6 +141,18 @@ def write_artifacts(model, backbone_name, paths, *, class_names, image_size, res
 def save_keras_model(model, path):
     """Saves the whole model (architecture, weights, optimizer) as `.keras`."""
     write_atomically(path, model.save, suffix=".keras")
+
+
+def write_labels(path, class_names):
+    """Writes the class names one per line, line i for class i: the label map
+    TFLite apps read, and ONNX Runtime apps may."""
+    text = "".join(f"{name}\n" for name in class_names)
+    write_atomically(path, lambda temporary: _write_text(temporary, text), suffix=".txt")
+
+
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8", newline="") as file:
+        file.write(text)
 
 
 def write_atomically(path, write, suffix=""):

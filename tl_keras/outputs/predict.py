@@ -1,5 +1,6 @@
-"""Predicting with a finished run's SavedModel, or its model.tflite: the
-artifacts a server or a phone loads, so what people try is what they ship.
+"""Predicting with a finished run's SavedModel, or its model.tflite or
+model.onnx: the artifacts a server or a phone loads, so what people try is
+what they ship.
 With Grad-CAM, the run's Keras model too: a SavedModel has no gradients."""
 
 import csv
@@ -10,13 +11,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import console
 from tl_keras import rundir
 from tl_keras.data import image_io
 from tl_keras.data import pipeline
 from tl_keras.errors import UsageError
 from tl_keras.outputs import export
 from tl_keras.outputs import gradcam
+from tl_keras.outputs import litert
+from tl_keras.outputs import onnx_export
 from tl_keras.outputs import plots
 
 _FILES_PER_CALL = 32
@@ -88,40 +90,76 @@ def load_tflite(path, resize, tta="none"):
     Raises:
         UsageError: when the file or its labels file is missing.
     """
-    labels_path = os.path.join(os.path.dirname(path), rundir.TFLITE_LABELS_FILE)
+    labels_path = os.path.join(os.path.dirname(path), rundir.LABELS_FILE)
     if not os.path.isfile(path):
         raise UsageError(f"No such file: {path}.")
     if not os.path.isfile(labels_path):
         raise UsageError(
-            f"No {rundir.TFLITE_LABELS_FILE} beside {path}: --export_tflite writes the "
+            f"No {rundir.LABELS_FILE} beside {path}: --export_tflite writes the "
             f"class names there, one per line; copy it along with the .tflite file.")
     with open(labels_path, encoding="utf-8") as file:
         class_names = file.read().splitlines()
-    # The interpreter announces its CPU delegate on stderr as it starts.
-    with console.native_chatter_dropped():
-        interpreter = tf.lite.Interpreter(model_path=path)
-        interpreter.allocate_tensors()
+    interpreter = litert.interpreter(path)
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]["index"]
     size = int(source["shape"][1])
 
-    def run(image):
-        interpreter.set_tensor(source["index"], image[None])
-        interpreter.invoke()
-        return interpreter.get_tensor(target)[0].copy()
-
-    def classify(image_bytes):
+    def run(images):
         probabilities = []
-        # The file takes one image per call.
-        for encoded in tf.unstack(image_bytes):
-            image = _model_input(encoded, size, resize)
-            if tta == "flip":
-                probabilities.append((run(image) + run(image[:, ::-1].copy())) / 2)
-            else:
-                probabilities.append(run(image))
-        return {"probabilities": tf.constant(np.stack(probabilities))}
+        for image in images:  # The file takes one image per call.
+            interpreter.set_tensor(source["index"], image[None])
+            interpreter.invoke()
+            probabilities.append(interpreter.get_tensor(target)[0])
+        return np.stack(probabilities)
 
-    return classify, class_names
+    return _file_classifier(run, size, resize, tta), class_names
+
+
+def load_onnx(path, resize, tta="none"):
+    """A `.onnx` file from `--export_onnx` as a classifier of encoded images,
+    run in ONNX Runtime, with the class names from the file's metadata.
+
+    Args:
+        path: the `.onnx` file.
+        resize: as for `load_tflite`; the file's own `resize` setting, which
+            `--export_onnx` writes into it, wins.
+        tta: as for `load_tflite`.
+
+    Returns:
+        As `load_tflite`.
+
+    Raises:
+        UsageError: when the file is missing, or ONNX Runtime is.
+    """
+    if not os.path.isfile(path):
+        raise UsageError(f"No such file: {path}.")
+    if onnx_export.missing_packages():
+        raise UsageError(
+            f"Predicting with a .onnx file needs ONNX Runtime, which this Python lacks: "
+            f"{onnx_export.INSTALL_COMMAND} installs it.")
+    onnx_session = onnx_export.session(path)
+    class_names, file_resize = onnx_export.metadata(onnx_session)
+    size = int(onnx_session.get_inputs()[0].shape[1])
+
+    def run(images):
+        return onnx_export.onnx_probabilities(onnx_session, images)
+
+    return _file_classifier(run, size, file_resize or resize, tta), class_names
+
+
+def _file_classifier(run, size, resize, tta):
+    """A classifier of encoded images, as `serving_bytes_classifier`'s, from
+    `run`: the file's probabilities of uint8 images `[n, size, size, 3]`."""
+    def classify(image_bytes):
+        images = np.stack([_model_input(encoded, size, resize)
+                           for encoded in tf.unstack(image_bytes)])
+        probabilities = run(images)
+        if tta == "flip":
+            mirror_images = np.ascontiguousarray(images[:, :, ::-1])
+            probabilities = (probabilities + run(mirror_images)) / 2
+        return {"probabilities": tf.constant(probabilities)}
+
+    return classify
 
 
 def _model_input(encoded, size, resize):

@@ -13,8 +13,8 @@ import tensorflow as tf
 from tl_keras import console
 from tl_keras import progress
 from tl_keras.config import TFLITE_QUANTIZATIONS
-from tl_keras.data import pipeline
 from tl_keras.outputs import export
+from tl_keras.outputs import litert
 
 # The TFLite model must give the SavedModel's probabilities within this, on
 # this many test images.
@@ -30,17 +30,18 @@ TFLITE_ACCURACY_IMAGES = 2000
 TFLITE_CALIBRATION_IMAGES = 200
 
 
-def export_checked_tflite(model, path, *, image_size, resize, quantization, max_drop,
+def export_checked_tflite(model, path, *, image_size, quantization, max_drop,
                           class_names, labels_path, representative_images, test_images,
                           test_labels, float_predicted, test_examples, load_serving):
     """Writes model.tflite, quantized as `quantization` says, and the labels
     file beside it; checks the file against the float model on test images.
 
-    A float32 file (`none`) must give the SavedModel's probabilities within
-    `TFLITE_TOLERANCE` on the first `TFLITE_CHECK_IMAGES` test images. Every
-    variant's top-1 is measured on all of `test_images`, next to the float
-    model's on the same images; losing more than `max_drop` points is reported
-    with its likely causes, and the file is kept.
+    Every variant's probabilities are compared with the SavedModel's on the
+    first `TFLITE_CHECK_IMAGES` test images; a float32 file (`none`) must
+    match them within `TFLITE_TOLERANCE`. Every variant's top-1 is measured on
+    all of `test_images`, next to the float model's on the same images;
+    losing more than `max_drop` points is reported with its likely causes,
+    and the file is kept.
 
     Args:
         quantization: one of `TFLITE_QUANTIZATIONS`.
@@ -48,14 +49,15 @@ def export_checked_tflite(model, path, *, image_size, resize, quantization, max_
         class_names: written one per line to `labels_path`.
         representative_images: uint8 `[n, size, size, 3]` training images that
             calibrate `int8`; unused by the others.
-        test_images: uint8 test images, of any size, with their `test_labels`.
+        test_images: uint8 test images at `image_size`, with their `test_labels`.
         float_predicted: the float model's predicted class for each of them.
         test_examples: how many images the test split holds, for the log.
-        load_serving: loads the SavedModel, for the float32 check.
+        load_serving: loads the SavedModel.
 
     Returns:
-        metrics.json's `tflite` entry: `quantization`, `bytes`, `images`, `top1`,
-        `float_top1` and `drop_points`; None when the converter failed.
+        metrics.json's `tflite` entry: `quantization`, `bytes`, `runtime`,
+        `check_images`, `max_difference`, `images`, `top1`, `float_top1` and
+        `drop_points`; None when the converter failed.
 
     Raises:
         RuntimeError: when a float32 file's probabilities differ by more than
@@ -70,43 +72,53 @@ def export_checked_tflite(model, path, *, image_size, resize, quantization, max_
         if problem:
             converting.result = f"Skipped the TFLite export: the converter failed ({problem})"
             return None
-        write_labels(labels_path, class_names)
-        sized = np.stack([pipeline.resize_uint8(image, image_size, resize).numpy()
-                          for image in test_images])
-        difference = None
-        if quantization == "none":
-            difference = tflite_max_difference(path, load_serving(),
-                                               sized[:TFLITE_CHECK_IMAGES])
+        export.write_labels(labels_path, class_names)
+        checked = test_images[:TFLITE_CHECK_IMAGES]
+        difference = tflite_max_difference(path, load_serving(), checked)
         converting.advance()
-        predicted = tflite_probabilities(path, sized).argmax(axis=1)
+        predicted = tflite_probabilities(path, test_images).argmax(axis=1)
         converting.advance()
-        labels = np.asarray(test_labels)
-        top1 = float(np.mean(predicted == labels))
-        float_top1 = float(np.mean(np.asarray(float_predicted) == labels))
-        entry = {"quantization": quantization, "bytes": os.path.getsize(path),
-                 "images": len(sized), "top1": top1, "float_top1": float_top1,
-                 "drop_points": round(100 * (float_top1 - top1), 4)}
-        which = (f"all {len(sized):,}" if len(sized) == test_examples
-                 else f"the first {len(sized):,} of {test_examples:,}")
-        calibrated = (f", calibrated on {len(representative_images):,} training images"
-                      if quantization == "int8" else "")
-        converting.result = (
-            f"Wrote {described} ({entry['bytes']:,} bytes{calibrated}) and "
-            f"{os.path.basename(labels_path)}: test top-1 {top1:.2%} on {which} test "
-            f"images, the float model's {float_top1:.2%} (drop "
-            f"{entry['drop_points']:.2f} points)")
-        if difference is not None:
-            verdict = "within" if _within_tolerance(difference) else "NOT within"
-            converting.result += (
-                f"; on {min(len(sized), TFLITE_CHECK_IMAGES)} test images its "
-                f"probabilities are {verdict} {TFLITE_TOLERANCE:g} of the SavedModel's "
-                f"(largest difference {difference:.2e})")
-    if difference is not None and not _within_tolerance(difference):
+        entry = _entry(path, quantization, difference, len(checked), predicted,
+                       test_labels, float_predicted)
+        converting.result = _described_result(entry, described, labels_path, test_examples,
+                                               len(representative_images))
+    if quantization == "none" and not _within_tolerance(difference):
         raise RuntimeError(f"model.tflite differs from the SavedModel by {difference:.2e}.")
     if entry["drop_points"] > max_drop:
         print(_drop_warning(entry, max_drop, len(representative_images), len(class_names)),
               flush=True)
     return entry
+
+
+def _entry(path, quantization, difference, check_images, predicted, labels,
+           float_predicted):
+    """metrics.json's `tflite` entry; see `export_checked_tflite`."""
+    labels = np.asarray(labels)
+    top1 = float(np.mean(predicted == labels))
+    float_top1 = float(np.mean(np.asarray(float_predicted) == labels))
+    return {"quantization": quantization, "bytes": os.path.getsize(path),
+            "runtime": litert.runtime_name(), "check_images": check_images,
+            "max_difference": difference, "images": len(predicted), "top1": top1,
+            "float_top1": float_top1, "drop_points": round(100 * (float_top1 - top1), 4)}
+
+
+def _described_result(entry, described, labels_path, test_examples, calibration_images):
+    """The step's closing line: the file, its top-1 and its parity."""
+    which = (f"all {entry['images']:,}" if entry["images"] == test_examples
+             else f"the first {entry['images']:,} of {test_examples:,}")
+    calibrated = (f", calibrated on {calibration_images:,} training images"
+                  if entry["quantization"] == "int8" else "")
+    result = (
+        f"Wrote {described} ({entry['bytes']:,} bytes{calibrated}) and "
+        f"{os.path.basename(labels_path)}: test top-1 {entry['top1']:.2%} on {which} "
+        f"test images in {entry['runtime']}, the float model's {entry['float_top1']:.2%} "
+        f"(drop {entry['drop_points']:.2f} points); on {entry['check_images']} test "
+        f"images its probabilities ")
+    if entry["quantization"] == "none":
+        verdict = "are" if _within_tolerance(entry["max_difference"]) else "are NOT"
+        return result + (f"{verdict} within {TFLITE_TOLERANCE:g} of the SavedModel's "
+                         f"(largest difference {entry['max_difference']:.2e})")
+    return result + f"differ from the SavedModel's by up to {entry['max_difference']:.2e}"
 
 
 def _within_tolerance(difference):
@@ -137,14 +149,6 @@ def _drop_warning(entry, max_drop, calibration_images, num_classes):
             f"({entry['top1']:.2%} against {entry['float_top1']:.2%} on {entry['images']} "
             f"test images), more than --tflite_max_drop={max_drop:g}. The file is kept. "
             f"Likely causes: " + "; ".join(causes) + ".")
-
-
-def write_labels(path, class_names):
-    """Writes the class names one per line, line i for class i: what TFLite
-    apps read as a label map."""
-    export.write_atomically(path, lambda temporary: _write_bytes(
-        temporary, "".join(f"{name}\n" for name in class_names).encode("utf-8")),
-        suffix=".txt")
 
 
 def export_tflite(model, path, image_size, quantization="none", representative_images=()):
@@ -202,8 +206,7 @@ def _tflite_converter(concrete_function, quantization, representative_images):
 def tflite_probabilities(tflite_path, images):
     """The TFLite model's probabilities for uint8 `images` `[n, size, size, 3]`,
     one image per call, as the file takes them."""
-    interpreter = tf.lite.Interpreter(model_path=tflite_path)
-    interpreter.allocate_tensors()
+    interpreter = litert.interpreter(tflite_path)
     source = interpreter.get_input_details()[0]["index"]
     target = interpreter.get_output_details()[0]["index"]
     probabilities = []
