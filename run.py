@@ -53,6 +53,7 @@ def main(argv):
                 verbose="auto" if sys.stdout.isatty() else 2,
                 overwrite=settings["overwrite"],
                 given_flags=flags.given_flags(),
+                flag_defaults=flags.defaults_flagfile(),
             )
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

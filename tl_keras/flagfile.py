@@ -19,11 +19,22 @@ def exclusion_lines(entries):
             *(EXCLUDED_PREFIX + entry for entry in entries)]
 
 
-def differences(stored_text, given_text, ignored=frozenset()):
+def differences(stored_text, given_text, ignored=frozenset(), defaults_text=""):
     """How `given_text` differs from `stored_text` (`stored --seed=1, given
     --seed=2`, flag by flag), but for the flags named in `ignored`; empty when
-    they match."""
+    they match.
+
+    A flag that `stored_text` lacks and `given_text` sets to its default, as
+    `defaults_text` (every flag at its default) writes it, is no difference:
+    the stored run was made by an older version, before the flag existed, and
+    trained as its default does. Without this, every new flag would stop
+    interrupted runs from resuming after an upgrade.
+    """
     stored, given = _compared_lines(stored_text, ignored), _compared_lines(given_text, ignored)
+    stored_names = {_flag_name(line) for line in stored}
+    defaults = set(defaults_text.splitlines())
+    given = {line for line in given
+             if _flag_name(line) in stored_names or line not in defaults}
     return _describe_differences(stored, given) if stored != given else ""
 
 
@@ -51,7 +62,7 @@ def _describe_differences(stored, given):
     """`stored --seed=1, given --seed=2`, flag by flag, for the changed flags;
     the excluded examples as counts."""
     def by_name(lines):
-        return {line.split("=", 1)[0]: line for line in lines}
+        return {_flag_name(line): line for line in lines}
 
     def excluded(lines):
         return {line for line in lines if line.startswith(EXCLUDED_PREFIX)}
@@ -66,8 +77,8 @@ def _describe_differences(stored, given):
     stored, given = by_name(stored - stored_excluded), by_name(given - given_excluded)
     for name in sorted(set(stored) | set(given)):
         if stored.get(name) != given.get(name):
-            parts.append(f"stored {stored.get(name, 'no ' + name)}, "
-                         f"given {given.get(name, 'no ' + name)}")
+            parts.append(f"stored {stored.get(name, 'no --' + name)}, "
+                         f"given {given.get(name, 'no --' + name)}")
     return "; ".join(parts[:6])
 
 
@@ -77,6 +88,15 @@ def _compared_lines(text, ignored=frozenset()):
     return {line for line in text.splitlines()
             if line and (not line.startswith("#") or line.startswith(EXCLUDED_PREFIX))
             and not _sets_one_of(line, ignored)}
+
+
+def _flag_name(line):
+    """The flag a flags.txt line sets: `seed` for `--seed=1`, and `tta` for
+    both `--tta` and `--notta` (absl writes booleans, and only booleans,
+    without `=`). No flag of the tool's own starts with `no`
+    (tests/test_flags.py checks), so the prefix always negates."""
+    name = line.removeprefix("--").split("=", 1)[0]
+    return name.removeprefix("no") if "=" not in line else name
 
 
 def _sets_one_of(line, names):

@@ -137,13 +137,16 @@ class RunPaths:
 
 
 @contextlib.contextmanager
-def claim(model_dir, flagfile_text, overwrite):
+def claim(model_dir, flagfile_text, overwrite, flag_defaults=""):
     """Locks `model_dir` for this process and says how the run should go.
 
     Args:
         model_dir: the run's folder (created if missing).
         flagfile_text: this run's effective flags, as `flags.txt` holds them.
         overwrite: start afresh, deleting what an earlier run wrote.
+        flag_defaults: every flag at its default, as flags.txt writes it: a
+            flag an older version's flags.txt lacks may be given at its
+            default (`tl_keras.flagfile.differences`).
 
     Yields:
         FRESH, RESUME or COMPLETE.
@@ -154,7 +157,7 @@ def claim(model_dir, flagfile_text, overwrite):
             and holds no run (with or without `overwrite`).
     """
     with _claimed(model_dir):
-        yield _decide(model_dir, flagfile_text, overwrite)
+        yield _decide(model_dir, flagfile_text, overwrite, flag_defaults)
 
 
 @contextlib.contextmanager
@@ -224,7 +227,7 @@ def _entries(model_dir):
                                          AUDIT_DIR}
 
 
-def _decide(model_dir, flagfile_text, overwrite):
+def _decide(model_dir, flagfile_text, overwrite, flag_defaults=""):
     entries = _entries(model_dir)
     if not entries:
         return FRESH
@@ -238,7 +241,7 @@ def _decide(model_dir, flagfile_text, overwrite):
         # A worker's folder of a complete cluster run keeps no flags.txt of
         # its own when an older version wrote it; the chief's is checked.
         return COMPLETE if complete else FRESH
-    differences = flag_differences(model_dir, flagfile_text)
+    differences = flag_differences(model_dir, flagfile_text, defaults_text=flag_defaults)
     if differences:
         if complete:
             # Saying "nothing to do" here would pass the earlier run's results
@@ -297,12 +300,12 @@ def _delete_run_outputs(model_dir, entries):
               f"no run writes: {', '.join(kept)}.", flush=True)
 
 
-def flag_differences(model_dir, flagfile_text, ignored=frozenset()):
+def flag_differences(model_dir, flagfile_text, ignored=frozenset(), defaults_text=""):
     """How the flags.txt of the run in `model_dir` differs from `flagfile_text`
     (`stored --seed=1, given --seed=2`, flag by flag), but for the flags named
     in `ignored`; empty when they match (`tl_keras.flagfile.differences`)."""
     with open(os.path.join(model_dir, FLAGS_FILE)) as file:
-        return flagfile.differences(file.read(), flagfile_text, ignored)
+        return flagfile.differences(file.read(), flagfile_text, ignored, defaults_text)
 
 
 @contextlib.contextmanager

@@ -252,6 +252,16 @@ def to_flagfile():
     return "\n".join(lines) + "\n"
 
 
+def defaults_flagfile():
+    """Every flag at its default, as `to_flagfile` writes it: what a resume
+    takes a flag to have been in a run whose flags.txt, written by an older
+    version, lacks it (see `tl_keras.flagfile.differences`)."""
+    return "\n".join(
+        flag._serialize(flag.default)  # absl's own form of the value, as serialize()
+        for flag in sorted(flags.FLAGS.get_flags_for_module(__name__), key=lambda f: f.name)
+        if flag.default is not None and flag.name not in _MODE_FLAGS) + "\n"
+
+
 def _default_model_dir(dataset, backbone):
     name = os.path.basename(os.path.normpath(dataset)) if ":" in dataset else dataset
     return os.path.join("runs", re.sub(r"[^\w.-]+", "_", f"{name}-{backbone}"))

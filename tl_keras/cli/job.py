@@ -29,7 +29,7 @@ from tl_keras.training import train
 
 
 def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
-                 given_flags=frozenset()):
+                 given_flags=frozenset(), flag_defaults=""):
     """Trains, evaluates and exports one model as `config` says.
 
     Everything that can fail on bad input (flags, replicas, dataset, weights,
@@ -42,6 +42,9 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
         verbose: `model.fit`'s verbosity.
         overwrite: start afresh in a `--model_dir` that holds an earlier run.
         given_flags: the options given explicitly, which `--recipe=auto` keeps.
+        flag_defaults: every flag at its default, as `flags.txt` writes it, so
+            that a run made before a flag existed resumes with it at its
+            default (`tl_keras.cli.flags.defaults_flagfile`).
 
     Returns:
         The metrics written to `metrics.json`.
@@ -66,7 +69,7 @@ def run_training(config, flagfile_text="", verbose="auto", overwrite=False,
         splits = assembly.load_splits(config)
         config, flagfile_text = assembly.apply_auto_recipe(
             config, flagfile_text, splits, given_flags)
-    with rundir.claim(config.model_dir, flagfile_text, overwrite) as state:
+    with rundir.claim(config.model_dir, flagfile_text, overwrite, flag_defaults) as state:
         if role.num_workers > 1:
             state = distribute.agreed_state(strategy, role, config.model_dir, state)
         if state == rundir.COMPLETE:

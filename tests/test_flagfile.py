@@ -1,0 +1,95 @@
+"""What a resume compares in flags.txt: a run made before a flag existed
+resumes with that flag at its default, and only then."""
+
+import contextlib
+import importlib
+import sys
+
+import pytest
+from absl import flags as absl_flags
+from absl.testing import flagsaver
+
+from conftest import REPO_ROOT, parse_config
+from tl_keras import flagfile
+from tl_keras import rundir
+from tl_keras.cli import flags
+from tl_keras.errors import UsageError
+
+NEW_FLAG_AT_DEFAULT = "--noexport_onnx"
+
+
+def _old_and_new_texts(*args):
+    """(this run's flags.txt as a version before --export_onnx wrote it, and
+    as this version writes it), for the same command line `args`."""
+    _, text = parse_config(*args)
+    old = "".join(line + "\n" for line in text.splitlines() if line != NEW_FLAG_AT_DEFAULT)
+    assert old != text
+    return old, text
+
+
+@contextlib.contextmanager
+def _parsed(*args):
+    """The flags parsed from `run.py *args` within, restored after."""
+    with flagsaver.flagsaver():
+        absl_flags.FLAGS.unparse_flags()
+        absl_flags.FLAGS(["run.py", *args])
+        try:
+            yield
+        finally:
+            absl_flags.FLAGS.unparse_flags()
+
+
+def _defaults():
+    with _parsed():
+        return flags.defaults_flagfile()
+
+
+def test_a_flag_the_stored_run_lacks_is_no_difference_at_its_default():
+    old, new = _old_and_new_texts()
+    assert flagfile.differences(old, new, defaults_text=_defaults()) == ""
+    # Without the defaults, the old comparison: the run would not resume.
+    assert flagfile.differences(old, new) == f"stored no --export_onnx, given {NEW_FLAG_AT_DEFAULT}"
+
+
+def test_a_flag_the_stored_run_lacks_is_a_difference_away_from_its_default():
+    old, _ = _old_and_new_texts()
+    _, given = parse_config("--export_onnx")
+    assert (flagfile.differences(old, given, defaults_text=_defaults())
+            == "stored no --export_onnx, given --export_onnx")
+
+
+def test_a_boolean_set_both_ways_is_named_once():
+    _, stored = parse_config()
+    _, given = parse_config("--export_tflite")
+    assert (flagfile.differences(stored, given, defaults_text=_defaults())
+            == "stored --noexport_tflite, given --export_tflite")
+
+
+def test_no_flag_of_the_tools_starts_with_no():
+    """flags.txt writes a false boolean NAME as --noNAME, and
+    `flagfile._flag_name` reads the prefix as that negation."""
+    with _parsed():
+        names = [flag.name for flag in absl_flags.FLAGS.get_flags_for_module(flags.__name__)]
+    assert names and not [name for name in names if name.startswith("no")]
+
+
+def test_an_interrupted_run_from_before_a_flag_existed_resumes(tmp_path):
+    old, new = _old_and_new_texts(f"--model_dir={tmp_path}")
+    (tmp_path / rundir.FLAGS_FILE).write_text(old)
+    with rundir.claim(str(tmp_path), new, overwrite=False, flag_defaults=_defaults()) as state:
+        assert state == rundir.RESUME
+    with pytest.raises(UsageError, match="holds an unfinished run with other flags"):
+        with rundir.claim(str(tmp_path), new, overwrite=False):
+            pass
+
+
+def test_run_py_gives_training_the_defaults(monkeypatch):
+    """The command line is what users resume with: it must pass the defaults on."""
+    sys.path.insert(0, REPO_ROOT)
+    run = importlib.import_module("run")
+    received = {}
+    monkeypatch.setattr(run.job, "run_training",
+                        lambda config, **kwargs: received.update(kwargs))
+    with _parsed("--model_dir=unused"):
+        run.main(["run.py"])
+    assert NEW_FLAG_AT_DEFAULT in received["flag_defaults"].splitlines()
