@@ -112,9 +112,9 @@ def test_the_probe_is_read_with_the_tools_suggestion_and_judged_against_fine_tun
         fine_tuned={0: (41.0, 100.0), 2: (55.5, 120.0), 3: (60.25, 130.0)},
         flip={0: None, 2: 56.0, 3: 61.0})
     table = depth_report.study_table(study)
-    assert "| 2 | -2 | 16 | 60.0% (probe's best) | 55.5% / 56.0% (120 s) |" in table
-    assert "| 3 | -1 | 16 | 50.0% | 60.2% / 61.0% (130 s) (best) |" in table
-    assert "| 1 | -3 | 16 | 60.0% | - |" in table
+    assert "| 2 | -2 | 16 | 100.0% / 60.0% (probe's best) | 55.5% / 56.0% (120 s) |" in table
+    assert "| 3 | -1 | 16 | 100.0% / 50.0% | 60.2% / 61.0% (130 s) (best) |" in table
+    assert "| 1 | -3 | 16 | 100.0% / 60.0% | - |" in table
     assert table.endswith("best fine-tuned depth of blocks 0, 2, 3: block 3. Different.")
     assert depth_report.verdict_line("near", study) == "near_probe_matches_fine_tuning=different"
 

@@ -45,14 +45,16 @@ def study_table(study):
     figures where it was fine-tuned there, then the verdict."""
     best = study.best_fine_tuned()
     lines = [
-        f"{study.title}. The probe took {study.probe_seconds:.0f} s.",
+        f"{study.title}. The probe's command took {study.probe_seconds:.0f} s.",
         "",
-        "| block | from top | features | probe: val top-1 | arm (c) cut there: "
+        "| block | from top | features | probe: train / val top-1 | arm (c) cut there: "
         "test top-1 / with flip (time) |",
         "|---:|---:|---:|---:|---:|",
     ]
     for depth in study.probed:
-        probe_cell = f"{depth.validation_top1:.1f}%" + (
+        # Train beside validation: a probe on many features and few images
+        # can fit its training images and still validate poorly.
+        probe_cell = f"{depth.train_top1:.1f}% / {depth.validation_top1:.1f}%" + (
             " (probe's best)" if depth.block == study.suggested else "")
         if depth.block in study.fine_tuned:
             top1, seconds = study.fine_tuned[depth.block]
