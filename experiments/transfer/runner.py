@@ -1,6 +1,6 @@
-"""Running the experiment's `run.py` commands one by one, each once: a rerun
-reports the runs that finished before, and continues arm (c)'s finished run
-for arm (d).
+"""Running the experiments' `run.py` commands, training runs and probes, one
+by one, each once: a rerun reports the runs that finished before, and
+continues arm (c)'s finished run for arm (d).
 """
 
 import json
@@ -105,6 +105,32 @@ class Runner:
         Returns:
             (test top-1 in percent, wall time in seconds).
         """
+        seconds = self._run_once(name, description, run_flags, finished_file="COMPLETE")
+        with open(os.path.join(self.work_dir, name, "metrics.json")) as file:
+            top1 = 100 * json.load(file)["test"]["top1"]
+        print(f"  test top-1 {top1:.2f}% in {seconds:.0f} s", flush=True)
+        return top1, seconds
+
+    def probe(self, name, description, run_flags):
+        """Runs `run.py --mode=probe` with a run's flags unless it finished
+        before, into WORK_DIR/NAME/probe/.
+
+        Returns:
+            The wall time in seconds.
+        """
+        # A probe writes no COMPLETE; its summary is the last file it writes.
+        seconds = self._run_once(name, description, [*run_flags, "--mode=probe"],
+                                 finished_file=os.path.join("probe", "summary.txt"))
+        print(f"  probed in {seconds:.0f} s", flush=True)
+        return seconds
+
+    def _run_once(self, name, description, run_flags, finished_file):
+        """Runs one `run.py` command, printed first, unless WORK_DIR/NAME holds
+        `finished_file` and times.json its time.
+
+        Returns:
+            The command's wall time in seconds, now or when it ran.
+        """
         self.count += 1
         model_dir = os.path.join(self.work_dir, name)
         # Each run is as quiet as run.py is by default; --verbosity given
@@ -113,28 +139,23 @@ class Runner:
                      if flags.FLAGS["verbosity"].present else [])
         command = [sys.executable, RUN_PY, *COMMON_FLAGS, *run_flags, *verbosity,
                    f"--model_dir={model_dir}"]
-        finished = os.path.exists(os.path.join(model_dir, "COMPLETE"))
+        finished = os.path.exists(os.path.join(model_dir, finished_file))
         if finished and name in self.times:
             self._check_same_flags(name, model_dir, [*COMMON_FLAGS, *run_flags])
-            seconds = self.times[name]
             print(f"[{self.count}/{self.total}] {description}: finished earlier.", flush=True)
-        else:
-            shown = ["python", os.path.relpath(RUN_PY), *command[2:]]
-            print(f"[{self.count}/{self.total}] {description}:\n  " + " ".join(shown),
-                  flush=True)
-            log_path = os.path.join(self.work_dir, f"{name}.log")
-            start = time.perf_counter()
-            with open(log_path, "a") as log:
-                code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=REPOSITORY)
-            seconds = time.perf_counter() - start
-            if code != 0:
-                with open(log_path) as log:
-                    tail = log.read()[-3000:]
-                sys.exit(f"{description} failed (exit status {code}). The end of "
-                         f"{log_path}:\n{tail}")
-            self.record(name, seconds, [*COMMON_FLAGS, *run_flags])
-        with open(os.path.join(model_dir, "metrics.json")) as file:
-            top1 = 100 * json.load(file)["test"]["top1"]
-        print(f"  test top-1 {top1:.2f}% in {seconds:.0f} s", flush=True)
-        return top1, seconds
+            return self.times[name]
+        shown = ["python", os.path.relpath(RUN_PY), *command[2:]]
+        print(f"[{self.count}/{self.total}] {description}:\n  " + " ".join(shown), flush=True)
+        log_path = os.path.join(self.work_dir, f"{name}.log")
+        start = time.perf_counter()
+        with open(log_path, "a") as log:
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=REPOSITORY)
+        seconds = time.perf_counter() - start
+        if code != 0:
+            with open(log_path) as log:
+                tail = log.read()[-3000:]
+            sys.exit(f"{description} failed (exit status {code}). The end of "
+                     f"{log_path}:\n{tail}")
+        self.record(name, seconds, [*COMMON_FLAGS, *run_flags])
+        return seconds
