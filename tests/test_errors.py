@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 
-from conftest import SMOKE_FLAGS, parse_config
+from conftest import REPO_ROOT, SMOKE_FLAGS, parse_config
 from tl_keras.cli import job
 from tl_keras.cli import modes
 from tl_keras.errors import UsageError
@@ -150,6 +150,7 @@ def _run_cli(monkeypatch, capsys, *args):
     # run.py quiets the libraries as it loads, for a process of its own; not
     # for the test process.
     monkeypatch.setattr(console, "quiet_startup", lambda argv: None)
+    monkeypatch.chdir(REPO_ROOT)  # where the README runs it, and its configs/ are
     run = importlib.import_module("run")
     with flagsaver.flagsaver(), pytest.raises(SystemExit) as exited:
         run.main(flags.parse(["run.py", *args]))
