@@ -1,8 +1,6 @@
 """Bad input stops before any work, with a message that names the fix."""
 
 import os
-import subprocess
-import sys
 import urllib.error
 
 import pytest
@@ -136,27 +134,43 @@ def test_failed_weights_download_says_how_to_go_on_offline(tmp_path, monkeypatch
     assert "--weights=PATH" in message and "--weights=none" in message
 
 
-def _run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "run.py", *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )
+def _run_cli(monkeypatch, capsys, *args):
+    """`python run.py ARGS` in this process: run.py's flag parser and main, as
+    `absl.app.run` calls them; (exit status, stderr). A subprocess would spend
+    seconds importing TensorFlow to print one line. What a subprocess would
+    show as a traceback escapes here as any exception other than SystemExit,
+    and fails the test."""
+    import importlib
+
+    from absl.testing import flagsaver
+
+    from tl_keras import console
+    from tl_keras.cli import flags
+
+    # run.py quiets the libraries as it loads, for a process of its own; not
+    # for the test process.
+    monkeypatch.setattr(console, "quiet_startup", lambda argv: None)
+    monkeypatch.chdir(REPO_ROOT)  # where the README runs it, and its configs/ are
+    run = importlib.import_module("run")
+    with flagsaver.flagsaver(), pytest.raises(SystemExit) as exited:
+        run.main(flags.parse(["run.py", *args]))
+    return exited.value.code, capsys.readouterr().err
 
 
-def test_cli_reports_a_missing_flagfile_without_a_traceback():
-    result = _run_cli("--flagfile=configs/no_such.flags")
-    assert result.returncode == 2
-    assert "configs/no_such.flags" in result.stderr
-    assert "configs/smoke.flags" in result.stderr  # lists what exists
-    assert "Traceback" not in result.stderr
+def test_cli_reports_a_missing_flagfile_without_a_traceback(monkeypatch, capsys):
+    code, stderr = _run_cli(monkeypatch, capsys, "--flagfile=configs/no_such.flags")
+    assert code == 2
+    assert "configs/no_such.flags" in stderr
+    assert "configs/smoke.flags" in stderr  # lists what exists
+    assert "Traceback" not in stderr
 
 
-def test_cli_reports_a_usage_error_without_a_traceback(tmp_path):
+def test_cli_reports_a_usage_error_without_a_traceback(tmp_path, monkeypatch, capsys):
     # An unknown TFDS name is found after parsing, in the data stage.
-    result = _run_cli(
+    code, stderr = _run_cli(monkeypatch, capsys,
         f"--flagfile={SMOKE_FLAGS}", "--dataset=cifar1000", f"--model_dir={tmp_path}/run"
     )
-    assert result.returncode == 2
-    assert "error: --dataset=cifar1000: TFDS has no dataset of that name." in result.stderr
-    assert "Closest: cifar100" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert code == 2
+    assert "error: --dataset=cifar1000: TFDS has no dataset of that name." in stderr
+    assert "Closest: cifar100" in stderr
+    assert "Traceback" not in stderr

@@ -1,6 +1,8 @@
 """Surviving faults: SIGKILL and SIGTERM mid-run, reruns, locks, NaN, atomic writes."""
 
+import contextlib
 import csv
+import io
 import json
 import os
 import re
@@ -8,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import keras
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, SMOKE_FLAGS
+import sliced_mock
+from conftest import REPO_ROOT, SMOKE_FLAGS, run_job
 from tl_keras import errors
 from tl_keras import rundir
 from tl_keras.errors import UsageError
@@ -60,12 +64,54 @@ def _wait_for_epochs(model_dir, count, process, timeout=300):
     raise AssertionError("the run took too long to reach the epoch")
 
 
+def _run_in_process(model_dir):
+    """The RUN_FLAGS run into `model_dir` in this process, on the mock data
+    mock_run.py gives a process of its own; what it printed."""
+    printed = io.StringIO()
+    with sliced_mock.mock_data(num_examples=64), contextlib.redirect_stdout(printed):
+        # run_job reads the flagfile first (RUN_FLAGS[0]): given again, its
+        # --model_dir would win over the one run_job gives.
+        run_job(model_dir.parent, *RUN_FLAGS[1:])
+    return printed.getvalue()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """The reference: the RUN_FLAGS run, uninterrupted. In this process: only
+    its history is read, and the import of TensorFlow a process of its own
+    pays is the dearer part of so small a run."""
     model_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    code, out, err = _finish(_start(model_dir))
-    assert code == 0, err
+    _run_in_process(model_dir)
     return model_dir
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """The RUN_FLAGS run in processes of its own, interrupted twice, as one
+    run can be: SIGKILL once it has trained the head and one fine-tuning
+    epoch; the rerun, SIGTERM once it has begun epoch 4; the second rerun
+    finishes. One chain serves the SIGKILL and the SIGTERM tests, saving a
+    start and a head phase; it records what each test reads on the way."""
+    model_dir = tmp_path_factory.mktemp("interrupted") / "run"
+    process = _start(model_dir)
+    _wait_for_epochs(model_dir, 2, process)  # the head and one fine-tuning epoch
+    process.kill()
+    process.wait()
+    chain = types.SimpleNamespace(model_dir=model_dir)
+    chain.lock_left_by_kill = os.path.exists(model_dir / "run.lock")
+
+    process = _start(model_dir)
+    _wait_for_epochs(model_dir, 3, process)  # epoch 4 has just begun
+    process.send_signal(signal.SIGTERM)
+    chain.after_kill = _finish(process)  # the rerun, stopped by SIGTERM
+    chain.backed_up = os.path.exists(model_dir / "backup" / "finetune" / "latest.weights.h5")
+    chain.exported_when_stopped = os.path.exists(model_dir / "saved_model")
+    chain.saved_position = (
+        resume.ResumableBackup(str(model_dir / "backup" / "finetune")).saved_position()
+        if chain.backed_up else None)
+
+    chain.after_sigterm = _finish(_start(model_dir))
+    return chain
 
 
 def _epochs_and_phases(model_dir):
@@ -76,19 +122,15 @@ EXPECTED_TIMELINE = [(1, "head"), (2, "finetune"), (3, "finetune"), (4, "finetun
 
 
 @pytest.mark.slow
-def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(tmp_path, uninterrupted):
-    model_dir = tmp_path / "run"
-    process = _start(model_dir)
-    _wait_for_epochs(model_dir, 2, process)  # the head and one fine-tuning epoch
-    process.kill()
-    process.wait()
-    assert os.path.exists(model_dir / "run.lock")  # left behind by the kill
+def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(interrupted, uninterrupted):
+    model_dir = interrupted.model_dir
+    assert interrupted.lock_left_by_kill  # left behind by the kill
 
-    code, out, err = _finish(_start(model_dir))
-
-    assert code == 0, err
+    code, out, err = interrupted.after_kill  # the rerun, until SIGTERM stopped it
+    assert code == 143, err
     assert "Resuming the interrupted run" in out
     assert "Phase head: already complete; skipping it." in out
+    assert interrupted.after_sigterm[0] == 0, interrupted.after_sigterm[2]
     assert _epochs_and_phases(model_dir) == EXPECTED_TIMELINE
     # The learning-rate schedule continued where it was: after the resume each
     # epoch ends at the same rate as in the uninterrupted run.
@@ -96,7 +138,7 @@ def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(tmp_path, uni
     reference = [float(row["learning_rate"]) for row in _history(uninterrupted)]
     np.testing.assert_allclose(resumed, reference, rtol=1e-6)
     # The completed head phase trained as the uninterrupted run's did. Later
-    # weights can't match bit for bit: the rerun's input pipeline starts its
+    # weights can't match bit for bit: each rerun's input pipeline starts its
     # shuffle sequence again, so it sees the examples of the resumed epochs in
     # another order (and epoch 2 is redone if the kill landed after its row
     # but before its backup). Still, it ends nearer the uninterrupted run's
@@ -113,26 +155,21 @@ def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(tmp_path, uni
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_backup_and_the_rerun_continues_on_schedule(tmp_path, uninterrupted):
-    model_dir = tmp_path / "run"
-    process = _start(model_dir)
-    _wait_for_epochs(model_dir, 2, process)  # epoch 3 has just begun
-    process.send_signal(signal.SIGTERM)
-    code, out, err = _finish(process)
-
+def test_sigterm_saves_a_backup_and_the_rerun_continues_on_schedule(interrupted, uninterrupted):
+    model_dir = interrupted.model_dir
+    code, out, err = interrupted.after_kill
     assert code == 143, err
     stopped = re.search(r"Received SIGTERM: stopped (after batch (\d+) of|at the end of) "
                         r"epoch (\d+)", err)
     assert stopped, err
     assert "Rerun the same command to continue" in err
-    assert os.path.exists(model_dir / "backup" / "finetune" / "latest.weights.h5")
-    assert not os.path.exists(model_dir / "saved_model")
+    assert interrupted.backed_up
+    assert not interrupted.exported_when_stopped
     if stopped.group(2):  # part-way through an epoch: the backup says where
-        epoch, batches_done = resume.ResumableBackup(
-            str(model_dir / "backup" / "finetune")).saved_position()
+        epoch, batches_done = interrupted.saved_position
         assert (epoch + 1, batches_done) == (int(stopped.group(3)), int(stopped.group(2)))
 
-    code, out, err = _finish(_start(model_dir))
+    code, out, err = interrupted.after_sigterm
     assert code == 0, err
     if stopped.group(2):
         assert (f"resuming at epoch {stopped.group(3)}, batch "
@@ -148,8 +185,7 @@ def test_sigterm_saves_a_backup_and_the_rerun_continues_on_schedule(tmp_path, un
 
 def test_a_complete_run_is_not_retrained_without_overwrite(uninterrupted):
     history_before = (uninterrupted / "history.csv").read_text()
-    code, out, err = _finish(_start(uninterrupted))
-    assert code == 0, err
+    out = _run_in_process(uninterrupted)
     assert "holds a complete run; nothing to do" in out
     assert (uninterrupted / "history.csv").read_text() == history_before
 
