@@ -209,8 +209,8 @@ def refuse_tf_lite_interpreter(*args, **kwargs):
 @pytest.fixture(scope="session")
 def messy_folder_run(tmp_path_factory):
     """A run on photos of many sizes, two files broken, with --augment=basic,
-    --mixup=0.2 and --resize=crop (tests/messy_folder.py); (config, metrics,
-    stdout). The test that it trains and the crop parity check share it."""
+    --mixup=0.2 and --resize=crop, and a float32 model.tflite
+    (tests/messy_folder.py); (config, metrics, stdout)."""
     import messy_folder
 
     return messy_folder.train(tmp_path_factory.mktemp("messy"))

@@ -1,7 +1,9 @@
 """A run on a messy image folder: photos of many sizes, landscape and
 portrait, two of them broken, trained with --augment=basic, --mixup=0.2 and
---resize=crop. conftest's session fixture `messy_folder_run` trains it once
-for the tests that read it (tests/test_run.py, tests/test_parity.py)."""
+--resize=crop, and exported as a float32 model.tflite too. conftest's session
+fixture `messy_folder_run` trains it once for the tests that read it:
+tests/test_run.py (the folder), tests/test_parity.py (crop) and
+tests/test_serving.py (model.tflite)."""
 
 import contextlib
 import io
@@ -35,11 +37,11 @@ def write_messy_folder(root):
 
 def train(tmp_path):
     """The smoke configuration (one head epoch, two fine-tuning epochs) on the
-    messy folder; (config, metrics, stdout)."""
+    messy folder, with --export_tflite; (config, metrics, stdout)."""
     dataset = write_messy_folder(tmp_path / "photos")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         config, metrics = run_job(
             tmp_path, f"--dataset={dataset}", "--batch_size=4",
-            "--augment=basic", "--mixup=0.2", "--resize=crop")
+            "--augment=basic", "--mixup=0.2", "--resize=crop", "--export_tflite")
     return config, metrics, printed.getvalue()
