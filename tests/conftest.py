@@ -204,3 +204,13 @@ def deploy_run(tmp_path_factory):
 def refuse_tf_lite_interpreter(*args, **kwargs):
     """Stands in for tf.lite.Interpreter, which LiteRT replaces."""
     raise AssertionError("tf.lite.Interpreter was constructed although LiteRT is installed")
+
+
+@pytest.fixture(scope="session")
+def messy_folder_run(tmp_path_factory):
+    """A run on photos of many sizes, two files broken, with --augment=basic,
+    --mixup=0.2 and --resize=crop, and a float32 model.tflite
+    (tests/messy_folder.py); (config, metrics, stdout)."""
+    import messy_folder
+
+    return messy_folder.train(tmp_path_factory.mktemp("messy"))

@@ -1,6 +1,7 @@
 """Evaluation sees the pixels serving sees: `--mode=evaluate`'s predictions on
 an image folder match the exported model's on the same original files."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -8,7 +9,6 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import run_job
 from tl_keras.data import image_io, pipeline, sources
 from tl_keras.outputs import evaluate, predict
 
@@ -35,21 +35,25 @@ def _write_photos(root, split, sizes_by_index, count):
                                          quality=90)
 
 
-# crop repeats stretch's check for the other --resize: slow, to keep the
-# default suite near its four minutes.
-@pytest.mark.parametrize("resize", ["stretch", pytest.param("crop", marks=pytest.mark.slow)])
-def test_evaluation_predicts_what_serving_predicts_on_the_original_files(tmp_path, resize):
+# The check needs a run whose SavedModel resizes as --resize says, not one
+# trained on these photos: evaluation and serving must agree on any folder. So
+# it borrows the session's runs, one per --resize, and points their
+# configuration at the photos: deploy_run (stretch, the default) and
+# messy_folder_run (crop). Their VGG16 has no BatchNormalization, so its
+# outputs depend on the image, trained or not (checked below).
+_RUNS = {"stretch": "deploy_run", "crop": "messy_folder_run"}
+
+
+@pytest.mark.parametrize("resize", ["stretch", "crop"])
+def test_evaluation_predicts_what_serving_predicts_on_the_original_files(tmp_path, request,
+                                                                         resize):
     root = str(tmp_path / "photos")
     _write_photos(root, "train", lambda index: _TRAIN_SIZE, count=8)
     _write_photos(root, "test", lambda index: _TEST_SIZES[index % len(_TEST_SIZES)],
                   count=12)
-    # VGG16: no BatchNormalization, so from random weights its outputs depend
-    # on the image, where MobileNet's saturate to one value for every image.
-    config, _ = run_job(
-        tmp_path, f"--dataset=folder:{root}", "--backbone=vgg16",
-        "--weights=none", "--image_size=32", "--batch_size=4", "--head_epochs=1",
-        "--finetune_epochs=1", "--warmup_epochs=0", f"--resize={resize}",
-    )
+    run_config = request.getfixturevalue(_RUNS[resize])[0]
+    assert run_config.resize == resize
+    config = dataclasses.replace(run_config, dataset=f"folder:{root}")
     serving = predict.load_serving(config.model_dir)
 
     # What modes.run_evaluation computes for --mode=evaluate --split=test.

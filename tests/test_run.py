@@ -123,27 +123,9 @@ def test_mirrored_strategy_trains_on_two_replicas(tmp_path, mock_tfds, capsys):
     assert os.path.isdir(os.path.join(config.model_dir, "saved_model"))
 
 
-def test_a_messy_image_folder_trains_and_names_what_it_skipped(tmp_path, capsys):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 12), ("test", 4)):
-        for name in ("cat", "dog"):
-            folder = tmp_path / "photos" / split / name
-            folder.mkdir(parents=True)
-            for index in range(count):
-                size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
-                Image.fromarray(rng.integers(0, 256, (*size, 3), np.uint8)).save(
-                    folder / f"{index}.jpg")
-    (tmp_path / "photos" / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0junk")
-    (tmp_path / "photos" / "train" / "dog" / "empty.png").write_bytes(b"")
-
-    config, metrics = _run(
-        tmp_path, f"--dataset=folder:{tmp_path / 'photos'}", "--batch_size=4",
-        "--augment=basic", "--mixup=0.2", "--resize=crop",
-    )
-
-    out = capsys.readouterr().out
+def test_a_messy_image_folder_trains_and_names_what_it_skipped(messy_folder_run):
+    # Shared with tests/test_parity.py's crop check: see tests/messy_folder.py.
+    config, metrics, out = messy_folder_run
     assert "Skipping 2 file(s)" in out and "broken.jpg" in out and "empty.png" in out
     with open(os.path.join(config.model_dir, "class_names.json")) as file:
         assert json.load(file) == ["cat", "dog"]

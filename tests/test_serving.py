@@ -272,16 +272,13 @@ def test_tensorboard_holds_the_promised_scalars_images_and_hparams(finished_run)
     assert "_hparams_/session_start_info" in plugins
 
 
-def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
+def test_tflite_export_matches_the_saved_model(messy_folder_run, tmp_path, capsys):
+    """On the messy folder run, which exports a float32 model.tflite (see
+    tests/messy_folder.py): images of many sizes, centre-cropped."""
     pytest.importorskip("tensorflow.lite.python.lite",
                         reason="this TensorFlow has no TFLite converter")
-    from conftest import run_job
+    config, _, out = messy_folder_run
 
-    with sliced_mock.mock_data(num_examples=40):
-        config, _ = run_job(tmp_path, "--export_tflite", "--finetune_epochs=0",
-                            "--batch_size=16")
-
-    out = capsys.readouterr().out
     # The run goes on without model.tflite when the converter fails; here
     # that is a regression to see.
     assert "Skipped the TFLite export" not in out
@@ -300,15 +297,16 @@ def test_tflite_export_matches_the_saved_model(tmp_path, capsys):
         Image.fromarray(image).save(images / f"{index}.png")
     modes.run_prediction(config.model_dir, str(images), top_k=2, output=None)
     from_saved_model = capsys.readouterr().out
+    # The file holds no --resize: it is given the run's, crop.
     modes.run_prediction(os.path.join(config.model_dir, "model.tflite"), str(images),
-                       top_k=2, output=None)
+                       top_k=2, output=None, resize=config.resize)
     assert capsys.readouterr().out == from_saved_model
     # With --tta=flip too: the file runs on each image and its mirror, as
     # serving_tta does.
     modes.run_prediction(config.model_dir, str(images), top_k=2, output=None, tta="flip")
     averaged = capsys.readouterr().out
     modes.run_prediction(os.path.join(config.model_dir, "model.tflite"), str(images),
-                       top_k=2, output=None, tta="flip")
+                       top_k=2, output=None, resize=config.resize, tta="flip")
     assert capsys.readouterr().out == averaged
     announced, *predictions = averaged.splitlines()
     assert announced.startswith("--tta=flip: ")

@@ -1,8 +1,6 @@
 """model.tflite's variants (--tflite_quantization), their metrics.json entry,
 the labels file beside them, and predicting with a .tflite file; all in LiteRT."""
 
-import contextlib
-import io
 import json
 import os
 
@@ -12,28 +10,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import sliced_mock
-from conftest import TEST_BACKBONE, parse_config, refuse_tf_lite_interpreter, write_colours
-from tl_keras.cli import job
+from conftest import COLOUR_EXAMPLES, refuse_tf_lite_interpreter, write_colours
 from tl_keras.cli import modes
 from tl_keras.outputs import litert
+from tl_keras.outputs import predict
+from tl_keras.outputs import tflite
 
 pytest.importorskip("tensorflow.lite.python.lite",
                     reason="this TensorFlow has no TFLite converter")
 
-# The mock splits hold this many examples each; a run keeps every test image.
-EXAMPLES = 40
-
-
-def _train(tmp_path, *args):
-    """A one-epoch smoke run that exports model.tflite; (config, metrics, stdout)."""
-    config, flagfile_text = parse_config(
-        TEST_BACKBONE, f"--model_dir={tmp_path / 'run'}", "--export_tflite",
-        "--finetune_epochs=0", "--batch_size=16", *args)
-    printed = io.StringIO()
-    with sliced_mock.mock_data(num_examples=EXAMPLES), contextlib.redirect_stdout(printed):
-        metrics = job.run_training(config, flagfile_text=flagfile_text, verbose=0)
-    return config, metrics, printed.getvalue()
+# deploy_run's test split holds this many images, and a run checks every
+# test image; the quantization tests check as many.
+EXAMPLES = COLOUR_EXAMPLES
 
 
 def _interpreter(config):
@@ -67,20 +55,26 @@ def _model_parameters(config):
 
 
 def _check_tflite_entry(config, metrics, quantization, bytes_per_parameter):
+    """The run's entry: in metrics.json, as the export returned it."""
     with open(os.path.join(config.model_dir, "metrics.json")) as file:
         written = json.load(file)["tflite"]
     assert written == metrics["tflite"]
+    _check_entry(written, os.path.join(config.model_dir, "model.tflite"),
+                 _model_parameters(config), quantization, bytes_per_parameter)
+    assert written["float_top1"] == pytest.approx(metrics["test"]["top1"])
+
+
+def _check_entry(written, path, parameters, quantization, bytes_per_parameter):
     assert written["quantization"] == quantization
     assert written["runtime"] == "LiteRT"
-    assert written["bytes"] == os.path.getsize(os.path.join(config.model_dir, "model.tflite"))
+    assert written["bytes"] == os.path.getsize(path)
     low, high = bytes_per_parameter
-    assert low <= written["bytes"] / _model_parameters(config) <= high, written
+    assert low <= written["bytes"] / parameters <= high, written
     assert written["images"] == EXAMPLES
     # Every variant's parity with the SavedModel is recorded; float32's is checked.
     assert written["check_images"] == 32
     assert 0 <= written["max_difference"] <= 1, written
     assert 0 <= written["top1"] <= 1 and 0 <= written["float_top1"] <= 1
-    assert written["float_top1"] == pytest.approx(metrics["test"]["top1"])
     assert written["drop_points"] == pytest.approx(
         100 * (written["float_top1"] - written["top1"]), abs=1e-3)
 
@@ -98,14 +92,31 @@ def test_deploy_run_writes_its_tflite_entry(deploy_run):
             in printed)
 
 
-@pytest.mark.slow  # Two whole runs; int8's and none's entries are checked without --slow.
+@pytest.mark.slow  # Two conversions of VGG16; int8's and none's entries are checked without --slow.
 @pytest.mark.parametrize("quantization, bytes_per_parameter",
                          [("dynamic", (0.9, 1.3)), ("float16", (1.8, 2.4))])
-def test_each_quantization_writes_its_tflite_entry(tmp_path, quantization,
-                                                   bytes_per_parameter):
-    config, metrics, printed = _train(tmp_path, f"--tflite_quantization={quantization}")
-    _check_tflite_entry(config, metrics, quantization, bytes_per_parameter)
-    assert "Skipped the TFLite export" not in printed
+def test_each_quantization_writes_its_tflite_entry(finished_run, tmp_path, capsys,
+                                                   quantization, bytes_per_parameter):
+    """The export a run calls, on finished_run's model, once per quantization:
+    which file a run writes is --tflite_quantization's only effect, and the
+    runs of deploy_run (int8) and test_serving (none) check that a run
+    records the entry the export returns in metrics.json."""
+    config, _ = finished_run
+    model = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"))
+    size = config.image_size
+    images = np.random.default_rng(0).integers(0, 256, (EXAMPLES, size, size, 3), np.uint8)
+    labels = np.arange(EXAMPLES) % 10
+    float_predicted = model.predict(images, verbose=0).argmax(axis=1)
+    path = str(tmp_path / "model.tflite")
+    entry = tflite.export_checked_tflite(
+        model, path, image_size=size, quantization=quantization, max_drop=100.0,
+        class_names=[str(index) for index in range(10)],
+        labels_path=str(tmp_path / "labels.txt"), representative_images=(),
+        test_images=images, test_labels=labels, float_predicted=float_predicted,
+        test_examples=EXAMPLES, load_serving=lambda: predict.load_serving(config.model_dir))
+    _check_entry(entry, path, model.count_params(), quantization, bytes_per_parameter)
+    assert entry["float_top1"] == pytest.approx(np.mean(float_predicted == labels))
+    assert "Skipped the TFLite export" not in capsys.readouterr().out
 
 
 def test_a_drop_past_the_threshold_is_said_plainly_and_the_file_kept(deploy_run):
