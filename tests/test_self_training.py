@@ -385,14 +385,20 @@ def _history(model_dir):
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_round_resumes_in_that_round_with_the_same_pseudo_labels(tmp_path):
+def test_a_run_killed_mid_round_resumes_in_that_round_with_the_same_pseudo_labels(
+        tmp_path, capsys):
+    """The run is SIGKILLed in a process of its own; the rerun, which only has
+    to find what that process left, runs in this one (no second start-up)."""
+    from tl_keras.cli import job
+
     dataset, source = write_dataset_and_pool(str(tmp_path))
     model_dir = str(tmp_path / "run")
+    arguments = [TEST_BACKBONE, f"--dataset={dataset}", f"--unlabeled={source}",
+                 "--batch_size=8", "--head_epochs=1", "--finetune_epochs=1",
+                 "--self_training_epochs=3", "--pseudo_label_threshold=0.3",
+                 "--jit_compile=false", f"--model_dir={model_dir}"]
     command = [sys.executable, os.path.join(REPO_ROOT, "run.py"), f"--flagfile={SMOKE_FLAGS}",
-               TEST_BACKBONE, f"--dataset={dataset}", f"--unlabeled={source}",
-               "--batch_size=8", "--head_epochs=1", "--finetune_epochs=1",
-               "--self_training_epochs=3", "--pseudo_label_threshold=0.3",
-               "--jit_compile=false", f"--model_dir={model_dir}"]
+               *arguments]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
@@ -409,14 +415,15 @@ def test_a_run_killed_mid_round_resumes_in_that_round_with_the_same_pseudo_label
     pseudo_labels = rundir.RunPaths(model_dir).pseudo_labels(1)
     shutil.copy(pseudo_labels, tmp_path / "before.json")
 
-    rerun = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                           timeout=600)
+    capsys.readouterr()
+    config, flagfile_text = parse_config(*arguments)
+    job.run_training(config, flagfile_text=flagfile_text, verbose=0)
+    rerun = capsys.readouterr().out
 
-    assert rerun.returncode == 0, rerun.stderr
-    assert "Phase finetune: already complete; skipping it." in rerun.stdout
-    assert "reading the pseudo-labels its start wrote" in rerun.stdout
-    assert "labelling" not in rerun.stdout
-    assert "Phase self_training_1: epochs 3-5, resuming at epoch 4" in rerun.stdout
+    assert "Phase finetune: already complete; skipping it." in rerun
+    assert "reading the pseudo-labels its start wrote" in rerun
+    assert "labelling" not in rerun
+    assert "Phase self_training_1: epochs 3-5, resuming at epoch 4" in rerun
     assert filecmp.cmp(pseudo_labels, tmp_path / "before.json", shallow=False)
     assert _history(model_dir) == [(1, "head"), (2, "finetune")] + [
         (epoch, "self_training_1") for epoch in (3, 4, 5)]
