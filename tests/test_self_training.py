@@ -396,6 +396,9 @@ def test_a_run_killed_mid_round_resumes_in_that_round_with_the_same_pseudo_label
     arguments = [TEST_BACKBONE, f"--dataset={dataset}", f"--unlabeled={source}",
                  "--batch_size=8", "--head_epochs=1", "--finetune_epochs=1",
                  "--self_training_epochs=3", "--pseudo_label_threshold=0.3",
+                 # Not under test, and tracing RandAugment's pipeline costs
+                 # more than the whole round trains.
+                 "--self_training_augment=none",
                  "--jit_compile=false", f"--model_dir={model_dir}"]
     command = [sys.executable, os.path.join(REPO_ROOT, "run.py"), f"--flagfile={SMOKE_FLAGS}",
                *arguments]
@@ -507,7 +510,9 @@ def test_a_round_trains_every_epoch_under_jax(tmp_path):
          f"--flagfile={SMOKE_FLAGS}", f"--dataset={dataset}", f"--unlabeled={source}",
          "--batch_size=8", "--head_epochs=1", "--finetune_epochs=0",
          "--self_training_epochs=2", "--pseudo_label_threshold=0.3",
-         f"--model_dir={tmp_path / 'run'}"],
+         # Not under test, and tracing RandAugment's pipeline costs more than
+         # the whole round trains.
+         "--self_training_augment=none", f"--model_dir={tmp_path / 'run'}"],
         cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
 
     assert result.returncode == 0, result.stderr[-3000:]
