@@ -1,5 +1,7 @@
 """`--cut_at`: the classifier on the backbone's output at the end of a block."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -22,7 +24,11 @@ IMAGE_SIZE = 32
 FAMILIES = [("resnet50", 3), ("mobilenetv2", 4), ("efficientnetb0", -5)]
 
 
+@functools.cache
 def _cut_classifier(name, cut_at):
+    """(the full backbone, the cut one, the classifier on it). Built once per
+    family and shared by the tests that only read them (features, exports,
+    Grad-CAM): building EfficientNet or ResNet50 costs seconds each time."""
     full = backbones.build_backbone(name, IMAGE_SIZE, "none")
     backbone = cut.cut_backbone(full, cut_at)
     model = classifier_lib.build_classifier(backbone, name, 3, IMAGE_SIZE, dropout=0.0)

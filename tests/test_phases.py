@@ -119,23 +119,76 @@ def _batchnorm_weights(backbone):
     return _weights_of(backbone, lambda l: isinstance(l, keras.layers.BatchNormalization))
 
 
-def test_head_phase_changes_only_the_head(tmp_path, pretrained_weights):
-    classifier, backbone = _build(pretrained_weights)
-    before = _snapshot(classifier)
+class _Snapshots(keras.callbacks.Callback):
+    """Snapshots the classifier's weights as each phase ends, by phase name."""
 
-    _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=0)
+    def __init__(self, classifier, phase_name, into):
+        super().__init__()
+        self.classifier, self.phase_name, self.into = classifier, phase_name, into
+
+    def on_train_end(self, logs=None):
+        self.into[self.phase_name] = _snapshot(self.classifier)
+
+
+@pytest.fixture(scope="module")
+def frozen_batchnorm_run(tmp_path_factory, pretrained_weights):
+    """One two-phase training (2 head epochs, 1 fine-tuning epoch, --unfreeze=all,
+    BatchNormalization frozen) that several tests read, rather than each
+    training MobileNet for itself: the weights before it, as each phase ends
+    and after it; `fit`'s shuffle arguments, under warnings raised as errors;
+    and what history.csv, progress.json and the backup held at each head epoch's
+    end. Returns (classifier, backbone, snapshots, shuffles, seen)."""
+    import csv
+
+    tmp_path = tmp_path_factory.mktemp("frozen_batchnorm")
+    classifier, backbone = _build(pretrained_weights)
+    paths = rundir.RunPaths(str(tmp_path))
+    snapshots = {"before": _snapshot(classifier)}
+    shuffles, seen = [], []
+    fit = keras.Model.fit
+
+    def recording_fit(self, *args, **kwargs):
+        shuffles.append(kwargs.get("shuffle", True))
+        return fit(self, *args, **kwargs)
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            with open(paths.history, newline="") as file:
+                rows = [int(row["epoch"]) for row in csv.DictReader(file)]
+            recorded = runstate.Progress(paths.progress).phases["head"]["validation"]
+            backed_up, _ = resume.ResumableBackup(paths.backup_dir("head")).saved_position()
+            seen.append((rows[-1], recorded is not None, backed_up))
+
+    def callbacks(phase):
+        spy = [Spy()] if phase.name == "head" else []
+        return spy + [_Snapshots(classifier, phase.name, snapshots)]
+
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        patch.setattr(keras.Model, "fit", recording_fit)
+        warnings.simplefilter("error", UserWarning)
+        _train(classifier, backbone, tmp_path, head_epochs=2, finetune_epochs=1,
+               phase_callbacks=callbacks)
+    snapshots["after"] = _snapshot(classifier)
+    return classifier, backbone, snapshots, shuffles, seen
+
+
+def _changed_between(snapshots, start, end):
+    return {path for path in snapshots[start]
+            if not np.array_equal(snapshots[start][path], snapshots[end][path])}
+
+
+def test_head_phase_changes_only_the_head(frozen_batchnorm_run):
+    classifier, _, snapshots, _, _ = frozen_batchnorm_run
 
     head = {w.path for w in classifier.get_layer("head").weights}
-    assert _changed(before, classifier) == head
+    assert _changed_between(snapshots, "before", "head") == head
 
 
-def test_finetune_changes_every_unfrozen_weight_but_no_batchnorm(tmp_path, pretrained_weights):
-    classifier, backbone = _build(pretrained_weights)
-    before = _snapshot(classifier)
+def test_finetune_changes_every_unfrozen_weight_but_no_batchnorm(frozen_batchnorm_run):
+    # From the head phase's end to after the run: the phase and what follows it.
+    _, backbone, snapshots, _, _ = frozen_batchnorm_run
 
-    _train(classifier, backbone, tmp_path, head_epochs=0, finetune_epochs=1)
-
-    changed = _changed(before, classifier)
+    changed = _changed_between(snapshots, "head", "after")
     batchnorm = _batchnorm_weights(backbone)
     assert batchnorm, "the backbone should have BatchNormalization layers"
     assert not changed & batchnorm, "BatchNormalization weights or statistics moved"
@@ -143,25 +196,47 @@ def test_finetune_changes_every_unfrozen_weight_but_no_batchnorm(tmp_path, pretr
     assert convolutions <= changed, "every convolution should train with --unfreeze=all"
 
 
-def test_trained_batchnorm_moves_only_where_unfrozen_and_only_in_phase_2(
-        tmp_path, pretrained_weights):
-    # --batchnorm=train.
+@pytest.fixture(scope="module")
+def trained_batchnorm_run(tmp_path_factory, pretrained_weights):
+    """One two-phase training with --batchnorm=train (1 head epoch, 1
+    fine-tuning epoch from LATE_BLOCK) that two tests read: the weights before
+    it, as each phase ends and after it, and the BatchNormalization momentum
+    each layer had during fine-tuning's steps. Returns (backbone, snapshots,
+    momentum_in_fit)."""
+    tmp_path = tmp_path_factory.mktemp("trained_batchnorm")
     classifier, backbone = _build(pretrained_weights, train_batchnorm=True)
-    before = _snapshot(classifier)
+    batchnorm = [layer for layer in backbone.layers
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+    snapshots = {"before": _snapshot(classifier)}
+    momentum_in_fit = {}
 
-    _train(classifier, backbone, tmp_path / "head", head_epochs=1, finetune_epochs=0,
-           train_batchnorm=True)
+    class MomentumSpy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            for layer in batchnorm:
+                momentum_in_fit[layer.name] = layer.momentum
 
-    assert not _changed(before, classifier) & _batchnorm_weights(backbone), (
+    def callbacks(phase):
+        spy = [MomentumSpy()] if phase.name == "finetune" else []
+        return spy + [_Snapshots(classifier, phase.name, snapshots)]
+
+    _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=1,
+           unfreeze=LATE_BLOCK, train_batchnorm=True, phase_callbacks=callbacks)
+    snapshots["after"] = _snapshot(classifier)
+    return backbone, snapshots, momentum_in_fit
+
+
+def test_trained_batchnorm_moves_only_where_unfrozen_and_only_in_phase_2(
+        trained_batchnorm_run):
+    # --batchnorm=train.
+    backbone, snapshots, _ = trained_batchnorm_run
+
+    assert not _changed_between(snapshots, "before", "head") & _batchnorm_weights(backbone), (
         "phase 1 freezes the backbone, BatchNormalization statistics included")
 
     names = [layer.name for layer in backbone.layers]
     first = LATE_BLOCK
-    before = _snapshot(classifier)
-    _train(classifier, backbone, tmp_path / "finetune", head_epochs=0, finetune_epochs=1,
-           unfreeze=first, train_batchnorm=True)
-
-    changed = _changed(before, classifier)
+    # Fine-tuning and what follows it (the statistics recomputed after the last phase).
+    changed = _changed_between(snapshots, "head", "after")
     is_batchnorm = lambda l: isinstance(l, keras.layers.BatchNormalization)  # noqa: E731
     later = _weights_of(backbone, lambda l: is_batchnorm(l)
                         and names.index(l.name) >= names.index(first))
@@ -172,25 +247,15 @@ def test_trained_batchnorm_moves_only_where_unfrozen_and_only_in_phase_2(
 
 
 def test_trained_batchnorm_statistics_follow_the_weights_during_phase_2(
-        tmp_path, pretrained_weights):
+        trained_batchnorm_run):
     # Each epoch's validation uses the moving statistics. At the backbone's own
     # momentum of 0.99 they would still be mostly their initial values after a
     # short phase, and validation would report near chance.
-    classifier, backbone = _build(pretrained_weights, train_batchnorm=True)
+    backbone, _, momentum_in_fit = trained_batchnorm_run
     first = LATE_BLOCK
     names = [layer.name for layer in backbone.layers]
     batchnorm = [layer for layer in backbone.layers
                  if isinstance(layer, keras.layers.BatchNormalization)]
-    momentum_in_fit = {}
-
-    class MomentumSpy(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            for layer in batchnorm:
-                momentum_in_fit[layer.name] = layer.momentum
-
-    _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=1,
-           unfreeze=first, train_batchnorm=True,
-           phase_callbacks=lambda phase: [MomentumSpy()] if phase.name == "finetune" else [])
 
     unfrozen = {layer.name for layer in batchnorm
                 if names.index(layer.name) >= names.index(first)}
@@ -364,42 +429,17 @@ def test_recomputed_statistics_can_make_the_last_epoch_the_best(tmp_path, monkey
             np.testing.assert_array_equal(weight, last[f"arr_{index}"])
 
 
-def test_fit_leaves_shuffling_to_the_input_pipeline(tmp_path, monkeypatch):
-    # Keras can't shuffle a dataset, and warns on every phase when asked to.
-    classifier, backbone = _build("none")
-    shuffles = []
-    fit = keras.Model.fit
-
-    def recording_fit(self, *args, **kwargs):
-        shuffles.append(kwargs.get("shuffle", True))
-        return fit(self, *args, **kwargs)
-
-    monkeypatch.setattr(keras.Model, "fit", recording_fit)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        _train(classifier, backbone, tmp_path, head_epochs=1, finetune_epochs=0)
-    assert shuffles == [False]
+def test_fit_leaves_shuffling_to_the_input_pipeline(frozen_batchnorm_run):
+    # Keras can't shuffle a dataset, and warns on every phase when asked to;
+    # the run trained with UserWarnings raised as errors.
+    _, _, _, shuffles, _ = frozen_batchnorm_run
+    assert shuffles == [False, False]
 
 
-def test_an_epoch_is_recorded_before_it_is_backed_up(tmp_path):
+def test_an_epoch_is_recorded_before_it_is_backed_up(frozen_batchnorm_run):
     """A kill between the two must never leave a backup of an epoch that
     history.csv or progress.json lack: the rerun would skip it."""
-    import csv
-
-    classifier, backbone = _build("none")
-    paths = rundir.RunPaths(str(tmp_path))
-    seen = []
-
-    class Spy(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            with open(paths.history, newline="") as file:
-                rows = [int(row["epoch"]) for row in csv.DictReader(file)]
-            recorded = runstate.Progress(paths.progress).phases["head"]["validation"]
-            backed_up, _ = resume.ResumableBackup(paths.backup_dir("head")).saved_position()
-            seen.append((rows[-1], recorded is not None, backed_up))
-
-    _train(classifier, backbone, tmp_path, head_epochs=2, finetune_epochs=0,
-           phase_callbacks=lambda phase: [Spy()])
+    _, _, _, _, seen = frozen_batchnorm_run
     # Epochs count from 1 in history.csv; the backup names the epoch to start at.
     assert seen == [(1, True, None), (2, True, 1)]
 

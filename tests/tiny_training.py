@@ -16,19 +16,20 @@ IMAGE_SIZE = 16
 BLOCKS = ("stem", "block1_conv", "block2_conv")
 
 
-def build():
-    """(classifier, backbone), with the same initial weights every call."""
+def build(num_classes=NUM_CLASSES, image_size=IMAGE_SIZE):
+    """(classifier, backbone), with the same initial weights every call;
+    `image_size=None` takes images of any size."""
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    inputs = keras.Input((image_size, image_size, 3))
     x = keras.layers.Conv2D(4, 3, strides=2, name="stem")(inputs)
     for block in BLOCKS[1:]:
         # Linear, so that every weight gets a gradient.
         residual = keras.layers.Conv2D(4, 3, padding="same", name=block)(x)
         x = keras.layers.Add(name=f"{block}_add")([x, residual])
     backbone = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x), name="tiny")
-    images = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), dtype="uint8")
+    images = keras.Input((image_size, image_size, 3), dtype="uint8")
     features = backbone(keras.layers.Rescaling(1 / 255)(images))
-    head = keras.layers.Dense(NUM_CLASSES, activation="softmax", name="head")
+    head = keras.layers.Dense(num_classes, activation="softmax", name="head")
     return keras.Model(images, head(features)), backbone
 
 
