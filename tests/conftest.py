@@ -84,13 +84,16 @@ def run_job(tmp_path, *args):
     return config, metrics
 
 
+# finished_run's flags beyond run_job's, which a test rerunning it passes again.
+FINISHED_RUN_FLAGS = ("--head_epochs=1", "--finetune_epochs=2", "--profile_batches=1,1")
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """One smoke run on mock CIFAR-10: one head epoch, two fine-tuning epochs."""
     tmp_path = tmp_path_factory.mktemp("smoke")
     with sliced_mock.mock_data(num_examples=64):
-        return run_job(tmp_path, "--head_epochs=1", "--finetune_epochs=2",
-                       "--profile_batches=1,1")
+        return run_job(tmp_path, *FINISHED_RUN_FLAGS)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 import sliced_mock
-from conftest import REPO_ROOT, SMOKE_FLAGS, run_job
+from conftest import FINISHED_RUN_FLAGS, REPO_ROOT, SMOKE_FLAGS, run_job
 from tl_keras import errors
 from tl_keras import rundir
 from tl_keras.errors import UsageError
@@ -183,11 +184,17 @@ def test_sigterm_saves_a_backup_and_the_rerun_continues_on_schedule(interrupted,
     np.testing.assert_allclose(resumed, reference, rtol=1e-6)
 
 
-def test_a_complete_run_is_not_retrained_without_overwrite(uninterrupted):
-    history_before = (uninterrupted / "history.csv").read_text()
-    out = _run_in_process(uninterrupted)
-    assert "holds a complete run; nothing to do" in out
-    assert (uninterrupted / "history.csv").read_text() == history_before
+def test_a_complete_run_is_not_retrained_without_overwrite(finished_run):
+    """The suite's shared smoke run, rerun with its own flags: any complete
+    run will do, and this one is trained anyway."""
+    config, _ = finished_run
+    model_dir = pathlib.Path(config.model_dir)
+    history_before = (model_dir / "history.csv").read_text()
+    printed = io.StringIO()
+    with sliced_mock.mock_data(num_examples=64), contextlib.redirect_stdout(printed):
+        run_job(model_dir.parent, *FINISHED_RUN_FLAGS)
+    assert "holds a complete run; nothing to do" in printed.getvalue()
+    assert (model_dir / "history.csv").read_text() == history_before
 
 
 def test_overwrite_deletes_only_what_the_earlier_run_wrote(tmp_path, capsys):
