@@ -80,6 +80,7 @@ def test_the_suggestion_is_the_best_depth_and_the_top_on_a_tie():
     lines = probe.summary(_results([0.5, 0.8, 0.6]), seconds=12)
     assert "Suggested: --cut_at=1 (--cut_at=-2 from the top), 80.0% against the top's 60.0%." \
         in lines
+    assert any(line.startswith("That is the best depth for a frozen backbone") for line in lines)
     lines = probe.summary(_results([0.5, 0.6, 0.8]), seconds=12)
     assert any(line.startswith("The top is best (80.0%)") for line in lines)
     assert lines[-1] == "The probe took 12 s."

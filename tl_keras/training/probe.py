@@ -96,6 +96,11 @@ def summary(results, seconds):
         lines.append(f"Suggested: --cut_at={best.depth.block} (--cut_at={best.depth.from_top} "
                      f"from the top), {best.validation_top1:.1%} against the top's "
                      f"{top.validation_top1:.1%}.")
+        # Measured (docs/results.md): on neither target tried did the probe's
+        # best depth also fine-tune best, so the suggestion says what it is.
+        lines.append("That is the best depth for a frozen backbone under a linear head. "
+                     "Fine-tuned, a deeper cut can do better: compare a run at this "
+                     "--cut_at with one without.")
     lines.append(f"The probe took {seconds:.0f} s.")
     return lines
 
