@@ -191,14 +191,9 @@ def _checked_options():
         raise app.UsageError(
             f"--arms={','.join(_ARMS.value)}: choose from {', '.join(arms_lib.ARMS)}.")
     arms = [arm for arm in arms_lib.ARMS if arm in _ARMS.value]
-    missing = [f"{split}/{name}" for split in ("train", "test")
-               for name in source_classes + target_classes
-               if not os.path.isdir(os.path.join(data, split, name))]
+    missing = arms_lib.missing_class_folders(data, source_classes + target_classes)
     if missing:
-        raise app.UsageError(
-            f"--data={_DATA.value} should hold CIFAR-10 as image folders, "
-            f"DATA/{{train,test}}/<class>/*.jpg, but lacks {', '.join(missing[:4])}"
-            f"{' and more' if len(missing) > 4 else ''}.")
+        raise app.UsageError(missing)
     return data, sizes, arms, source_classes, target_classes
 
 

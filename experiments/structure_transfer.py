@@ -98,14 +98,10 @@ def main(argv):
 def _checked_data():
     """--data as an absolute path, checked to hold the classes' folders."""
     data = os.path.abspath(_DATA.value)
-    missing = [f"{split}/{name}" for split in ("train", "test")
-               for name in arms_lib.SOURCE_CLASSES + arms_lib.TARGET_CLASSES
-               if not os.path.isdir(os.path.join(data, split, name))]
+    missing = arms_lib.missing_class_folders(
+        data, arms_lib.SOURCE_CLASSES + arms_lib.TARGET_CLASSES)
     if missing:
-        raise app.UsageError(
-            f"--data={_DATA.value} should hold CIFAR-10 as image folders, "
-            f"DATA/{{train,test}}/<class>/*.jpg, but lacks {', '.join(missing[:4])}"
-            f"{' and more' if len(missing) > 4 else ''}.")
+        raise app.UsageError(missing)
     return data
 
 

@@ -85,6 +85,18 @@ ARMS = {
 DEFAULT_ARMS = ("scratch", "head", "both", "self")
 
 
+def missing_class_folders(data, classes):
+    """The message for a --data folder that lacks `classes`' train or test
+    folders (DATA/{train,test}/<class>/), or None when it holds them all."""
+    missing = [f"{split}/{name}" for split in ("train", "test") for name in classes
+               if not os.path.isdir(os.path.join(data, split, name))]
+    if not missing:
+        return None
+    return (f"--data={data} should hold CIFAR-10 as image folders, "
+            f"DATA/{{train,test}}/<class>/*.jpg, but lacks {', '.join(missing[:4])}"
+            f"{' and more' if len(missing) > 4 else ''}.")
+
+
 def source_flags(data, schedule, classes=SOURCE_CLASSES):
     """The source run: every layer from random weights, BatchNormalization
     included, since random initial statistics normalise nothing."""
