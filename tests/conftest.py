@@ -2,8 +2,11 @@
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import os
+import pickle
+import shutil
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -52,14 +55,44 @@ def pytest_configure(config):
         "checks for another setting; skipped without --slow")
 
 
+# Before pytest-xdist's own hook, which reads the xdist_group marks.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Skips, and so names in the summary, the slow tests unless --slow."""
+    """Skips, and so names in the summary, the slow tests unless --slow.
+
+    With --slow, the files that hold slow tests come first, each kept whole
+    for its module fixtures: pytest-xdist hands out tests in this order (after
+    the grouped modules), so the long ones start early and the quick ones fill
+    the workers' last minutes."""
     if config.getoption("--slow"):
+        files_with_slow_tests = {item.path for item in items if "slow" in item.keywords}
+        items.sort(key=lambda item: item.path not in files_with_slow_tests)
         return
     skip = pytest.mark.skip(reason="slow: run with --slow, as the README's test command does")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def run_once(tmp_path_factory, name, make):
+    """Returns `make(folder)`, made once per test session, whichever pytest-xdist
+    worker asks first; the others wait for it and read it back.
+
+    Its result must pickle; `folder` is a fresh directory for it to write into.
+    Without xdist this is a session fixture's usual `mktemp`."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    folder, result_file = base / f"shared-{name}", base / f"shared-{name}.pickle"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if result_file.exists():
+            return pickle.loads(result_file.read_bytes())
+        shutil.rmtree(folder, ignore_errors=True)  # a worker's failed attempt
+        folder.mkdir()
+        result = make(folder)
+        result_file.write_bytes(pickle.dumps(result))
+        return result
 
 
 def parse_config(*args, flagfile=SMOKE_FLAGS):
@@ -91,9 +124,11 @@ FINISHED_RUN_FLAGS = ("--head_epochs=1", "--finetune_epochs=2", "--profile_batch
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """One smoke run on mock CIFAR-10: one head epoch, two fine-tuning epochs."""
-    tmp_path = tmp_path_factory.mktemp("smoke")
-    with sliced_mock.mock_data(num_examples=64):
-        return run_job(tmp_path, *FINISHED_RUN_FLAGS)
+    def train(tmp_path):
+        with sliced_mock.mock_data(num_examples=64):
+            return run_job(tmp_path, *FINISHED_RUN_FLAGS)
+
+    return run_once(tmp_path_factory, "smoke", train)
 
 
 @pytest.fixture
@@ -142,14 +177,17 @@ def write_imbalanced_folder(root):
 def imbalanced_run(tmp_path_factory):
     """A cheap run on the imbalanced folder with --class_weight=balanced and
     --tta=flip, its head trained on cached features; (config, metrics, stdout)."""
-    tmp_path = tmp_path_factory.mktemp("imbalanced")
-    dataset = write_imbalanced_folder(str(tmp_path / "images"))
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        config, metrics = run_job(
-            tmp_path, f"--dataset={dataset}", "--class_weight=balanced", "--tta=flip",
-            "--cache_features", "--head_epochs=1", "--finetune_epochs=0", "--batch_size=22")
-    return config, metrics, printed.getvalue()
+    def train(tmp_path):
+        dataset = write_imbalanced_folder(str(tmp_path / "images"))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            config, metrics = run_job(
+                tmp_path, f"--dataset={dataset}", "--class_weight=balanced", "--tta=flip",
+                "--cache_features", "--head_epochs=1", "--finetune_epochs=0",
+                "--batch_size=22")
+        return config, metrics, printed.getvalue()
+
+    return run_once(tmp_path_factory, "imbalanced", train)
 
 
 # Each class a colour: even a network with random weights tells them apart, so
@@ -183,9 +221,12 @@ def deploy_run(tmp_path_factory):
 
     TensorFlow's own tf.lite.Interpreter raises throughout: with LiteRT
     installed, the export's checks must not construct it."""
+    return run_once(tmp_path_factory, "deploy", _train_deploy_run)
+
+
+def _train_deploy_run(tmp_path):
     from tl_keras.cli import job
 
-    tmp_path = tmp_path_factory.mktemp("deploy")
     per_class = COLOUR_EXAMPLES // len(COLOURS)
     write_colours(tmp_path / "colours" / "train", per_class, seed=0)
     write_colours(tmp_path / "colours" / "test", per_class, seed=1)
@@ -216,4 +257,4 @@ def messy_folder_run(tmp_path_factory):
     (tests/messy_folder.py); (config, metrics, stdout)."""
     import messy_folder
 
-    return messy_folder.train(tmp_path_factory.mktemp("messy"))
+    return run_once(tmp_path_factory, "messy", messy_folder.train)

@@ -22,6 +22,9 @@ from tl_keras.training import optimization
 from tl_keras.training import recipe
 from tl_keras.training import runstate
 
+# One pytest-xdist worker runs this file's tests, so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("export_weights")
+
 
 def _write_dark_and_bright_images(root):
     """Two classes a random network tells apart at once: dark and bright noise."""
