@@ -42,7 +42,8 @@ def main(argv):
         elif settings["mode"] == "find_lr":
             modes.run_find_lr(flags.to_config(), settings["find_lr_phase"],
                               settings["find_lr_steps"], flagfile_text=flags.to_flagfile(),
-                              given_flags=flags.given_flags())
+                              given_flags=flags.given_flags(),
+                              flag_defaults=flags.defaults_flagfile())
         elif settings["mode"] == "probe":
             probe.run_probe(flags.to_config(), settings["probe_every"])
         else:

@@ -1,5 +1,6 @@
 """What a resume compares in flags.txt: a run made before a flag existed
-resumes with that flag at its default, and only then."""
+resumes with that flag at its default, and only then; --mode=find_lr starts
+from its head on the same terms."""
 
 import contextlib
 import importlib
@@ -14,6 +15,8 @@ from tl_keras import flagfile
 from tl_keras import rundir
 from tl_keras.cli import flags
 from tl_keras.errors import UsageError
+from tl_keras.training import lr_finder_setup
+from tl_keras.training import runstate
 
 NEW_FLAG_AT_DEFAULT = "--noexport_onnx"
 
@@ -93,3 +96,33 @@ def test_run_py_gives_training_the_defaults(monkeypatch):
     with _parsed("--model_dir=unused"):
         run.main(["run.py"])
     assert NEW_FLAG_AT_DEFAULT in received["flag_defaults"].splitlines()
+
+
+# A flag that changes the head phase, as a later version might add one.
+HEAD_FLAG_AT_DEFAULT = "--cutmix=0.0"
+
+
+def test_find_lr_starts_from_a_head_trained_before_a_flag_existed(tmp_path):
+    model_dir = tmp_path / "run"
+    _, new = parse_config(f"--model_dir={model_dir}")
+    assert HEAD_FLAG_AT_DEFAULT in new.splitlines()
+    model_dir.mkdir()
+    paths = rundir.RunPaths(str(model_dir))
+    with open(paths.flags, "w") as file:
+        file.write("".join(line + "\n" for line in new.splitlines()
+                           if line != HEAD_FLAG_AT_DEFAULT))
+    runstate.Progress(paths.progress).complete_phase("head", 0)
+    assert lr_finder_setup.trained_head(paths, "finetune", 1, new, _defaults()) == paths
+    with pytest.raises(UsageError, match="head was trained with other flags"):
+        lr_finder_setup.trained_head(paths, "finetune", 1, new)
+
+
+def test_run_py_gives_find_lr_the_defaults(monkeypatch):
+    sys.path.insert(0, REPO_ROOT)
+    run = importlib.import_module("run")
+    received = {}
+    monkeypatch.setattr(run.modes, "run_find_lr",
+                        lambda *args, **kwargs: received.update(kwargs))
+    with _parsed("--model_dir=unused", "--mode=find_lr"):
+        run.main(["run.py"])
+    assert HEAD_FLAG_AT_DEFAULT in received["flag_defaults"].splitlines()

@@ -21,7 +21,8 @@ from tl_keras.training import monitor
 from tl_keras.training import recipe
 
 
-def run_find_lr(config, phase, steps, *, flagfile_text, given_flags=frozenset()):
+def run_find_lr(config, phase, steps, *, flagfile_text, given_flags=frozenset(),
+                flag_defaults=""):
     """`--mode=find_lr`: a learning-rate range test of one phase, set up as
     training sets it up, written to `--model_dir/find_lr/` and TensorBoard.
 
@@ -29,9 +30,9 @@ def run_find_lr(config, phase, steps, *, flagfile_text, given_flags=frozenset())
     there keeps its checkpoints, progress and flags as they were.
 
     Args:
-        config, flagfile_text, given_flags: as for `tl_keras.job.run_training`;
-            the flags are compared with those of the run whose head phase
-            `finetune` starts from.
+        config, flagfile_text, given_flags, flag_defaults: as for
+            `tl_keras.job.run_training`; the flags are compared with those of
+            the run whose head phase `finetune` starts from.
         phase: `head` or `finetune`.
         steps: the steps the learning rate rises over.
 
@@ -52,7 +53,8 @@ def run_find_lr(config, phase, steps, *, flagfile_text, given_flags=frozenset())
                 config, flagfile_text, splits, given_flags)
         # Repeated batches would fill a batch from fewer examples; training won't.
         recipe.training_steps_per_epoch(splits.sizes["train"], config.batch_size, None)
-        head = lr_finder_setup.trained_head(paths, phase, config.head_epochs, flagfile_text)
+        head = lr_finder_setup.trained_head(paths, phase, config.head_epochs, flagfile_text,
+                                            flag_defaults)
         classifier = assembly.build_classifier(config, strategy, backbone, splits)
         trained, rates = lr_finder_setup.set_up_phase(
             classifier, backbone, phase, unfreeze=config.unfreeze,

@@ -11,7 +11,7 @@ from tl_keras.training import recipe
 from tl_keras.training import runstate
 
 
-def trained_head(paths, phase, head_epochs, flagfile_text):
+def trained_head(paths, phase, head_epochs, flagfile_text, flag_defaults=""):
     """The run whose head phase the range test of `phase` starts from, as
     training's phase 2 would, or None for the model as built; says which.
 
@@ -22,6 +22,9 @@ def trained_head(paths, phase, head_epochs, flagfile_text):
             as built.
         flagfile_text: the given flags, as `tl_keras.cli.flags.to_flagfile`
             writes them (with `--recipe=auto`'s choices).
+        flag_defaults: every flag at its default, as `flags.txt` writes it, so
+            that a run made before a flag existed matches it at its default
+            (as `tl_keras.rundir.claim` compares a resumed run).
 
     Raises:
         UsageError: when the run's head phase is complete but its flags
@@ -32,7 +35,8 @@ def trained_head(paths, phase, head_epochs, flagfile_text):
         return None
     if runstate.Progress(paths.progress).phase_complete(recipe.HEAD_PHASE):
         differences = rundir.flag_differences(paths.model_dir, flagfile_text,
-                                              ignored=config_lib.NOT_IN_THE_HEAD_PHASE)
+                                              ignored=config_lib.NOT_IN_THE_HEAD_PHASE,
+                                              defaults_text=flag_defaults)
         if differences:
             raise UsageError(
                 f"--find_lr_phase=finetune starts from the head phase's end weights of "
