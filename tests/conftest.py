@@ -55,18 +55,24 @@ def pytest_configure(config):
         "checks for another setting; skipped without --slow")
 
 
-# Before pytest-xdist's own hook, which reads the xdist_group marks.
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Skips, and so names in the summary, the slow tests unless --slow.
+# The files that take longest with --slow, longest first. pytest-xdist hands
+# each worker a whole file at a time (--dist=loadfile, so a module fixture is
+# built once) in collection order (--no-loadscope-reorder): these start at
+# once, and the short files fill the workers' last minutes.
+LONGEST_FILES = ("test_multi_worker.py", "test_faults.py", "test_backends.py",
+                 "test_console.py", "test_self_training.py", "test_export_weights.py",
+                 "test_phases.py", "test_run.py")
 
-    With --slow, the files that hold slow tests come first, each kept whole
-    for its module fixtures: pytest-xdist hands out tests in this order (after
-    the grouped modules), so the long ones start early and the quick ones fill
-    the workers' last minutes."""
+
+def pytest_collection_modifyitems(config, items):
+    """Puts `LONGEST_FILES` first; skips, and so names in the summary, the
+    slow tests unless --slow."""
+    def file_rank(item):
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=file_rank)  # stable: each file keeps its own order
     if config.getoption("--slow"):
-        files_with_slow_tests = {item.path for item in items if "slow" in item.keywords}
-        items.sort(key=lambda item: item.path not in files_with_slow_tests)
         return
     skip = pytest.mark.skip(reason="slow: run with --slow, as the README's test command does")
     for item in items:

@@ -14,9 +14,6 @@ from conftest import REPO_ROOT, SMOKE_FLAGS
 from tl_keras import rundir
 from tl_keras.training import precision
 
-# One pytest-xdist worker runs this file's tests, so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("backends")
-
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 
 

@@ -14,9 +14,6 @@ from tl_keras.cli import flags
 from tl_keras.errors import UsageError
 from tl_keras.outputs import predict
 
-# One pytest-xdist worker runs this file's tests, so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("console")
-
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 EPOCHS = 2
 RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--backbone=mobilenet",

@@ -19,9 +19,6 @@ from tl_keras.outputs import export
 from tl_keras.outputs import gradcam
 from tl_keras.outputs import tflite
 
-# One pytest-xdist worker runs this file's tests, so each family is built once.
-pytestmark = pytest.mark.xdist_group("cut_at")
-
 IMAGE_SIZE = 32
 # A ResNet, a MobileNet and an EfficientNet, each cut a few blocks up.
 FAMILIES = [("resnet50", 3), ("mobilenetv2", 4), ("efficientnetb0", -5)]

@@ -9,9 +9,6 @@ import tensorflow_datasets as tfds
 from tl_keras.data import tfds_dataset
 from tl_keras.errors import UsageError
 
-# One pytest-xdist worker runs this file's tests, so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("data")
-
 _TEST_OFFSET = 100  # test images count on from here, so no index is both
 
 

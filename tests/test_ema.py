@@ -12,9 +12,6 @@ import tiny_training
 from tl_keras import rundir
 from tl_keras.training import export_weights
 
-# One pytest-xdist worker runs this file's tests, so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("ema")
-
 MOMENTUM = 0.5
 
 

@@ -21,9 +21,6 @@ from transfer import arms as arms_lib  # noqa: E402
 from transfer import report  # noqa: E402
 from transfer.runner import Runner, continue_finished_run  # noqa: E402
 
-# One pytest-xdist worker runs this file's tests, so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("experiment")
-
 
 @pytest.fixture(scope="module")
 def experiment():

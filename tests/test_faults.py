@@ -26,9 +26,6 @@ from tl_keras.outputs import export
 from tl_keras.training import callbacks
 from tl_keras.training import resume
 
-# One pytest-xdist worker runs this file's tests, so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("faults")
-
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 # Four epochs across both phases, small enough to run in seconds each.
 RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--head_epochs=1", "--finetune_epochs=3",

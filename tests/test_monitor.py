@@ -17,9 +17,6 @@ from tl_keras import rundir
 from tl_keras.errors import Preempted
 from tl_keras.training import monitor
 
-# One pytest-xdist worker runs this file's tests, so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("monitor")
-
 HEAD_EPOCHS, FINETUNE_EPOCHS = 3, 1
 STEPS_PER_EPOCH = 2
 # SIGTERM during the first batch of this epoch (from 0) of the head phase.

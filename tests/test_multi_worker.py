@@ -25,9 +25,6 @@ from tl_keras.training import recipe
 from tl_keras.training import resume
 from tl_keras.training import runstate
 
-# One pytest-xdist worker runs this file's tests, so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("multi_worker")
-
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--head_epochs=1", "--finetune_epochs=3",
              "--batch_size=8", "--jit_compile=false", "--backbone=mobilenet",

@@ -21,9 +21,6 @@ from tl_keras.training import resume
 from tl_keras.training import runstate
 from tl_keras.training import train
 
-# One pytest-xdist worker runs this file's tests, so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("phases")
-
 NUM_CLASSES = 3
 IMAGE_SIZE = 32
 # The smallest of the backbones to trace and save (86 layers): these tests

@@ -22,9 +22,6 @@ from tl_keras.cli import flags
 from tl_keras.cli import modes
 from tl_keras.outputs import evaluate
 
-# One pytest-xdist worker runs this file's tests, so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("serving")
-
 
 def test_report_matches_a_hand_computed_confusion_matrix():
     class_names = ["ant", "bee", "cat"]
