@@ -21,6 +21,7 @@ import sliced_mock
 from conftest import FINISHED_RUN_FLAGS, REPO_ROOT, SMOKE_FLAGS, run_job
 from tl_keras import errors
 from tl_keras import rundir
+from tl_keras.cli import finish
 from tl_keras.errors import UsageError
 from tl_keras.outputs import export
 from tl_keras.training import callbacks
@@ -65,24 +66,19 @@ def _wait_for_epochs(model_dir, count, process, timeout=300):
     raise AssertionError("the run took too long to reach the epoch")
 
 
-def _run_in_process(model_dir):
-    """The RUN_FLAGS run into `model_dir` in this process, on the mock data
-    mock_run.py gives a process of its own; what it printed."""
-    printed = io.StringIO()
-    with sliced_mock.mock_data(num_examples=64), contextlib.redirect_stdout(printed):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: the RUN_FLAGS run, uninterrupted, on the mock data
+    mock_run.py gives a process of its own. Only its history is read, so it
+    runs in this process (the import of TensorFlow is the dearer part of so
+    small a run) and stops after training: no test evaluation or export."""
+    model_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    with sliced_mock.mock_data(num_examples=64), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finish, "evaluate_and_export", lambda *args: {})
         # run_job reads the flagfile first (RUN_FLAGS[0]): given again, its
         # --model_dir would win over the one run_job gives.
         run_job(model_dir.parent, *RUN_FLAGS[1:])
-    return printed.getvalue()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The reference: the RUN_FLAGS run, uninterrupted. In this process: only
-    its history is read, and the import of TensorFlow a process of its own
-    pays is the dearer part of so small a run."""
-    model_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    _run_in_process(model_dir)
+    assert len(_history(model_dir)) == 4
     return model_dir
 
 
