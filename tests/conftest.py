@@ -123,6 +123,17 @@ def run_job(tmp_path, *args):
     return config, metrics
 
 
+@contextlib.contextmanager
+def training_only():
+    """Runs within stop after training: no test evaluation, export or summary,
+    for a run read only for what training writes (history.csv, backups)."""
+    from tl_keras.cli import finish
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finish, "evaluate_and_export", lambda *args: {})
+        yield
+
+
 # finished_run's flags beyond run_job's, which a test rerunning it passes again.
 FINISHED_RUN_FLAGS = ("--head_epochs=1", "--finetune_epochs=2", "--profile_batches=1,1")
 

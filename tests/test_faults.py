@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 
 import sliced_mock
-from conftest import FINISHED_RUN_FLAGS, REPO_ROOT, SMOKE_FLAGS, run_job
+from conftest import FINISHED_RUN_FLAGS, REPO_ROOT, SMOKE_FLAGS, run_job, training_only
 from tl_keras import errors
 from tl_keras import rundir
-from tl_keras.cli import finish
 from tl_keras.errors import UsageError
 from tl_keras.outputs import export
 from tl_keras.training import callbacks
@@ -73,8 +72,7 @@ def uninterrupted(tmp_path_factory):
     runs in this process (the import of TensorFlow is the dearer part of so
     small a run) and stops after training: no test evaluation or export."""
     model_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    with sliced_mock.mock_data(num_examples=64), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(finish, "evaluate_and_export", lambda *args: {})
+    with sliced_mock.mock_data(num_examples=64), training_only():
         # run_job reads the flagfile first (RUN_FLAGS[0]): given again, its
         # --model_dir would win over the one run_job gives.
         run_job(model_dir.parent, *RUN_FLAGS[1:])
