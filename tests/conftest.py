@@ -86,9 +86,7 @@ def run_once(tmp_path_factory, name, make):
 
     Its result must pickle; `folder` is a fresh directory for it to write into.
     Without xdist this is a session fixture's usual `mktemp`."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # the session's folder, above each worker's own
+    base = _session_folder(tmp_path_factory)
     folder, result_file = base / f"shared-{name}", base / f"shared-{name}.pickle"
     with open(base / f"shared-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -99,6 +97,12 @@ def run_once(tmp_path_factory, name, make):
         result = make(folder)
         result_file.write_bytes(pickle.dumps(result))
         return result
+
+
+def _session_folder(tmp_path_factory):
+    """The test session's temporary folder, above each pytest-xdist worker's own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def parse_config(*args, flagfile=SMOKE_FLAGS):
@@ -146,6 +150,17 @@ def finished_run(tmp_path_factory):
             return run_job(tmp_path, *FINISHED_RUN_FLAGS)
 
     return run_once(tmp_path_factory, "smoke", train)
+
+
+@pytest.fixture
+def finished_run_alone(finished_run, tmp_path_factory):
+    """`finished_run`, for this test alone while it runs: no test on another
+    pytest-xdist worker uses it meanwhile. For a test that writes into the
+    run's folder (--mode=evaluate, --explain), locks it (a rerun, find_lr) or
+    checks that nothing else wrote there; a test that only reads it needn't."""
+    with open(_session_folder(tmp_path_factory) / "shared-smoke.alone.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield finished_run
 
 
 @pytest.fixture

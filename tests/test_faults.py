@@ -178,10 +178,10 @@ def test_sigterm_saves_a_backup_and_the_rerun_continues_on_schedule(interrupted,
     np.testing.assert_allclose(resumed, reference, rtol=1e-6)
 
 
-def test_a_complete_run_is_not_retrained_without_overwrite(finished_run):
+def test_a_complete_run_is_not_retrained_without_overwrite(finished_run_alone):
     """The suite's shared smoke run, rerun with its own flags: any complete
     run will do, and this one is trained anyway."""
-    config, _ = finished_run
+    config, _ = finished_run_alone
     model_dir = pathlib.Path(config.model_dir)
     history_before = (model_dir / "history.csv").read_text()
     printed = io.StringIO()

@@ -281,8 +281,9 @@ def _tensorboard_tags(directory):
     return tags
 
 
-def test_find_lr_on_a_finished_run_writes_its_curve_and_nothing_else(finished_run, capsys):
-    trained, _ = finished_run
+def test_find_lr_on_a_finished_run_writes_its_curve_and_nothing_else(finished_run_alone,
+                                                                     capsys):
+    trained, _ = finished_run_alone
     before = _digests(trained.model_dir)
     # The run's own flags, but for three of phase 2 and how it runs, which
     # its head doesn't depend on: two only make the test quicker (XLA's

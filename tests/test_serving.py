@@ -47,8 +47,9 @@ def test_report_matches_a_hand_computed_confusion_matrix():
     assert text.index("bee") < text.index("cat") < text.index("ant")  # worst first
 
 
-def test_evaluate_mode_reproduces_the_training_runs_test_metrics(finished_run, capsys):
-    config, metrics = finished_run
+def test_evaluate_mode_reproduces_the_training_runs_test_metrics(finished_run_alone,
+                                                                 capsys):
+    config, metrics = finished_run_alone
     with sliced_mock.mock_data(num_examples=64):
         report = modes.run_evaluation(flags.run_config(config.model_dir), "test")
 
@@ -116,9 +117,9 @@ def test_predict_names_the_bad_file_and_predicts_the_rest(finished_run, tmp_path
                             "probability_2", "class_3", "probability_3"}
 
 
-def test_predict_explain_writes_an_overlay_per_image_in_the_run(finished_run, tmp_path,
+def test_predict_explain_writes_an_overlay_per_image_in_the_run(finished_run_alone, tmp_path,
                                                                 capsys):
-    config, _ = finished_run
+    config, _ = finished_run_alone
     images = tmp_path / "images"
     (images / "nested").mkdir(parents=True)
     rng = np.random.default_rng(0)

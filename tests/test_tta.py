@@ -100,8 +100,8 @@ def test_serving_tta_averages_each_image_with_its_mirror(tmp_path, mirror_symmet
     assert averaged["top_k_classes"].shape == (6, 3)
 
 
-def test_evaluate_mode_reports_both_figures(finished_run, capsys):
-    config, metrics = finished_run
+def test_evaluate_mode_reports_both_figures(finished_run_alone, capsys):
+    config, metrics = finished_run_alone
     with sliced_mock.mock_data(num_examples=64):
         report = modes.run_evaluation(flags.run_config(config.model_dir), "test", tta="flip")
 
