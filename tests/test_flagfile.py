@@ -86,18 +86,6 @@ def test_an_interrupted_run_from_before_a_flag_existed_resumes(tmp_path):
             pass
 
 
-def test_run_py_gives_training_the_defaults(monkeypatch):
-    """The command line is what users resume with: it must pass the defaults on."""
-    sys.path.insert(0, REPO_ROOT)
-    run = importlib.import_module("run")
-    received = {}
-    monkeypatch.setattr(run.job, "run_training",
-                        lambda config, **kwargs: received.update(kwargs))
-    with _parsed("--model_dir=unused"):
-        run.main(["run.py"])
-    assert NEW_FLAG_AT_DEFAULT in received["flag_defaults"].splitlines()
-
-
 # A flag that changes the head phase, as a later version might add one.
 HEAD_FLAG_AT_DEFAULT = "--cutmix=0.0"
 
@@ -117,12 +105,15 @@ def test_find_lr_starts_from_a_head_trained_before_a_flag_existed(tmp_path):
         lr_finder_setup.trained_head(paths, "finetune", 1, new)
 
 
-def test_run_py_gives_find_lr_the_defaults(monkeypatch):
+@pytest.mark.parametrize("mode, module, function", [
+    ("train", "job", "run_training"), ("find_lr", "modes", "run_find_lr")])
+def test_run_py_gives_the_defaults_on(monkeypatch, mode, module, function):
+    """The command line is what users resume with: it must pass the defaults on."""
     sys.path.insert(0, REPO_ROOT)
     run = importlib.import_module("run")
     received = {}
-    monkeypatch.setattr(run.modes, "run_find_lr",
+    monkeypatch.setattr(getattr(run, module), function,
                         lambda *args, **kwargs: received.update(kwargs))
-    with _parsed("--model_dir=unused", "--mode=find_lr"):
+    with _parsed("--model_dir=unused", f"--mode={mode}"):
         run.main(["run.py"])
     assert HEAD_FLAG_AT_DEFAULT in received["flag_defaults"].splitlines()
