@@ -82,11 +82,12 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
-    """The RUN_FLAGS run in processes of its own, interrupted twice, as one
-    run can be: SIGKILL once it has trained the head and one fine-tuning
-    epoch; the rerun, SIGTERM once it has begun epoch 4; the second rerun
-    finishes. One chain serves the SIGKILL and the SIGTERM tests, saving a
-    start and a head phase; it records what each test reads on the way."""
+    """The RUN_FLAGS run, interrupted twice, as one run can be: SIGKILL once
+    it has trained the head and one fine-tuning epoch; the rerun, SIGTERM
+    once it has begun epoch 4; the second rerun finishes. The two that are
+    stopped run in processes of their own. One chain serves the SIGKILL and
+    the SIGTERM tests, saving a start and a head phase; it records what each
+    test reads on the way."""
     model_dir = tmp_path_factory.mktemp("interrupted") / "run"
     process = _start(model_dir)
     _wait_for_epochs(model_dir, 2, process)  # the head and one fine-tuning epoch
@@ -105,7 +106,12 @@ def interrupted(tmp_path_factory):
         resume.ResumableBackup(str(model_dir / "backup" / "finetune")).saved_position()
         if chain.backed_up else None)
 
-    chain.after_sigterm = _finish(_start(model_dir))
+    # The last rerun only has to find what the SIGTERM left and finish the run:
+    # it runs in this process, as the reference does, saving a start-up.
+    printed = io.StringIO()
+    with sliced_mock.mock_data(num_examples=64), contextlib.redirect_stdout(printed):
+        run_job(model_dir.parent, *RUN_FLAGS[1:])
+    chain.after_sigterm = printed.getvalue()
     return chain
 
 
@@ -125,7 +131,6 @@ def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(interrupted, 
     assert code == 143, err
     assert "Resuming the interrupted run" in out
     assert "Phase head: already complete; skipping it." in out
-    assert interrupted.after_sigterm[0] == 0, interrupted.after_sigterm[2]
     assert _epochs_and_phases(model_dir) == EXPECTED_TIMELINE
     # The learning-rate schedule continued where it was: after the resume each
     # epoch ends at the same rate as in the uninterrupted run.
@@ -164,11 +169,9 @@ def test_sigterm_saves_a_backup_and_the_rerun_continues_on_schedule(interrupted,
         epoch, batches_done = interrupted.saved_position
         assert (epoch + 1, batches_done) == (int(stopped.group(3)), int(stopped.group(2)))
 
-    code, out, err = interrupted.after_sigterm
-    assert code == 0, err
     if stopped.group(2):
         assert (f"resuming at epoch {stopped.group(3)}, batch "
-                f"{int(stopped.group(2)) + 1}") in out
+                f"{int(stopped.group(2)) + 1}") in interrupted.after_sigterm
     assert _epochs_and_phases(model_dir) == EXPECTED_TIMELINE
     # The rerun trains only the rest of the stopped epoch, so the optimizer's
     # step count, and the learning rate with it, is where an uninterrupted
