@@ -47,8 +47,8 @@ def _jax_environment(compilation_cache=None):
     environment = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
     if compilation_cache:
         # JAX's persistent cache, which a user may set too: a rerun gets the
-        # executables its killed run compiled, the same ones, without
-        # compiling them again (~10 s of CPU here).
+        # executables its killed run compiled, the same ones, instead of
+        # compiling them again (see CONTRIBUTING.md's Tests for what it saves).
         environment.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
                            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return environment
