@@ -122,11 +122,13 @@ def test_the_range_test_records_each_steps_own_loss():
     images = rng.normal(0, 1, (64, 4)).astype("float32")
     labels = keras.utils.to_categorical((images[:, 0] > 0) + (images[:, 1] > 0), 3)
     batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(64).repeat()
+    traces = tiny_training.count_train_step_traces(model)
     test = lr_finder.range_test(
         model, batches, steps=60, phase="head", trained="the head", optimizer="adamw",
         weight_decay=0.0, label_smoothing=0.0, jit_compile=False,
         scope=tf.distribute.get_strategy().scope)
     assert int(model.optimizer.iterations) == len(test.losses) == 60
+    assert len(traces) == 1  # The optimizer was built before fit traced the step.
     np.testing.assert_allclose(test.learning_rates, _sweep(60), rtol=1e-5)
     # The loss of single steps: a mean since the first step would stay near 1.1.
     assert test.losses[0] > 1 and test.losses.min() < 0.1

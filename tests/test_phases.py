@@ -285,6 +285,18 @@ def test_batchnorm_momentum_reaches_the_traced_train_step():
     assert layer.momentum == 0.99
 
 
+def test_each_phase_traces_its_train_step_once(tmp_path):
+    """Keras, under no strategy of its own, leaves the optimizer's variables to
+    the step's first trace, and TensorFlow then traces it again: each phase
+    would wait twice as long for its first step (benchmarks/phase_start.py)."""
+    import tiny_training
+
+    model, backbone = tiny_training.build()
+    traces = tiny_training.count_train_step_traces(model)
+    tiny_training.train_phases(model, backbone, tmp_path, head_epochs=1, finetune_epochs=1)
+    assert len(traces) == 2
+
+
 def test_trained_batchnorm_predicts_with_its_moving_statistics():
     # Trained or not, BatchNormalization must normalise by its moving statistics
     # at inference, so one image's prediction can't depend on its batch.

@@ -64,3 +64,17 @@ def phases(head_epochs, finetune_epochs, learning_rate):
         head_epochs=head_epochs, head_learning_rate=learning_rate,
         finetune_epochs=finetune_epochs, finetune_learning_rate=learning_rate,
         warmup_epochs=0)
+
+
+def count_train_step_traces(model):
+    """Returns a list that grows by one each time `model`'s train step is
+    traced: under TensorFlow, Python runs the step only while tracing it."""
+    traces = []
+    train_step = model.train_step
+
+    def counted_train_step(data):
+        traces.append(data)
+        return train_step(data)
+
+    model.train_step = counted_train_step
+    return traces

@@ -188,6 +188,7 @@ def range_test(model, train_batches, *, steps, phase, trained, optimizer,
                 weight_decay, rate_factors=rate_factors),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
             jit_compile=jit_compile)
+        optimization.build_optimizer(model)
     with progress.step(
             f"Learning-rate range test of the {phase} phase, training {trained}, the "
             f"rate rising from {MIN_LEARNING_RATE:g} to {MAX_LEARNING_RATE:g} over "

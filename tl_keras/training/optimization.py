@@ -85,6 +85,20 @@ def compile_for_phase(model, phase, *, steps_per_epoch, optimizer, weight_decay,
         metrics=classification_metrics(num_classes),
         jit_compile=jit_compile,
     )
+    build_optimizer(model)
+
+
+def build_optimizer(model):
+    """Creates the compiled optimizer's variables now, before fit traces the
+    train step.
+
+    Keras builds the optimizer before that trace only under a distribution
+    strategy of its own; otherwise the first trace creates the variables, and
+    TensorFlow then traces the step a second time, so each phase waited about
+    twice as long for its first step (`benchmarks/phase_start.py`). The
+    variables are the ones the first step would create, in the same order.
+    """
+    model.optimizer.build(model.trainable_variables)
 
 
 def compile_for_evaluation(model, label_smoothing):
