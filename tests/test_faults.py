@@ -31,13 +31,17 @@ LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
 RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--head_epochs=1", "--finetune_epochs=3",
              "--batch_size=8", "--warmup_epochs=1", "--jit_compile=false",
              # Light: these tests are about the run's bookkeeping, not accuracy.
-             "--backbone=mobilenet"]
+             # MobileNet cut after its first block (7 layers) traces in a
+             # fraction of the whole network's time.
+             "--backbone=mobilenet", "--cut_at=1"]
 
 
 def _start(model_dir, *extra):
     return subprocess.Popen(
         [sys.executable, LAUNCHER, *RUN_FLAGS, f"--model_dir={model_dir}", *extra],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Epochs of over 0.7 s, for the tests to stop them in.
+        env=dict(os.environ, MOCK_RUN_STEP_PAUSE="0.1"),
     )
 
 
@@ -91,6 +95,12 @@ def interrupted(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("interrupted") / "run"
     process = _start(model_dir)
     _wait_for_epochs(model_dir, 2, process)  # the head and one fine-tuning epoch
+    # and that epoch's backup, which comes just after its row: the rerun
+    # must resume at epoch 3.
+    backed_up = model_dir / "backup" / "finetune" / rundir.BACKUP_METADATA_FILE
+    while not backed_up.exists():
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
     process.kill()
     process.wait()
     chain = types.SimpleNamespace(model_dir=model_dir)
@@ -131,6 +141,9 @@ def test_sigkill_in_phase_two_then_rerun_loses_and_doubles_nothing(interrupted, 
     assert code == 143, err
     assert "Resuming the interrupted run" in out
     assert "Phase head: already complete; skipping it." in out
+    # From the backup of epoch 2, not from the phase's start.
+    assert "Phase finetune: epochs 2-4, resuming at epoch 3," in out
+    assert "Epoch 3/4" in out and "Epoch 2/4" not in out
     assert _epochs_and_phases(model_dir) == EXPECTED_TIMELINE
     # The learning-rate schedule continued where it was: after the resume each
     # epoch ends at the same rate as in the uninterrupted run.

@@ -26,9 +26,12 @@ from tl_keras.training import resume
 from tl_keras.training import runstate
 
 LAUNCHER = os.path.join(REPO_ROOT, "tests", "mock_run.py")
+# MobileNet cut after its first block (7 layers): these tests are about
+# coordinating workers, and the whole network's tracing took a third of each
+# worker's time.
 RUN_FLAGS = [f"--flagfile={SMOKE_FLAGS}", "--head_epochs=1", "--finetune_epochs=3",
              "--batch_size=8", "--jit_compile=false", "--backbone=mobilenet",
-             "--strategy=multi_worker"]
+             "--cut_at=1", "--strategy=multi_worker"]
 
 
 def _free_ports(count):
@@ -47,7 +50,9 @@ def _start_cluster(model_dir):
     processes = []
     for index in range(2):
         environment = dict(os.environ, TF_CONFIG=json.dumps({
-            "cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}))
+            "cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}),
+            # Epochs of over 0.7 s, for `cluster_run` to kill them in.
+            MOCK_RUN_STEP_PAUSE="0.1")
         processes.append(subprocess.Popen(
             [sys.executable, LAUNCHER, *RUN_FLAGS, f"--model_dir={model_dir}"],
             cwd=REPO_ROOT, env=environment, text=True,
@@ -99,7 +104,7 @@ def cluster_run(tmp_path_factory):
             _finish(processes, timeout=5)
         time.sleep(0.05)
     # Into the next epoch, well before its end, when both workers save again.
-    time.sleep(0.5)
+    time.sleep(0.3)
     for process in processes:
         process.send_signal(signal.SIGKILL)
     _finish(processes)
